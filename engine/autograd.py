@@ -1,0 +1,184 @@
+"""Tensor and Function: reverse-mode automatic differentiation in one screen.
+
+A ``Tensor`` wraps an array (NumPy or CuPy) and, when it was computed by an op while
+gradients are recorded, remembers the ``Function`` that made it. Each op is a subclass of
+``Function`` with ``forward`` (arrays in, one array out; it saves what backward needs on
+``self``) and ``backward`` (the output's gradient in, one gradient per tensor input out)
+written side by side, as in micrograd and tinygrad.
+
+``Tensor.backward(grad=None)`` walks the graph in reverse topological order. ``grad`` is
+the upstream gradient: a pipeline stage passes the gradient it received from the next
+stage; a scalar loss needs none. Leaves (parameters, or a pipeline stage's received
+activation) accumulate into ``.grad`` in place, so a gradient that is a view into a flat
+buffer (engine/flat.py) lands in that buffer. When a leaf's gradient is complete for this
+backward, its hooks run: that is the signal DDP uses to start a bucket's all-reduce while
+backward goes on. The graph is freed as it is walked.
+"""
+import contextlib
+
+from .backend import get_array_module
+
+_GRAD_ENABLED = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Record no graph inside this block (evaluation, decoding, optimizer updates)."""
+    global _GRAD_ENABLED
+    prev, _GRAD_ENABLED = _GRAD_ENABLED, False
+    try:
+        yield
+    finally:
+        _GRAD_ENABLED = prev
+
+
+def is_grad_enabled():
+    return _GRAD_ENABLED
+
+
+class Tensor:
+    __array_priority__ = 100  # numpy_array * tensor -> Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, name=None):
+        self.data = data
+        self.requires_grad = requires_grad
+        self.grad = None
+        self.name = name
+        self._fn = None          # the Function that produced this tensor, while the graph lives
+        self._hooks = []         # called as hook(tensor) once this leaf's grad is complete
+
+    # -- array-like attributes --------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    is_leaf = property(lambda self: self._fn is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        name = f" {self.name}" if self.name else ""
+        return f"Tensor{name}(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+    def numpy(self):
+        from .backend import to_numpy
+        return to_numpy(self.data)
+
+    def item(self):
+        return self.data.item()
+
+    def detach(self):
+        return Tensor(self.data)
+
+    def register_grad_hook(self, hook):
+        """Call ``hook(self)`` when backward has finished accumulating this leaf's gradient."""
+        self._hooks.append(hook)
+
+    def zero_grad(self):
+        if self.grad is not None:
+            self.grad[...] = 0
+
+    # -- reverse mode -----------------------------------------------------------------
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) * grad into every leaf's ``.grad``.
+
+        ``grad`` defaults to 1 for a one-element tensor; any other tensor needs the
+        upstream gradient (same shape as ``self``)."""
+        if grad is None:
+            if self.size != 1:
+                raise ValueError(f"backward() without a gradient needs a one-element tensor, got shape {self.shape}")
+            grad = get_array_module(self.data).ones_like(self.data)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        if grad.shape != self.shape:
+            raise ValueError(f"upstream gradient shape {grad.shape} != tensor shape {self.shape}")
+
+        order = _topological_order(self)
+        grads = {id(self): grad}
+        for node in reversed(order):          # every consumer before what it consumed
+            g = grads.pop(id(node), None)
+            fn = node._fn
+            if fn is None:                    # a leaf: every contribution has arrived
+                if g is not None and node.requires_grad:
+                    if node.grad is None:
+                        node.grad = g.copy()
+                    else:
+                        node.grad += g
+                    for hook in node._hooks:
+                        hook(node)
+                continue
+            node._fn = None                   # free the graph as we go
+            if g is None:
+                continue
+            in_grads = fn.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            for parent, pg in zip(fn.parents, in_grads):
+                if pg is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                # out of place: a Function may hand the same array to two inputs
+                grads[key] = pg if key not in grads else grads[key] + pg
+
+
+def _topological_order(root):
+    """Iterative depth-first post-order: each tensor after every tensor it was computed from."""
+    order, seen = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        if node._fn is not None:
+            for p in reversed(node._fn.parents):
+                if p.requires_grad and id(p) not in seen:
+                    stack.append((p, False))
+    return order
+
+
+class Function:
+    """One differentiable op. Subclasses define ``forward(*arrays, **options) -> array``
+    and ``backward(grad) -> tuple`` (one gradient or None per tensor input).
+
+    ``self.needs_input_grad[i]`` tells backward which input gradients are wanted, so it
+    can skip work (the first layer's input gradient, for instance)."""
+
+    parents = ()
+    needs_input_grad = ()
+
+    def forward(self, *arrays, **options):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs, **options):
+        tensors = tuple(t if isinstance(t, Tensor) else Tensor(t) for t in inputs)
+        fn = cls()
+        fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        out = Tensor(fn.forward(*(t.data for t in tensors), **options))
+        if _GRAD_ENABLED and any(fn.needs_input_grad):
+            fn.parents = tensors
+            out.requires_grad = True
+            out._fn = fn
+        return out
+
+
+def unbroadcast(grad, shape):
+    """Sum ``grad`` down to ``shape``: the backward of NumPy broadcasting."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad

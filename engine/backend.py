@@ -1,0 +1,144 @@
+"""The array backend: NumPy on the CPU, CuPy on the GPU, chosen once per process.
+
+Ops never ask this module which backend is active; they take the array module from
+their inputs (``xp = get_array_module(x)``), so the same code runs on both. Only code
+that *creates* arrays from nothing (parameter init, data batches) asks ``xp()``.
+This is the only file that imports CuPy.
+"""
+import numpy as np
+
+_DEVICE = "cpu"
+_cupy = None
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # noqa: F401  (the only CuPy import in the project)
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise RuntimeError("--device gpu needs CuPy: pip install -e .[gpu]") from e
+        _cupy = cupy
+    return _cupy
+
+
+def set_device(device):
+    """Select 'cpu' (NumPy) or 'gpu' (CuPy) for arrays created from now on."""
+    global _DEVICE
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu":
+        _import_cupy()
+    _DEVICE = device
+
+
+def device():
+    return _DEVICE
+
+
+def xp():
+    """The array module for newly created arrays (numpy or cupy)."""
+    return _import_cupy() if _DEVICE == "gpu" else np
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever the given arrays live in (numpy for plain Python values)."""
+    if _cupy is not None:
+        for a in arrays:
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+    return np
+
+
+def is_gpu_array(a):
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def to_numpy(a):
+    """A host (NumPy) copy or view of any array."""
+    if is_gpu_array(a):
+        return _cupy.asnumpy(a)
+    return np.asarray(a)
+
+
+def to_device(a, dtype=None):
+    """Move a host array to the active device (no copy on the CPU when dtype matches)."""
+    a = xp().asarray(a)
+    return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def synchronize():
+    """Wait for the GPU's current stream (no-op on the CPU); MPI must not read a buffer
+    a kernel is still writing."""
+    if _DEVICE == "gpu" or _cupy is not None:
+        if _cupy is not None:
+            _cupy.cuda.get_current_stream().synchronize()
+
+
+def tune_host_allocator():
+    """Keep freed NumPy buffers inside the process (glibc's mallopt; a no-op elsewhere).
+
+    By default glibc serves every buffer over 128 KiB with its own mmap and unmaps it when
+    freed, so each fresh activation or gradient array costs page faults and kernel zeroing:
+    about a third of a small GPT's training step on the CPU. Serving buffers up to 32 MiB
+    (glibc's ceiling) from the heap and trimming the heap only above 1 GiB free removes
+    that, at the price of keeping freed memory for reuse. Set ENGINE_MALLOC_TUNE=0 to skip."""
+    import ctypes
+    import os
+    import sys
+    if not sys.platform.startswith("linux") or os.environ.get("ENGINE_MALLOC_TUNE", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): keep the default allocator
+        return False
+
+
+tune_host_allocator()
+
+
+def scatter_add(a, indices, values):
+    """``a[indices] += values`` with repeated indices accumulated, in place (unbuffered:
+    np.add.at on the CPU, cupyx.scatter_add on the GPU). Fastest with a 1-D ``a`` and
+    1-D integer ``indices`` (NumPy's ufunc.at fast path)."""
+    if is_gpu_array(a):
+        import cupyx
+        cupyx.scatter_add(a, indices, values)
+    else:
+        np.add.at(a, indices, values)
+
+
+def bfloat16():
+    """NumPy has no bfloat16; ml_dtypes provides one that NumPy (and MPI as raw bytes) can carry."""
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def copy_into(dst, src):
+    """Copy src's values into the existing array dst (same shape), across host and device:
+    host->device with cupy's set(), device->host with get(out=), else an ordinary copy."""
+    if is_gpu_array(dst):
+        if is_gpu_array(src):
+            dst[...] = src
+        elif dst.flags.c_contiguous:
+            dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
+        else:
+            dst[...] = _cupy.asarray(src)
+    elif is_gpu_array(src):
+        if dst.flags.c_contiguous:
+            src.get(out=dst)
+        else:
+            dst[...] = src.get()
+    else:
+        np.copyto(dst, src)
+
+
+def is_device_array(a):
+    """Whether a is a GPU array (exposes __cuda_array_interface__), loading CuPy if the array
+    arrived before set_device('gpu') did, so is_gpu_array / to_numpy / copy_into know it."""
+    if not hasattr(a, "__cuda_array_interface__"):
+        return False
+    _import_cupy()
+    return True
