@@ -1,0 +1,99 @@
+"""Autoregressive decoding for models/gpt.py: a KV cache, temperature and top-k sampling.
+
+Without a cache, every new token reruns the whole context: O(T^2) work per token. With
+one, the prompt runs once (prefill) and each layer keeps its keys and values; a new token
+then computes only its own q, k, v and attends to the cached keys (decode), O(T) per token.
+
+    prefill:  idx (B, T0)  -> every layer caches k, v (B, nh, T0, hs)  -> logits of token T0
+    decode:   idx (B, 1)   at position t -> cache grows to t + 1       -> logits of token t + 1
+
+Positions are learned and absolute, so when the context outgrows block_size the window
+slides (nanoGPT crops to the last block_size tokens), every token's position changes and
+the cache is recomputed from the cropped window: exactly what decoding without a cache
+computes, which the tests check token for token.
+"""
+import numpy as np
+
+from engine import backend
+from engine.autograd import Tensor, no_grad
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far, for one attention layer: preallocated
+    (B, nh, block_size, hs) buffers filled left to right."""
+
+    def __init__(self, capacity):
+        self.capacity, self.length, self.k, self.v = capacity, 0, None, None
+
+    def append(self, k, v):
+        """Store k, v (B, nh, T, hs); return every cached key and value and the position of k's first row."""
+        B, nh, T, hs = k.shape
+        start = self.length
+        if start + T > self.capacity:
+            raise ValueError(f"KV cache overflow: {start} + {T} tokens > block_size {self.capacity}")
+        if self.k is None:
+            xp = backend.get_array_module(k)
+            self.k = xp.empty((B, nh, self.capacity, hs), dtype=k.dtype)   # (B, nh, block_size, hs)
+            self.v = xp.empty((B, nh, self.capacity, hs), dtype=v.dtype)
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        self.length = start + T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length], start   # (B, nh, start+T, hs)
+
+
+def next_logits(model, idx, caches=None):
+    """Logits of the last position, (B, V) float64 on the host. With caches, idx holds only
+    the tokens not cached yet, at the positions after the cached ones."""
+    start = caches[0].length if caches else 0
+    pos = backend.xp().arange(start, start + idx.shape[1])             # (T,)
+    x = model.embed(idx, pos)                                           # (B, T, C)
+    for i, block in enumerate(model.blocks):
+        x = block(x, caches[i] if caches else None)                     # (B, T, C)
+    logits, _ = model.head(Tensor(x.data[:, -1:]))                      # (B, 1, V): the last position only
+    return backend.to_numpy(logits.data[:, -1]).astype(np.float64)     # (B, V)
+
+
+def sample(logits, temperature, top_k, rng):
+    """One token per row of logits (B, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest logits."""
+    if temperature == 0:
+        return logits.argmax(axis=1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[1]:
+        kth = np.partition(logits, -top_k, axis=1)[:, -top_k:].min(axis=1, keepdims=True)   # (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)                                   # (B, V)
+    u = rng.random((p.shape[0], 1))                                     # inverse-CDF sampling, one draw per row
+    return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), p.shape[1] - 1)
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True):
+    """GPT.generate: idx (B, T) or (T,) token ids -> the same with max_new_tokens appended."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    idx = np.array(backend.to_numpy(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
+    squeeze = idx.ndim == 1
+    idx = idx[None] if squeeze else idx                                 # (B, T)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate needs a prompt of shape (B, T) with T >= 1, got {idx.shape}")
+    bs, was_training = model.config.block_size, model.training
+    model.eval()
+    try:
+        with no_grad():
+            caches = None
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits = next_logits(model, idx[:, -bs:])
+                elif caches is None or caches[0].length == bs:         # prefill, or the window slid
+                    caches = [KVCache(bs) for _ in model.blocks]
+                    logits = next_logits(model, idx[:, -bs:], caches)
+                else:                                                   # decode one new token
+                    logits = next_logits(model, idx[:, -1:], caches)
+                idx = np.concatenate([idx, sample(logits, temperature, top_k, rng)[:, None]], axis=1)
+    finally:
+        model.train(was_training)
+    return idx[0] if squeeze else idx

@@ -1,0 +1,277 @@
+"""GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"), written
+as nanoGPT writes it: learned positions, pre-LayerNorm blocks, tanh GELU, tied input and
+output embeddings, biases.
+
+    x = wte[idx] + wpe[pos]                                   (B, T, C)
+    for each of the n_layer blocks:
+        x = x + dropout(c_proj(attention(c_attn(ln_1(x)))))   causal self-attention
+        x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))          MLP, hidden 4C
+    logits = ln_f(x) @ wte.T                                  (B, T, V)
+
+Parameter names are Hugging Face GPT-2's (``transformer.h.0.attn.c_attn.weight``, ...), so
+models/hf.py converts checkpoints by transposing weights only: our Linear stores (out, in)
+like PyTorch, Hugging Face's Conv1D stores (in, out). The output layer reuses wte and is
+listed once.
+
+Init (GPT-2 paper, section 2.3): weights normal(0, 0.02); the residual projections c_proj
+scaled by 1/sqrt(2 n_layer), since every block adds two residual branches to the stream.
+
+Attention-probability dropout is left out (the blockwise kernel never materialises the
+probabilities); dropout acts on the embeddings and on each residual branch, as in nanoGPT.
+The pieces are separate so later issues can reuse them: ``embed`` (a pipeline's first stage),
+``blocks`` (any stage), ``head`` (the last stage), and ``CausalSelfAttention.attention_fn``
+(ring attention for sequence parallelism, which also passes global positions ``pos``).
+Decoding with a KV cache is in models/generate.py.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import backend, ops
+from engine.autograd import Function, Tensor
+from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
+from engine.ops.attention import Attention as _Attention, attention_forward
+
+from .generate import generate as _generate
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256      # longest context (number of learned positions)
+    vocab_size: int = 256      # 256: byte-level
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True          # biases in Linear and LayerNorm (GPT-2 has them)
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+
+
+class _DropoutRNG:
+    """The one dropout generator every layer draws from, so that assigning
+    ``model.dropout_rng`` (restoring a checkpoint) reaches all of them."""
+
+    def __init__(self, seed):
+        # numpy Generator on the CPU, cupy RandomState on the GPU (what ops.dropout takes)
+        self.rng = backend.xp().random.RandomState(seed) if backend.device() == "gpu" \
+            else np.random.default_rng(seed)
+
+
+def _dropout(x, p, box, training):
+    return ops.dropout(x, p, box.rng, training=training) if p > 0 and training else x
+
+
+def _layer_norm(dim, bias):
+    if bias:
+        return LayerNorm(dim)
+    return LayerNorm(dim, bias=False)   # only with config.bias=False (no Hugging Face layout)
+
+
+class HeadsAttention(Function):
+    """Causal attention from the packed c_attn output to the c_proj input, one graph node:
+
+        qkv (B, T, 3C) -> q, k, v (B, nh, T, hs) -> softmax(q k^T / sqrt(hs) + mask) v -> y (B, T, C)
+
+    The head views of q, k and v are strided views of qkv (no copy); the kernel is
+    engine.ops.attention's. Forward copies once (the heads merged back, (B, T, nh, hs)), and
+    backward writes dq, dk, dv straight into one (B, T, 3C) gradient: the split, the four
+    transposes and the two reshapes as separate ops would cost three zero-filled gradients,
+    their sums and two more copies."""
+
+    def forward(self, qkv, n_head=1):
+        B, T, C3 = qkv.shape
+        self.nh, self.hs = n_head, C3 // 3 // n_head
+        heads = qkv.reshape(B, T, 3, n_head, self.hs)          # (B, T, 3, nh, hs) view
+        q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (B, nh, T, hs) views
+        self.attn = _Attention()
+        self.attn.needs_input_grad = (any(self.needs_input_grad),) * 3
+        y = self.attn.forward(q, k, v, causal=True)            # (B, nh, T, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # (B, T, nh, hs) -> (B, T, C)
+
+    def backward(self, g):
+        B, T, C = g.shape
+        dy = g.reshape(B, T, self.nh, self.hs).transpose(0, 2, 1, 3)   # (B, nh, T, hs) view
+        grads = self.attn.backward(dy)                          # dq, dk, dv (B, nh, T, hs)
+        dqkv = backend.get_array_module(g).empty((B, T, 3, self.nh, self.hs), dtype=g.dtype)
+        for i, d in enumerate(grads):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)             # (B, T, nh, hs) slot of (B, T, 3, nh, hs)
+        return (dqkv.reshape(B, T, 3 * C),)                     # (B, T, 3C)
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention. ``attention_fn(q, k, v) -> (B, nh, T, hs)`` replaces
+    the attention proper (ring attention does); None uses engine.ops.attention, fused with the
+    head split and merge (HeadsAttention)."""
+
+    def __init__(self, config, rng, dropout_rng=None, attention_fn=None):
+        super().__init__()
+        C = config.n_embd
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng)   # q, k, v in one matmul
+        self.c_proj = Linear(C, C, bias=config.bias, rng=rng)
+        self.attention_fn = attention_fn
+        self._dropout_rng = dropout_rng
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)                                   # (B, T, 3C)
+        if kv_cache is None and self.attention_fn is None:
+            y = HeadsAttention.apply(qkv, n_head=nh)           # (B, T, C)
+        else:
+            qkv = ops.reshape(qkv, (B, T, 3, nh, hs))          # (B, T, 3, nh, hs) view
+            q, k, v = (ops.transpose(ops.reshape(t, (B, T, nh, hs)), (0, 2, 1, 3))   # (B, nh, T, hs)
+                       for t in ops.split(qkv, 3, axis=2))     # each (B, T, 1, nh, hs)
+            if kv_cache is not None:                           # decoding, under no_grad
+                k_all, v_all, start = kv_cache.append(k.data, v.data)      # (B, nh, start+T, hs)
+                y, _ = attention_forward(q.data, k_all, v_all, causal=True, q_offset=start)
+                y = Tensor(y)                                  # (B, nh, T, hs)
+            else:
+                y = self.attention_fn(q, k, v)                 # (B, nh, T, hs)
+            y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, C))   # (B, T, nh, hs) -> (B, T, C)
+        return _dropout(self.c_proj(y), self.dropout, self._dropout_rng, self.training)
+
+
+class MLP(Module):
+    def __init__(self, config, rng, dropout_rng=None):
+        super().__init__()
+        C = config.n_embd
+        self.dropout = config.dropout
+        self.c_fc = Linear(C, 4 * C, bias=config.bias, rng=rng)
+        self.c_proj = Linear(4 * C, C, bias=config.bias, rng=rng)
+        self._dropout_rng = dropout_rng
+
+    def forward(self, x):
+        h = ops.gelu(self.c_fc(x))                             # (B, T, 4C)
+        return _dropout(self.c_proj(h), self.dropout, self._dropout_rng, self.training)   # (B, T, C)
+
+
+class Block(Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, config, rng, dropout_rng=None, attention_fn=None):
+        super().__init__()
+        self.ln_1 = _layer_norm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config, rng, dropout_rng, attention_fn)
+        self.ln_2 = _layer_norm(config.n_embd, config.bias)
+        self.mlp = MLP(config, rng, dropout_rng)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)              # (B, T, C)
+        return x + self.mlp(self.ln_2(x))                      # (B, T, C)
+
+
+class Transformer(Module):
+    """Container whose attribute name gives the Hugging Face prefix ``transformer.``:
+    wte, wpe, h (the blocks), ln_f, registered in Hugging Face's order."""
+
+    def __init__(self, config, rng, dropout_rng):
+        super().__init__()
+        self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng)    # (V, C), also the output layer
+        self.wpe = Embedding(config.block_size, config.n_embd, rng=rng)    # (block_size, C)
+        self.h = ModuleList([Block(config, rng, dropout_rng) for _ in range(config.n_layer)])
+        self.ln_f = _layer_norm(config.n_embd, config.bias)
+
+
+class GPT(Module):
+    """GPT-2 language model. ``rng``: numpy Generator or seed for the init (None: seed 0);
+    the dropout generator (``model.dropout_rng``) is seeded from it."""
+
+    def __init__(self, config, rng=None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+        self._dropout_box = _DropoutRNG(int(rng.integers(2**63)))
+        self.transformer = Transformer(config, rng, self._dropout_box)
+        scale = 1.0 / math.sqrt(2 * config.n_layer)            # GPT-2: residual projections scaled
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.data *= scale
+            block.mlp.c_proj.weight.data *= scale
+
+    # -- pieces ---------------------------------------------------------------------------
+    @property
+    def blocks(self):
+        """The transformer blocks (a ModuleList), registered as transformer.h."""
+        return self.transformer.h
+
+    @property
+    def dropout_rng(self):
+        """The generator dropout draws from (save its state to resume bitwise)."""
+        return self._dropout_box.rng
+
+    @dropout_rng.setter
+    def dropout_rng(self, rng):
+        self._dropout_box.rng = rng
+
+    def embed(self, idx, pos=None):
+        """Token plus position embeddings. idx (B, T) ints; pos: global positions (T,) or
+        (B, T), default 0..T-1 (a sequence-parallel rank passes its own)."""
+        idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
+        T = idx.shape[1]
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
+            pos = backend.xp().arange(T)                        # (T,)
+        else:
+            pos = backend.to_device(pos.data if isinstance(pos, Tensor) else pos)
+            if pos.shape not in ((T,), idx.shape):
+                raise ValueError(f"pos must have shape ({T},) or {idx.shape}, got {pos.shape}")
+            if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size):
+                raise ValueError(f"positions must be in [0, {self.config.block_size}), "
+                                 f"got [{int(pos.min())}, {int(pos.max())}]")
+        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
+        x = ops.embedding(idx, wte) + ops.embedding(pos, wpe)   # (B, T, C) + (T, C) or (B, T, C)
+        return _dropout(x, self.config.dropout, self._dropout_box, self.training)
+
+    def head(self, x, targets=None):
+        """Final LayerNorm and the tied output layer; loss (mean cross-entropy, ignore -1) if targets."""
+        x = self.transformer.ln_f(x)                           # (B, T, C)
+        logits = ops.linear(x, self.transformer.wte.weight)    # (B, T, V): x @ wte.T
+        if targets is None:
+            return logits, None
+        targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets)
+        return logits, ops.cross_entropy(logits, targets)
+
+    def forward(self, idx, targets=None, pos=None):
+        x = self.embed(idx, pos)                               # (B, T, C)
+        for block in self.blocks:
+            x = block(x)                                       # (B, T, C)
+        return self.head(x, targets)                           # (B, T, V), scalar or None
+
+    # -- accounting -----------------------------------------------------------------------
+    def num_params(self, non_embedding=False):
+        """Parameters counted once (wte is also the output layer); non_embedding drops wpe, as nanoGPT."""
+        n = sum(p.size for p in self.parameters())
+        return n - self.transformer.wpe.weight.size if non_embedding else n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token, forward and backward: 6N + 12 L T C (PaLM, Chowdhery et al.
+        2022, appendix B; nanoGPT's estimate_mfu). N excludes the position embeddings;
+        12 L T C counts the attention score and value matmuls, T = seq_len (default block_size)."""
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * T * c.n_embd
+
+    # -- decoding (models/generate.py) ---------------------------------------------------------
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T) and return it (host int64 array):
+        KV cache (prefill, then one token at a time), temperature (0: greedy), top_k; rng:
+        Generator or seed. use_cache=False recomputes the whole window for every token."""
+        return _generate(self, idx, max_new_tokens, temperature, top_k, rng, use_cache)

@@ -1,0 +1,160 @@
+"""Convert between this engine's GPT and the Hugging Face GPT-2 checkpoint layout
+(``model.safetensors`` + ``config.json``, as ``GPT2LMHeadModel.save_pretrained`` writes).
+
+Names are the same on both sides (models/gpt.py uses Hugging Face's). Two differences:
+  - Hugging Face's Conv1D stores weights (in, out); our Linear stores (out, in), like
+    PyTorch. The four per-block projections c_attn, c_proj (attention), c_fc, c_proj (MLP)
+    are transposed both ways.
+  - The output layer is tied to wte: Hugging Face checkpoints carry ``lm_head.weight``
+    either not at all or as a copy of wte; we write none and ignore it when reading.
+Reading also accepts the original OpenAI-converted files, whose names lack the
+``transformer.`` prefix and which carry the causal-mask buffers ``attn.bias`` and
+``attn.masked_bias`` (not parameters: ignored).
+"""
+import json
+import os
+
+import numpy as np
+
+from engine import backend
+from engine.io import atomic_write_json, load_safetensors, save_safetensors
+
+from .gpt import GPT, GPTConfig
+
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")   # both are the tanh form of GELU
+
+
+def _is_conv1d(name):
+    return name.endswith(_CONV1D)
+
+
+def to_hf(state_dict):
+    """Our state dict (name -> array, any device) -> Hugging Face GPT-2 names and layouts, host arrays."""
+    out = {}
+    for name, a in state_dict.items():
+        a = backend.to_numpy(a)
+        out[name] = np.ascontiguousarray(a.T if _is_conv1d(name) else a)   # (out, in) -> (in, out)
+    return out
+
+
+def expected_shapes(config):
+    """Our parameter names and shapes for a config (what from_hf checks against)."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
+            p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
+        })
+    shapes.update({"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)})
+    return shapes
+
+
+def from_hf(hf_state_dict, config):
+    """Hugging Face GPT-2 tensors (name -> array) -> our state dict (name -> host array),
+    checked name by name and shape by shape against ``config``; one-line ValueError otherwise."""
+    expected = expected_shapes(config)
+    out = {}
+    for name, a in hf_state_dict.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue                                   # mask buffers; the tied output layer
+        ours = name if name.startswith("transformer.") else "transformer." + name
+        if ours not in expected:
+            raise ValueError(f"unexpected tensor {name!r} in the Hugging Face checkpoint")
+        a = np.asarray(a)
+        a = a.T if _is_conv1d(ours) else a             # (in, out) -> (out, in)
+        if a.shape != expected[ours]:
+            raise ValueError(f"shape mismatch for {ours}: checkpoint has {a.shape}, "
+                             f"config expects {expected[ours]}")
+        out[ours] = np.ascontiguousarray(a)
+    missing = [n for n in expected if n not in out]
+    if missing:
+        raise ValueError(f"missing tensor {missing[0]!r} in the Hugging Face checkpoint"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return {n: out[n] for n in expected}               # in registration order
+
+
+def hf_config(config):
+    """The GPT2Config fields (config.json) for one of our configs."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,                               # 4 * n_embd
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": None, "eos_token_id": None,    # byte/char vocabularies have none
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(hf):
+    """GPTConfig from a config.json dict; one-line ValueError for what our GPT cannot express."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"config.json activation_function {act!r} is not the tanh GELU (gelu_new)")
+    n_inner = hf.get("n_inner")
+    if n_inner not in (None, 4 * hf.get("n_embd", 768)):
+        raise ValueError(f"config.json n_inner {n_inner} != 4 * n_embd is not supported")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise ValueError(f"config.json layer_norm_epsilon {hf['layer_norm_epsilon']} != 1e-5 is not supported")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise ValueError(f"config.json {flag}=true is not supported")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise ValueError("config.json tie_word_embeddings=false is not supported (the output layer is wte)")
+    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12),
+                     n_embd=hf.get("n_embd", 768), dropout=0.0, bias=True)
+
+
+def save_hf(model, directory):
+    """Write model.safetensors and config.json that transformers.GPT2LMHeadModel.from_pretrained reads."""
+    if not model.config.bias:
+        raise ValueError("GPT-2's layout has biases: a model with bias=False cannot be saved as Hugging Face GPT-2")
+    os.makedirs(directory, exist_ok=True)
+    save_safetensors(os.path.join(directory, "model.safetensors"), to_hf(model.state_dict()),
+                     metadata={"format": "pt"})
+    atomic_write_json(os.path.join(directory, "config.json"), hf_config(model.config))
+
+
+def load_hf(directory, rng=None):
+    """A GPT with the weights of a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    cfg_path = os.path.join(directory, "config.json")
+    st_path = os.path.join(directory, "model.safetensors")
+    for path in (cfg_path, st_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (a Hugging Face GPT-2 directory has "
+                                    f"config.json and model.safetensors)")
+    with open(cfg_path) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = config_from_hf(hf)
+    tensors, _ = load_safetensors(st_path)
+    state = from_hf(tensors, config)
+    model = GPT(config, rng=rng)
+    dtype = model.transformer.wte.weight.dtype
+    model.load_state_dict({n: a.astype(dtype, copy=False) for n, a in state.items()})
+    return model
