@@ -1,0 +1,113 @@
+"""Generate text from a trained checkpoint, or from a Hugging Face GPT-2 directory.
+
+    python sample.py --ckpt out                              # latest checkpoint of train.py's out dir
+    python sample.py --ckpt out/step_300 --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 40
+    python sample.py --hf gpt2-dir --prompt "Hello, I'm a language model,"   # a Hugging Face GPT-2 directory
+
+The checkpoint's manifest carries the model config and the tokenizer (byte, char or ids),
+so the text is encoded and decoded exactly as in training. Decoding uses the model's KV
+cache (models/gpt.py ``generate``): temperature 0 is greedy, ``--top-k`` keeps the k most
+likely tokens, ``--seed`` makes the samples reproducible. A Hugging Face directory
+(config.json + model.safetensors, read by models/hf.py ``load_hf``) is tokenized with its
+GPT-2 BPE files (vocab.json + merges.txt or tokenizer.json, engine/bpe.py); without them a
+vocabulary of 256 is read as bytes (a byte-level model exported by ``save_hf``), any other
+as token ids (``--prompt-ids``, output printed as ids). Bad input: one line ``error: ...``,
+exit code 2.
+"""
+import argparse
+import sys
+
+import numpy as np
+
+from engine import backend
+from engine.bpe import BPETokenizer
+from engine.checkpoint import load_checkpoint
+from engine.data import ByteTokenizer, DataError, IdTokenizer, tokenizer_from_json
+from engine.io import CheckpointError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def parse_args(argv):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="DIR", help="train.py out dir (follows latest) or a step_<N> dir")
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-ids", default=None, help="the prompt as whitespace-separated token ids instead")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    return p.parse_args(argv)
+
+
+def load(args):
+    """(model, tokenizer) from --ckpt or --hf."""
+    from models.gpt import GPT, GPTConfig
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt)
+        try:
+            config = GPTConfig(**ckpt.manifest["config"]["model"])
+            tokenizer = tokenizer_from_json(ckpt.manifest["tokenizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path}: bad manifest ({type(e).__name__}: {e})") from None
+        model = GPT(config, np.random.default_rng(0))
+        dtype = ckpt.manifest.get("config", {}).get("train", {}).get("dtype", "float32")
+        if dtype != "float32":
+            model.astype(dtype)
+        try:
+            model.load_state_dict(ckpt.model)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {ckpt.path}: {e}") from None
+        return model, tokenizer
+    from models.hf import load_hf
+    try:
+        model = load_hf(args.hf)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    vocab = model.config.vocab_size
+    try:
+        bpe = BPETokenizer.from_dir(args.hf)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{args.hf}: cannot read its tokenizer files ({type(e).__name__}: {e})") from None
+    return model, bpe or (ByteTokenizer() if vocab == 256 else IdTokenizer(vocab))
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0 \
+                or (args.top_k is not None and args.top_k < 1):
+            raise ValueError("need max_new_tokens >= 0, num_samples >= 1, temperature >= 0, top_k >= 1")
+        backend.set_device(args.device)
+        model, tokenizer = load(args)
+        if args.prompt_ids is not None:
+            prompt = IdTokenizer(model.config.vocab_size).encode(args.prompt_ids)
+        else:
+            prompt = tokenizer.encode(args.prompt)
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty" + (" (this model reads token ids: give --prompt-ids)"
+                                                      if isinstance(tokenizer, IdTokenizer) else ""))
+        if int(np.max(prompt)) >= model.config.vocab_size:
+            raise ValueError(f"prompt token {int(np.max(prompt))} >= vocab size {model.config.vocab_size}")
+    except (ValueError, RuntimeError, DataError, CheckpointError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    idx = np.tile(np.asarray(prompt, dtype=np.int64)[None], (args.num_samples, 1))    # (S, T0)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, rng=rng)
+    for i, row in enumerate(out):
+        if i:
+            print("\n" + "-" * 40)
+        print(tokenizer.decode(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

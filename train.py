@@ -1,0 +1,360 @@
+"""Train a GPT on one process (data, ZeRO, pipeline and sequence parallelism come later).
+
+    python train.py                                    # stdlib corpus, byte-level, small GPT, ~1-2 min on 1 core
+    python train.py --data input.txt --tokenizer char --max-steps 2000 --out-dir out-char   # any UTF-8 text
+    python train.py --config run.toml --lr 3e-4        # TOML supplies fields, flags override it
+    python train.py --resume out                       # continue an interrupted run from out/latest
+    python train.py --help                             # every flag, generated from the dataclasses below
+    python sample.py --ckpt out --prompt "def "        # sample from the latest checkpoint
+
+One source of truth: the dataclasses ``GPTConfig`` (models/gpt.py), ``ParallelConfig`` and
+``TrainConfig`` generate the command-line flags (field ``max_steps`` -> ``--max-steps``,
+type from the annotation, help from the field metadata); ``--config FILE.toml`` supplies
+the same fields (flat keys, or tables [model] [parallel] [train]); flags override it.
+
+Each step logs one line: loss, learning rate, ms/step, tokens/s, MFU and peak traced
+memory. MFU (Chowdhery et al. 2022, PaLM appendix B; nanoGPT's estimate_mfu) =
+flops_per_token * tokens/s / peak FLOP/s, with the peak measured at start-up by timing a
+square matmul in the training dtype. Peak memory comes from tracemalloc, which sees every
+NumPy allocation (see ``MemoryTracer`` for which steps are traced). ``--metrics FILE``
+writes the same as JSON lines, plus ``val_loss`` on evaluation steps.
+
+Bad input (a missing, empty or binary data file, data shorter than one block, an
+impossible config, an unknown TOML key, a corrupt or mismatched checkpoint) prints one
+line ``error: ...`` on stderr and exits with code 2 before anything is written. A NaN or
+inf loss stops the run naming the step (exit code 1); the last checkpoint is untouched.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from engine import backend, no_grad
+from engine.checkpoint import check_shapes, list_checkpoints, load_checkpoint, save_checkpoint
+from engine.config import ConfigError, build, parse_values
+from engine.data import Batcher, DataError, load_dataset
+from engine.flat import FlatParameters
+from engine.io import CheckpointError
+from engine.optim import AdamW, clip_grad_norm_, cosine_lr, grad_norm_sq
+from engine.perf import MemoryTracer, measure_peak_flops
+from models.gpt import GPT, GPTConfig
+
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def _f(default, help, **meta):
+    return field(default=default, metadata=dict(help=help, **meta))
+
+
+ModelConfig = GPTConfig
+MODEL_DEFAULTS = dict(block_size=128, vocab_size=0, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
+MODEL_HELP = dict(block_size="context length: learned positions, and the length of each training window",
+                  vocab_size="vocabulary size; 0: the data's (byte 256, char: the corpus's characters, .bin: meta.json)",
+                  n_layer="transformer blocks", n_head="attention heads (must divide n_embd)",
+                  n_embd="embedding width C", dropout="dropout probability on embeddings and residual branches",
+                  bias="biases in Linear and LayerNorm layers (GPT-2: yes)")
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout (reserved: only the single-process layout runs in this version)."""
+    dp: int = _f(1, "data-parallel replicas")
+    zero: int = _f(0, "ZeRO stage over the dp axis", choices=(0, 1, 2, 3))
+    pp: int = _f(1, "pipeline stages")
+    sp: int = _f(1, "sequence-parallel ranks")
+
+
+@dataclass
+class TrainConfig:
+    data: str = _f("", "UTF-8 text file, or nanoGPT-style uint16 .bin token file; '' = this Python's stdlib sources",
+                   metavar="PATH")
+    tokenizer: str = _f("byte", "tokenizer for text data", choices=("byte", "char"))
+    val_fraction: float = _f(0.1, "fraction of the tokens (the last ones) held out for validation")
+    batch_size: int = _f(12, "sequences per step")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    max_steps: int = _f(250, "optimizer steps in total (the cosine schedule ends here)")
+    lr: float = _f(2e-3, "peak learning rate")
+    min_lr: float = _f(2e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _f(20, "linear warm-up steps")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (Linear weights only)")
+    betas: tuple[float, float] = _f((0.9, 0.99), "AdamW beta1 beta2", metavar="B")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    eval_interval: int = _f(50, "steps between validation losses (0: only at the end)")
+    eval_iters: int = _f(10, "validation batches per evaluation")
+    log_interval: int = _f(1, "steps between log lines")
+    ckpt_interval: int = _f(100, "steps between checkpoints (0: only at the end)")
+    keep: int = _f(3, "checkpoints kept in out_dir (0: all)")
+    out_dir: str = _f("out", "directory of the checkpoints step_<N>/ and latest", metavar="DIR")
+    resume: str = _f("", "resume from a checkpoint: an out dir (its latest) or a step_<N> dir",
+                    metavar="DIR")
+    overwrite: bool = _f(False, "start afresh even though out_dir holds checkpoints (they are deleted "
+                                "once the first new one is written)")
+    seed: int = _f(1337, "seed of the initialisation, the batches and dropout")
+    dtype: str = _f("float32", "parameter and activation dtype", choices=("float32", "float64"))
+    device: str = _f("cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
+    metrics: str = _f("", "write one JSON line per step to this file", metavar="FILE")
+    mem_trace_interval: int = _f(25, "trace memory (tracemalloc) on step 1 and every N steps; 1: every step")
+
+
+SECTIONS = (("model", ModelConfig), ("parallel", ParallelConfig), ("train", TrainConfig))
+
+
+def parse_configs(argv):
+    """(model field values, ParallelConfig, TrainConfig). The GPTConfig is built once the
+    data gives the vocabulary (vocab_size 0 = the data's); it is validated now."""
+    values = parse_values(argv, SECTIONS, description=__doc__, defaults={"model": MODEL_DEFAULTS}, helps=MODEL_HELP)
+    model = values["model"]
+    need(model["vocab_size"] >= 0, f"vocab_size must be >= 0, got {model['vocab_size']}")
+    build(GPTConfig, dict(model, vocab_size=model["vocab_size"] or 1), "model")
+    par, cfg = build(ParallelConfig, values["parallel"], "parallel"), build(TrainConfig, values["train"], "train")
+    validate(par, cfg)
+    return model, par, cfg
+
+
+def need(ok, msg):
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(par, cfg):
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval"):
+        need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("warmup", "eval_interval", "ckpt_interval", "keep", "seed", "weight_decay", "grad_clip"):
+        need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
+    need(0 < cfg.val_fraction < 1, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
+    need(0 <= cfg.min_lr <= cfg.lr, f"min_lr must lie in [0, lr={cfg.lr}], got {cfg.min_lr}")
+    need(all(0 <= b < 1 for b in cfg.betas), f"betas must lie in [0, 1), got {cfg.betas}")
+    need(cfg.eps > 0, f"eps must be positive, got {cfg.eps}")
+    need(cfg.mem_trace_interval >= 1, f"mem_trace_interval must be >= 1, got {cfg.mem_trace_interval}")
+    for name in ("dp", "pp", "sp"):
+        need(getattr(par, name) >= 1, f"{name} must be >= 1, got {getattr(par, name)}")
+    need(par.dp == par.pp == par.sp == 1 and par.zero == 0,
+         f"parallel layout dp={par.dp} zero={par.zero} pp={par.pp} sp={par.sp} is not implemented yet; "
+         "only dp=1 zero=0 pp=1 sp=1 runs in this version")
+
+
+# ---------------------------------------------------------------------------- set-up
+class Run:
+    """Everything a training run holds: configs, data, model, flat buffers, optimizers."""
+
+    def __init__(self, model_cfg, par, cfg, data, model, flat, opts, batcher):
+        self.model_cfg, self.par, self.cfg, self.data = model_cfg, par, cfg, data
+        self.model, self.flat, self.opts, self.batcher = model, flat, opts, batcher
+        self.step, self.resumed_from, self.last_ckpt = 0, None, None
+        self.discard_old = cfg.overwrite and not cfg.resume   # --overwrite: old checkpoints go at the first save
+
+
+def prepare(argv):
+    """Parse, load and check everything that bad input can break; write nothing."""
+    model_values, par, cfg = parse_configs(argv)
+    world = max(int(os.environ.get(k, "1")) for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if world > 1:
+        raise ConfigError(f"launched on {world} MPI ranks, but only single-process training is implemented yet")
+    try:
+        backend.set_device(cfg.device)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    vocab = model_values["vocab_size"]
+    data = load_dataset(cfg.data or None, cfg.tokenizer, cfg.val_fraction, model_values["block_size"],
+                        vocab_size=vocab or None)
+    if vocab and vocab < data.vocab_size:
+        raise ConfigError(f"vocab_size {vocab} is smaller than the data's vocabulary ({data.vocab_size})")
+    model_cfg = build(GPTConfig, dict(model_values, vocab_size=vocab or data.vocab_size), "model")
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        where = f"checkpoint {ckpt.path}"
+        if ckpt.manifest.get("tokenizer") != data.tokenizer.to_json():
+            raise CheckpointError(f"{where} was trained with another tokenizer or vocabulary than the data gives")
+        saved_dtype = ckpt.manifest.get("config", {}).get("train", {}).get("dtype")
+        if saved_dtype != cfg.dtype:
+            raise CheckpointError(f"{where} was trained in {saved_dtype}, not --dtype {cfg.dtype}")
+        if ckpt.step >= cfg.max_steps:
+            raise ConfigError(f"{where} is at step {ckpt.step} >= max_steps {cfg.max_steps}; raise --max-steps")
+    inside = ckpt is not None and os.path.realpath(ckpt.path).startswith(os.path.realpath(cfg.out_dir) + os.sep)
+    if list_checkpoints(cfg.out_dir) and not inside and not cfg.overwrite:
+        raise ConfigError(f"out_dir {cfg.out_dir} already holds checkpoints; pass --resume {cfg.out_dir} "
+                          "to continue, --overwrite to replace them, or another --out-dir")
+
+    model = GPT(model_cfg, np.random.default_rng(cfg.seed))
+    if cfg.dtype != "float32":
+        model.astype(cfg.dtype)
+    flat = FlatParameters(model.named_parameters())
+    opts = {dt: AdamW(flat.data[dt], flat.grad[dt], flat.decay_mask[dt], lr=cfg.lr, betas=tuple(cfg.betas),
+                      eps=cfg.eps, weight_decay=cfg.weight_decay) for dt in flat.dtypes}
+    batcher = Batcher(data.train, cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
+    run = Run(model_cfg, par, cfg, data, model, flat, opts, batcher)
+    if ckpt is not None:
+        restore(run, ckpt)
+    return run
+
+
+def restore(run, ckpt):
+    """Parameters, AdamW moments, batcher and dropout generator from a checkpoint."""
+    where = f"checkpoint {ckpt.path}"
+    check_shapes(ckpt.model, run.model.state_dict(), where)
+    run.model.load_state_dict(ckpt.model)
+    scalars = ckpt.manifest.get("optim", {})
+    for dt, opt in run.opts.items():
+        sd = {k.split(".", 1)[1]: v for k, v in list(ckpt.optim.items()) + list(scalars.items())
+              if k.split(".", 1)[0] == dt}
+        try:
+            opt.load_state_dict(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {dt} {e}") from None
+    try:
+        run.batcher.load_state_dict({"rng": ckpt.manifest["rng"]["data"], "position": ckpt.manifest["data"]["position"]})
+        if ckpt.manifest["rng"]["dropout"] is not None:
+            run.model.dropout_rng.bit_generator.state = ckpt.manifest["rng"]["dropout"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: bad RNG or data state in the manifest ({type(e).__name__}: {e})") from None
+    run.step, run.resumed_from = ckpt.step, ckpt.path
+
+
+def save(run, rec):
+    """Write out_dir/step_<N> atomically (engine/checkpoint.py) and return its path."""
+    cfg, model = run.cfg, run.model
+    arrays, scalars = {}, {}
+    for dt, opt in run.opts.items():                     # AdamW m, v -> safetensors; step -> JSON
+        for k, v in opt.state_dict().items():
+            (arrays if hasattr(v, "shape") else scalars)[f"{dt}.{k}"] = v
+    rng = model.dropout_rng
+    manifest = {
+        "config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
+        "tokenizer": run.data.tokenizer.to_json(),
+        "rng": {"data": run.batcher.rng.bit_generator.state,       # numpy Generator states (JSON)
+                "dropout": rng.bit_generator.state if hasattr(rng, "bit_generator") else None},
+        "data": {"source": run.data.source, "position": run.batcher.position,
+                 "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
+        "optim": scalars, "metrics": rec}
+    path = save_checkpoint(cfg.out_dir, run.step, model.state_dict(), arrays, manifest, keep=cfg.keep or None)
+    if run.discard_old:                                  # --overwrite: the previous run's checkpoints go
+        for _, old in list_checkpoints(cfg.out_dir):
+            if os.path.abspath(old) != os.path.abspath(path):
+                shutil.rmtree(old, ignore_errors=True)
+        run.discard_old = False
+    return path
+
+
+# ---------------------------------------------------------------------------- loop
+def evaluate(run):
+    """Mean loss over eval_iters fixed validation batches (the same windows every time)."""
+    cfg = run.cfg
+    batcher = Batcher(run.data.val, cfg.batch_size, run.model_cfg.block_size, seed=cfg.seed + 1)
+    run.model.eval()
+    with no_grad():
+        losses = [run.model(backend.to_device(x), backend.to_device(y))[1].item()
+                  for x, y in (batcher.next() for _ in range(cfg.eval_iters))]
+    run.model.train()
+    return float(np.mean(losses))
+
+
+def train_step(run, lr):
+    """One optimizer step: grad_accum forward/backward passes, clipping, AdamW. Returns
+    (mean loss, gradient norm); raises Diverged on a NaN or inf loss, before the update."""
+    cfg, grads = run.cfg, list(run.flat.grad.values())
+    run.flat.zero_grad()
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):      # divergence is reported once, below
+        for _ in range(cfg.grad_accum):
+            x, y = run.batcher.next()                                   # (B, T), (B, T)
+            _, loss = run.model(backend.to_device(x), backend.to_device(y))
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"loss is {value} at step {run.step}; stopping before the update")
+            total += value
+            (loss if cfg.grad_accum == 1 else loss * (1.0 / cfg.grad_accum)).backward()
+        norm = clip_grad_norm_(grads, cfg.grad_clip) if cfg.grad_clip > 0 else math.sqrt(grad_norm_sq(grads))
+        if not math.isfinite(norm):
+            raise Diverged(f"gradient norm is {norm} at step {run.step}; stopping before the update")
+        for opt in run.opts.values():
+            opt.step(lr)
+    backend.synchronize()
+    return total / cfg.grad_accum, norm
+
+
+def train(run, tracer):
+    cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
+    tracer.every = cfg.mem_trace_interval
+    peak = measure_peak_flops(cfg.dtype)
+    flops_per_token = model.flops_per_token()
+    tokens_per_step = cfg.batch_size * T * cfg.grad_accum
+    print(f"model: {model.num_params():,} parameters | {asdict(run.model_cfg)}")
+    print(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | "
+          f"train {len(run.data.train):,} val {len(run.data.val):,} tokens | {tokens_per_step} tokens/step")
+    print(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}), "
+          f"{flops_per_token / 1e6:.2f} MFLOP/token | mem: tracemalloc peak, "
+          + ("every step" if tracer.every == 1 else f"traced on the first step and every {tracer.every}th step only"))
+    if run.resumed_from:
+        print(f"resumed from {run.resumed_from} at step {run.step}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics = open(cfg.metrics, "a" if run.resumed_from else "w") if cfg.metrics else None
+    model.train()
+    run.last_ckpt = run.resumed_from
+    try:
+        while run.step < cfg.max_steps:
+            run.step += 1
+            step = run.step
+            lr = cosine_lr(step - 1, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
+            tracer.begin(step)
+            t0 = time.perf_counter()
+            try:
+                loss, norm = train_step(run, lr)
+            except Diverged as e:
+                raise Diverged(f"{e} (last good checkpoint: {run.last_ckpt or 'none written'})") from None
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms_per_step": dt * 1e3,
+                   "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
+                   "peak_bytes": tracer.end()}
+            last = step == cfg.max_steps
+            if step % cfg.log_interval == 0 or last:
+                print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | "
+                      f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | "
+                      f"mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
+                rec["val_loss"] = evaluate(run)
+                print(f"step {step:5d} | val loss {rec['val_loss']:.4f}", flush=True)
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last:
+                run.last_ckpt = save(run, rec)
+                print(f"step {step:5d} | checkpoint {run.last_ckpt}", flush=True)
+    finally:
+        if metrics:
+            metrics.close()
+    return 0
+
+
+def main(argv=None):
+    tracer = MemoryTracer()                 # first, so the resident state is traced too
+    try:
+        run = prepare(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return train(run, tracer)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"interrupted at step {run.step}; resume from the last checkpoint: "
+              f"{run.last_ckpt or 'none written'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
