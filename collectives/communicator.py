@@ -1,0 +1,140 @@
+"""Communicator: torch.distributed-style collectives over an mpi4py communicator.
+
+    comm = Communicator()                         # MPI.COMM_WORLD
+    comm.all_reduce(grad)                         # in place, op="sum", algo="auto"
+    shard = comm.reduce_scatter(flat, op="avg")   # this rank's block, a view of flat
+    full = comm.all_gather(shard)                 # concatenation over ranks (axis 0)
+    h = comm.all_reduce(bucket, async_op=True)    # ... h.test() ... h.wait()
+
+Every collective takes algo= one of its hand-written algorithms (cost.algorithms(name)),
+"auto" (the cheapest by the alpha-beta-gamma model, cost.py) or "mpi" (the MPI library's
+own, library.py). Reductions: op = "sum" | "avg" | "max" | "min" | "prod" (ops.py).
+
+In place and out of place (out=):
+    all_reduce(x)                 x <- reduce(x)        all_reduce(x, out=y): x untouched
+    reduce_scatter(x)             x's own block <- result, returned as a view of x; the rest
+                                  of x is scratch afterwards.  reduce_scatter(x, out=y): x untouched
+    all_gather(x, out=y)          in place when x IS y's block for this rank (a view of y)
+    broadcast(x, root)            always in place
+    reduce(x, root)               result in x (or out) on root; other ranks' x untouched
+    all_to_all(x, out=y)          out=None allocates; out=x works (through a copy)
+Blocks: counts= (reduce_scatter, all_gather) or send_counts=/recv_counts= (all_to_all) give
+uneven blocks, the same list on every rank; by default blocks are balanced
+(count // N, one more on the first count % N ranks) so any count works.
+
+Arrays: NumPy or CuPy, any shape (flattened in C order), any layout (non-contiguous
+arrays go through a contiguous copy, buffers.py). Non-blocking (async_op=True) returns a
+Handle; progress is made in handle.test()/wait() (transport.py), and the arrays must not
+be touched until wait() returns. All ranks must call collectives in the same order with
+the same counts, dtype, op, root and algo (checked with ENGINE_COMM_DEBUG=1, debug.py).
+
+The methods live by concept: reductions.py (all_reduce, reduce_scatter, reduce),
+movement.py (all_gather, broadcast, all_to_all, barrier), p2p.py (send, recv, ...);
+this file holds what they share: construction, split, and the per-call machinery.
+"""
+import numpy as np
+from mpi4py import MPI
+
+from engine import backend
+
+from . import cost
+from .buffers import as_array, balanced, staging
+from .debug import Checker, env_flags
+from .movement import Movement
+from .ops import check_dtype
+from .p2p import PointToPoint
+from .reductions import Reductions
+from .transport import ACTIVE, Handle, Pool, TracingTransport, Transport, run
+
+_CHECKED = set()          # dtypes already accepted by check_dtype
+_VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
+
+
+class Communicator(Reductions, Movement, PointToPoint):
+    """A group of ranks (an mpi4py communicator) with hand-written collectives."""
+
+    def __init__(self, comm=None, label=None):
+        self.mpi = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
+        self.label = label or ("world" if self.mpi == MPI.COMM_WORLD else f"comm{self.size}")
+        self._coll = self.mpi.Dup()          # context of the collectives' own messages
+        self._p2p = self.mpi.Dup()           # context of send/recv
+        self._tags = min(self._coll.Get_attr(MPI.TAG_UB) + 1, 1 << 20)
+        self._seq = 0
+        self._pool = Pool()
+        self._choices = {}                   # (collective, bytes) -> algorithm, for algo="auto"
+        debug, timeout, self._trace = env_flags()
+        self._checker = Checker(self.mpi, self.label, timeout) if (debug or timeout) else None
+        self._transport_cls = TracingTransport if self._trace else Transport
+        # direct.py's fast path: power-of-two size, no per-call checks or trace to honour
+        self._lane = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
+        self._dtypes = _CHECKED
+        self._plans, self._last = {}, {}     # direct.py's plans, and the last one of each kind
+        self._balanced = balanced
+        self._t = self._transport_cls(self._coll, self.rank, self.size, 0, True, None, np, self._pool)
+
+    def __repr__(self):
+        return f"Communicator({self.label!r}, rank={self.rank}, size={self.size})"
+
+    def split(self, color, key=None, label=None):
+        """Ranks passing the same color form a new Communicator, ordered by key (default: rank).
+        color=None: this rank joins none and gets None."""
+        c = self.mpi.Split(MPI.UNDEFINED if color is None else color, self.rank if key is None else key)
+        return None if c == MPI.COMM_NULL else Communicator(c, label)
+
+    # ---- the machinery every collective goes through -------------------------------------
+
+    def _begin(self, name, algo, nbytes, count, dtype, root=-1, op=None, xp=np, async_op=False):
+        """Check arrival/consistency (debug), choose the algorithm, make the call's transport."""
+        seq = self._seq
+        self._seq = seq + 1
+        if self._checker is not None:
+            self._checker.arrive(seq, name, count, dtype, root, op)
+        if algo == "auto":
+            key = (name, nbytes)
+            algo = self._choices.get(key)
+            if algo is None:
+                if len(self._choices) > 4096:
+                    self._choices.clear()
+                algo = self._choices[key] = cost.choose(name, self.size, nbytes)
+        elif algo not in _VALID[name]:
+            raise ValueError(f"{name}: unknown algo {algo!r}; choose from auto, mpi, "
+                             f"{', '.join(cost.algorithms(name))}")
+        tag = seq % self._tags
+        if async_op or self._trace or ACTIVE:     # in-flight handles: never block in MPI alone
+            t = self._transport_cls(self._coll, self.rank, self.size, tag, not (async_op or ACTIVE),
+                                    f"{name}/{algo}", xp, self._pool)
+        else:
+            t = self._t
+            t.tag, t.xp = tag, xp
+        return algo, t
+
+    def _go(self, gen, t, done, async_op):
+        if async_op:
+            return Handle(gen, done, t)
+        if ACTIVE:                                # keep the handles in flight moving meanwhile
+            return Handle(gen, done, t).wait()
+        try:
+            run(gen)
+            return done()
+        finally:
+            t.release()
+
+    @staticmethod
+    def _arrays(x, out, what):
+        """(xp, on_device, stage) for the call, after checking types and dtypes."""
+        if type(x) is np.ndarray and (out is None or type(out) is np.ndarray):   # the common case
+            if x.dtype not in _CHECKED:
+                _CHECKED.add(check_dtype(x.dtype))
+            if out is not None and out.dtype != x.dtype:
+                raise TypeError(f"{what}: out has dtype {out.dtype}, input has {x.dtype}")
+            return np, False, False
+        as_array(x, f"{what} input")
+        check_dtype(x.dtype)
+        if out is not None:
+            as_array(out, f"{what} output")
+            if out.dtype != x.dtype:
+                raise TypeError(f"{what}: out has dtype {out.dtype}, input has {x.dtype}")
+        dev, stage = staging(x, out)
+        xp = backend.get_array_module(x) if dev and not stage else np
+        return xp, dev, stage

@@ -1,0 +1,184 @@
+"""The short-message fast path: direct, blocking forms of the latency-optimal algorithms.
+
+A short collective costs a few microseconds of MPI time, so every Python statement on the
+way counts. For the common case (a blocking call on contiguous NumPy arrays, a
+power-of-two rank count, algo="auto" having picked recursive doubling or halving, no
+debug or trace flag) the Communicator hands the call to this module, which runs the
+algorithm as a plain loop of MPI_Sendrecv: no generator, handle, scratch pool or fold.
+Anything else returns None and takes the general path.
+
+Plans. A training loop reduces the same buffers every step, so the first call on given
+(input, output, op) checks everything and records a plan: the flat views, a scratch
+buffer and the ready-made message specs of every step (what MPI-4's persistent
+collectives, MPI_Allreduce_init, do explicitly). A repeat call only checks that the
+arrays are the same objects with the same dtype. A plan keeps its arrays alive; each
+communicator keeps at most PLANS of them, dropping the oldest.
+
+Sending from the input. An out-of-place all-gather must also copy its input into its own
+block of the output. Here (and in ring.py / recursive_doubling.py) the block is sent
+straight from the input and copied afterwards, instead of being copied first and sent
+from the output as MPICH does: on the development machine that was never slower and up
+to 2x faster between 128 KiB and 4 MiB (the peer's single-copy CMA read of the block
+does not follow a fresh write of it).
+
+The loops send exactly the messages, with the same tags, that recursive_doubling.py and
+rabenseifner.py send for these cases (below the segmenting threshold), so ranks on
+either path interoperate. Read the generator versions for the algorithms:
+
+    step d = 1, 2, 4, ... N/2: partner = rank XOR d
+    all-reduce      exchange everything, out = received op mine
+    all-gather      exchange the blocks of my group of d ranks for the partner group's
+    reduce-scatter  (d = N/2 ... 1) send the half the partner keeps, reduce the half I keep
+"""
+import numpy as np
+from .ops import AVG, OPS, finish
+
+MAX_BYTES = 1 << 20          # larger messages take the general path (pooled, segmented)
+PLANS = 16
+_OP = OPS.get
+_ndarray = np.ndarray
+
+
+class Plan:
+    """steps: (peer, send bytes, recv bytes, reduce args or None) for one Sendrecv each, or
+    (None, dst bytes, src bytes, None) for a local copy; bytes are memoryviews (the cheapest
+    message spec for mpi4py, and the cheapest copy)."""
+    __slots__ = ("x", "out", "op", "dtype", "steps", "ufunc", "avg", "result", "final")
+
+
+def _flat(a):
+    return a if a.ndim == 1 else a.reshape(-1)
+
+
+def _bytes(a):
+    """The raw bytes of a contiguous array, as a memoryview."""
+    return a.view(np.uint8).data
+
+
+def _disjoint(a, b):
+    ba, bb = a.base, b.base
+    return (a if ba is None else ba) is not (b if bb is None else bb) or not np.may_share_memory(a, b)
+
+
+def _usable(c, x, out, name, nbytes, algo):
+    return (type(x) is _ndarray and x.dtype in c._dtypes and x.flags.c_contiguous and x.size
+            and nbytes <= MAX_BYTES and c._choices.get((name, nbytes)) == algo
+            and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
+                                 and _disjoint(x, out))))
+
+
+def _remember(c, key, plan, x, out, op):
+    plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
+    if len(c._plans) >= PLANS:
+        del c._plans[next(iter(c._plans))]
+    c._plans[key] = c._last[key[-1]] = plan
+    return plan
+
+
+def _find(c, kind, x, out, op):
+    """The plan for these arrays: the last one of its kind, else by identity (None if none)."""
+    plan = c._last.get(kind)
+    if plan is None or plan.x is not x or plan.out is not out or plan.op is not op:
+        plan = c._plans.get((id(x), id(out), op, kind))
+        if plan is not None:
+            c._last[kind] = plan
+    if plan is not None and plan.dtype is not x.dtype:
+        return None
+    return plan
+
+
+def _run(c, plan):
+    """Execute a plan: per step a Sendrecv and (for reductions) a reduce, or a local copy."""
+    seq = c._seq
+    c._seq = seq + 1
+    tag, comm, ufunc = seq % c._tags, c._coll, plan.ufunc
+    for peer, send, recv, reduce_args in plan.steps:
+        if peer is None:
+            send[:] = recv
+            continue
+        comm.Sendrecv(send, peer, tag, recv, peer, tag)
+        if reduce_args is not None:
+            ufunc(*reduce_args)
+    if plan.avg:
+        finish(OPS[AVG], plan.final, c.size)
+    return plan.result
+
+
+def all_reduce(c, x, op, out):
+    """Communicator.all_reduce's fast path; None when it does not apply."""
+    plan = _find(c, "ar", x, out, op)
+    if plan is None:
+        rop = _OP(op)
+        if rop is None or type(x) is not _ndarray or (out is not None and out is not x and out.size != x.size) \
+                or not _usable(c, x, out, "all_reduce", x.nbytes, "recursive_doubling"):
+            return None
+        src = _flat(x)
+        buf = src if out is None or out is x else _flat(out)
+        tmp = np.empty_like(buf)
+        plan, steps, cur, d = Plan(), [], src, 1
+        while d < c.size:          # d = 1, 2, 4, ...: exchange with rank XOR d, buf = tmp op cur
+            steps.append((c.rank ^ d, _bytes(cur), _bytes(tmp), (tmp, cur, buf)))
+            cur, d = buf, d * 2
+        if c.size == 1 and buf is not src:
+            steps.append((None, _bytes(buf), _bytes(src), None))
+        plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
+        plan.result = x if out is None else out
+        plan = _remember(c, (id(x), id(out), op, "ar"), plan, x, out, op)
+    return _run(c, plan)
+
+
+def all_gather(c, x, out):
+    """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
+    plan = _find(c, "ag", x, out, None)
+    if plan is None:
+        if type(out) is not _ndarray or not _usable(c, x, out, "all_gather", out.nbytes, "recursive_doubling") \
+                or out.size != x.size * c.size:
+            return None
+        rank, k, buf = c.rank, x.size, _flat(out)
+        plan, steps, d = Plan(), [], 1
+        while d < c.size:          # exchange my group's d blocks for the partner group's
+            mine, theirs = (rank & ~(d - 1)) * k, ((rank ^ d) & ~(d - 1)) * k
+            steps.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]), None))
+            d *= 2
+        place = (None, _bytes(buf[rank * k:(rank + 1) * k]), _bytes(_flat(x)), None)
+        if steps:                  # step 1 sends the own block from the input; then it is placed
+            steps[0] = (steps[0][0], _bytes(_flat(x)), steps[0][2], None)
+        steps.insert(1, place)
+        plan.steps, plan.ufunc, plan.avg, plan.final = steps, None, False, None
+        plan.result = out
+        plan = _remember(c, (id(x), id(out), None, "ag"), plan, x, out, None)
+    return _run(c, plan)
+
+
+def reduce_scatter(c, x, op, out):
+    """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
+    plan = _find(c, "rs", x, out, op)
+    if plan is None:
+        rop = _OP(op)
+        if rop is None or type(x) is not _ndarray or \
+                not _usable(c, x, out, "reduce_scatter", x.nbytes, "recursive_halving"):
+            return None
+        size, rank = c.size, c.rank
+        counts, offs = c._balanced(x.size, size)
+        src = _flat(x)
+        if out is None:
+            work, dst = src, src[offs[rank]:offs[rank + 1]]
+        elif out.size == counts[rank]:
+            work, dst = (np.empty_like(src) if size > 2 else None), _flat(out)
+        else:
+            return None
+        plan, steps, cur, lo, hi, d = Plan(), [], src, 0, size, size // 2
+        while d:                   # keep the half my partner gives away, reduce it
+            mid = lo + d
+            keep, give = ((lo, mid), (mid, hi)) if rank < mid else ((mid, hi), (lo, mid))
+            ka, kb, ga, gb = offs[keep[0]], offs[keep[1]], offs[give[0]], offs[give[1]]
+            tmp = np.empty(kb - ka, src.dtype)
+            target = dst if d == 1 else work[ka:kb]
+            steps.append((rank ^ d, _bytes(cur[ga:gb]), _bytes(tmp), (tmp, cur[ka:kb], target)))
+            cur, (lo, hi), d = work, keep, d // 2
+        if size == 1 and out is not None:
+            steps.append((None, _bytes(dst), _bytes(src), None))
+        plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
+        plan.result = dst if out is None else out
+        plan = _remember(c, (id(x), id(out), op, "rs"), plan, x, out, op)
+    return _run(c, plan)

@@ -1,0 +1,98 @@
+"""Mesh(dp, pp, sp, tp): the process grid, one Communicator per parallel axis, built once.
+
+Axes: dp data parallel (and ZeRO), pp pipeline stages, sp sequence parallel (ring
+attention, Ulysses), tp tensor parallel. World ranks are laid out with tp varying fastest,
+then sp, then dp, then pp (Megatron-LM's order: the most talkative axis on the nearest
+ranks):
+
+    world = ((pp_rank * dp + dp_rank) * sp + sp_rank) * tp + tp_rank
+
+    Mesh(dp=2, pp=2, sp=1, tp=2), 8 ranks:
+        world  0 1 2 3 4 5 6 7
+        tp     0 1 0 1 0 1 0 1       tp groups {0,1} {2,3} {4,5} {6,7}
+        dp     0 0 1 1 0 0 1 1       dp groups {0,2} {1,3} {4,6} {5,7}
+        pp     0 0 0 0 1 1 1 1       pp groups {0,4} {1,5} {2,6} {3,7}
+
+Every axis `a` gives, on each rank (names carry their axis):
+    a_comm    the Communicator of this rank's group along a (ranks ordered by coordinate)
+    a_rank, a_size
+    a_prev, a_next            neighbour ranks in a_comm, None past either end (pipelines)
+    a_ring_prev, a_ring_next  the same, wrapping around (rings)
+    a_first, a_last           whether this rank is at either end of the axis
+The product dp * pp * sp * tp must equal the world size; otherwise every rank raises the
+same MeshError before any communication, so the job stops cleanly instead of hanging.
+"""
+from mpi4py import MPI
+
+from .communicator import Communicator
+
+AXES = ("pp", "dp", "sp", "tp")         # slowest to fastest varying
+
+
+class MeshError(ValueError):
+    """The mesh does not fit the job."""
+
+
+class Axis:
+    """One axis of the mesh as seen from this rank."""
+
+    def __init__(self, name, comm, world_ranks):
+        self.name, self.comm = name, comm
+        self.rank, self.size = comm.rank, comm.size
+        self.world_ranks = world_ranks          # world rank of each member, by axis rank
+        r, n = self.rank, self.size
+        self.prev = r - 1 if r > 0 else None
+        self.next = r + 1 if r < n - 1 else None
+        self.ring_prev, self.ring_next = (r - 1) % n, (r + 1) % n
+        self.first, self.last = r == 0, r == n - 1
+
+    def __repr__(self):
+        return f"Axis({self.name}, rank={self.rank}/{self.size}, world={self.world_ranks})"
+
+
+class Mesh:
+    def __init__(self, dp=1, pp=1, sp=1, tp=1, world=None):
+        if world is None or isinstance(world, MPI.Comm):
+            world = Communicator(world)
+        self.world = world
+        self.shape = {"dp": dp, "pp": pp, "sp": sp, "tp": tp}
+        for name, size in self.shape.items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise MeshError(f"Mesh: {name} must be a positive integer, got {size!r}")
+        product = dp * pp * sp * tp
+        if product != world.size:
+            raise MeshError(f"Mesh(dp={dp}, pp={pp}, sp={sp}, tp={tp}) needs dp*pp*sp*tp = {product} ranks, "
+                            f"but the job has {world.size}; launch with mpiexec -n {product} or change the "
+                            f"layout")
+        self.coords = self.coords_of(world.rank)
+        self.axes = {}
+        for name in AXES:
+            others = [self.coords[a] for a in AXES if a != name]
+            color = 0
+            for a, c in zip([a for a in AXES if a != name], others):
+                color = color * self.shape[a] + c
+            comm = world.split(color, key=self.coords[name], label=name)
+            members = [self.rank_of(**{**self.coords, name: i}) for i in range(self.shape[name])]
+            axis = Axis(name, comm, members)
+            self.axes[name] = axis
+            for attr in ("comm", "rank", "size", "prev", "next", "ring_prev", "ring_next", "first", "last"):
+                setattr(self, f"{name}_{attr}", getattr(axis, attr))
+
+    def rank_of(self, dp=0, pp=0, sp=0, tp=0):
+        """World rank at the given coordinates."""
+        s = self.shape
+        return ((pp * s["dp"] + dp) * s["sp"] + sp) * s["tp"] + tp
+
+    def coords_of(self, rank):
+        """{axis: coordinate} of a world rank."""
+        coords = {}
+        for name in reversed(AXES):
+            rank, coords[name] = divmod(rank, self.shape[name])
+        return {name: coords[name] for name in ("dp", "pp", "sp", "tp")}
+
+    def axis(self, name):
+        return self.axes[name]
+
+    def __repr__(self):
+        c = ", ".join(f"{a}={self.coords[a]}/{self.shape[a]}" for a in ("dp", "pp", "sp", "tp"))
+        return f"Mesh(rank {self.world.rank}: {c})"

@@ -1,0 +1,135 @@
+"""The data-movement collectives of a Communicator: all_gather, broadcast, all_to_all,
+barrier (a mixin; see communicator.py for the API conventions and the machinery).
+"""
+from functools import partial
+
+import numpy as np
+from mpi4py import MPI
+
+from engine import backend
+
+from . import alltoall, barrier as barrier_mod, bruck, direct, library, recursive_doubling, ring, tree
+from .buffers import check_counts, complete, flat_in, flat_out, is_block_of, offsets, overlaps, uniform
+from .transport import ACTIVE, Completed, Handle
+
+ALL_GATHER = {"ring": ring.all_gather, "recursive_doubling": recursive_doubling.all_gather,
+              "bruck": bruck.all_gather}
+
+
+class Movement:
+    """all_gather, broadcast, all_to_all, barrier (mixed into Communicator)."""
+
+    def all_gather(self, x, out=None, counts=None, algo="auto", async_op=False):
+        """Concatenate every rank's x (in rank order) on every rank."""
+        if self._lane and algo == "auto" and not async_op and out is not None and counts is None and not ACTIVE:
+            result = direct.all_gather(self, x, out)
+            if result is not None:
+                return result
+        xp, dev, stage = self._arrays(x, out, "all_gather")
+        n, r = self.size, self.rank
+        even = counts is None
+        if even:
+            counts, offs = uniform(x.size, n)
+        else:
+            counts = check_counts(counts, n, "all_gather counts")
+            if counts[r] != x.size:
+                raise ValueError(f"all_gather: counts[{r}] = {counts[r]} but this rank's input has {x.size} elements")
+            offs = offsets(counts)
+        if out is None:
+            shape = (n * x.shape[0],) + x.shape[1:] if even and x.ndim else (offs[n],)
+            out = backend.get_array_module(x).empty(shape, x.dtype)
+            in_place = False
+        else:
+            if out.size != offs[n]:
+                raise ValueError(f"all_gather: out has {out.size} elements, the gathered blocks {offs[n]}")
+            in_place = is_block_of(x, out, offs[r])
+            if not in_place and overlaps(x, out):
+                raise ValueError("all_gather: the input overlaps out without being this rank's block of it")
+        wbs = []
+        buf = flat_out(out, stage, wbs)
+        src = None if in_place else flat_in(x, stage)
+        algo, t = self._begin("all_gather", algo, out.nbytes, offs[n], x.dtype, -1, None, xp, async_op)
+        first = None
+        if algo != "mpi" and not in_place:
+            if algo != "bruck":
+                first = src                       # sent straight from the input (see direct.py)
+            else:
+                buf[offs[r]:offs[r + 1]] = src
+        done = partial(complete, None, None, n, wbs, out)
+        if offs[n] == 0:
+            return Completed(done()) if async_op else done()
+        if algo == "mpi":
+            gen = library.all_gather(t, src, buf, counts, offs, in_place)
+        else:
+            gen = ALL_GATHER[algo](t, buf, counts, offs) if first is None else \
+                ALL_GATHER[algo](t, buf, counts, offs, first)
+        return self._go(gen, t, done, async_op)
+
+    def broadcast(self, x, root=0, algo="auto", async_op=False):
+        """Copy root's x into x on every rank (in place)."""
+        xp, dev, stage = self._arrays(x, None, "broadcast")
+        wbs = []
+        buf = flat_out(x, stage, wbs)
+        algo, t = self._begin("broadcast", algo, x.nbytes, x.size, x.dtype, root, None, xp, async_op)
+
+        def done():
+            for w in wbs:
+                w()
+            return x
+        if x.size == 0:
+            return Completed(done()) if async_op else done()
+        gen = library.broadcast(t, buf, root) if algo == "mpi" else tree.broadcast(t, buf, root)
+        return self._go(gen, t, done, async_op)
+
+    def all_to_all(self, x, out=None, send_counts=None, recv_counts=None, algo="auto", async_op=False):
+        """Block j of x goes to rank j; block j of the output comes from rank j."""
+        xp, dev, stage = self._arrays(x, out, "all_to_all")
+        n = self.size
+        even = send_counts is None and recv_counts is None
+        if send_counts is None:
+            if x.size % n:
+                raise ValueError(f"all_to_all: {x.size} elements do not split into {n} equal blocks; "
+                                 "pass send_counts=")
+            send_counts = [x.size // n] * n
+        send_counts = check_counts(send_counts, n, "all_to_all send_counts")
+        if sum(send_counts) != x.size:
+            raise ValueError(f"all_to_all: send_counts sum to {sum(send_counts)}, input has {x.size}")
+        if recv_counts is None:
+            recv_counts = send_counts if even else self._exchange_counts(send_counts)
+        recv_counts = check_counts(recv_counts, n, "all_to_all recv_counts")
+        soffs, roffs = offsets(send_counts), offsets(recv_counts)
+        if out is None:
+            out = backend.get_array_module(x).empty(x.shape if even else (roffs[n],), x.dtype)
+        elif out.size != roffs[n]:
+            raise ValueError(f"all_to_all: out has {out.size} elements, expected {roffs[n]}")
+        wbs = []
+        src = flat_in(x, stage)
+        if overlaps(x, out):                       # in place: read from a copy of the input
+            src = src.copy()
+        buf = flat_out(out, stage, wbs)
+        algo, t = self._begin("all_to_all", algo, x.nbytes, x.size if even else -1, x.dtype, -1, None,
+                              xp, async_op)
+
+        def done():
+            for w in wbs:
+                w()
+            return out
+        lib = library.all_to_all if algo == "mpi" else alltoall.all_to_all
+        return self._go(lib(t, src, buf, send_counts, soffs, recv_counts, roffs), t, done, async_op)
+
+    def _exchange_counts(self, send_counts):
+        """Every rank tells every other how much it sends (small metadata, MPI_Alltoall)."""
+        s = np.asarray(send_counts, np.int64)
+        r = np.empty_like(s)
+        req = self._coll.Ialltoall([s, MPI.INT64_T], [r, MPI.INT64_T])
+
+        def steps():                               # waited through the progress engine
+            yield (req,)
+        Handle(steps()).wait()
+        return r.tolist()
+
+    def barrier(self, algo="auto", async_op=False):
+        """No rank leaves before every rank has arrived."""
+        algo, t = self._begin("barrier", algo, 0, 0, np.dtype(np.uint8), -1, None, np, async_op)
+        gen = library.barrier(t) if algo == "mpi" else barrier_mod.barrier(t)
+        return self._go(gen, t, lambda: None, async_op)

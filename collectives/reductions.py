@@ -1,0 +1,133 @@
+"""The reductions of a Communicator: all_reduce, reduce_scatter, reduce (a mixin; see
+communicator.py for the API conventions and the machinery: _arrays, _begin, _go).
+
+Each method: check and flatten the arrays (buffers.py), try the short-message fast path
+(direct.py), register the call (sequence number, debug signature, algorithm), then run
+the chosen algorithm's step generator blocking or as a Handle; `complete` divides for
+avg and copies temporaries back.
+"""
+from functools import partial
+
+from . import direct, library, rabenseifner, recursive_doubling, ring, tree
+from .buffers import balanced, check_counts, complete, flat_in, flat_out, is_block_of, offsets, overlaps
+from .ops import OPS, SUM, finish, reducer, resolve
+from .transport import ACTIVE, Completed
+
+_OP = OPS.get
+
+ALL_REDUCE = {"ring": lambda t, s, o, f: ring.all_reduce(t, s, o, *balanced(o.size, t.size), f),
+              "recursive_doubling": recursive_doubling.all_reduce,
+              "rabenseifner": rabenseifner.all_reduce, "tree": tree.all_reduce}
+REDUCE_SCATTER = {"ring": ring.reduce_scatter, "recursive_halving": rabenseifner.reduce_scatter}
+
+
+class Reductions:
+    """all_reduce, reduce_scatter, reduce (mixed into Communicator)."""
+
+    def all_reduce(self, x, op=SUM, out=None, algo="auto", async_op=False):
+        """Reduce x over all ranks; every rank gets the result (in x, or in out)."""
+        if self._lane and algo == "auto" and not async_op and not ACTIVE:
+            result = direct.all_reduce(self, x, op, out)
+            if result is not None:
+                return result
+        rop = _OP(op) or resolve(op)
+        xp, dev, stage = self._arrays(x, out, "all_reduce")
+        wbs = []
+        if out is None or out is x:
+            result = x
+            src = buf = flat_out(x, stage, wbs)
+        else:
+            if out.size != x.size:
+                raise ValueError(f"all_reduce: out has {out.size} elements, input has {x.size}")
+            if overlaps(x, out):
+                raise ValueError("all_reduce: out overlaps the input without being it")
+            result, src, buf = out, flat_in(x, stage), flat_out(out, stage, wbs)
+        algo, t = self._begin("all_reduce", algo, x.nbytes, x.size, x.dtype, -1, rop, xp, async_op)
+        n = self.size
+        done = partial(complete, rop, buf, n, wbs, result)
+        if x.size == 0:
+            return Completed(done()) if async_op else done()
+        if algo == "mpi":
+            gen = library.all_reduce(t, src, buf, rop)
+        else:
+            gen = ALL_REDUCE[algo](t, src, buf, reducer(rop, dev, not stage) if dev else rop.ufunc)
+        return self._go(gen, t, done, async_op)
+
+    def reduce_scatter(self, x, op=SUM, out=None, counts=None, algo="auto", async_op=False):
+        """Reduce x (all blocks) over all ranks; this rank gets block `rank` of the result."""
+        if self._lane and algo == "auto" and not async_op and counts is None and not ACTIVE:
+            result = direct.reduce_scatter(self, x, op, out)
+            if result is not None:
+                return result
+        rop = _OP(op) or resolve(op)
+        xp, dev, stage = self._arrays(x, out, "reduce_scatter")
+        n, r = self.size, self.rank
+        if counts is None:
+            counts, offs = balanced(x.size, n)
+        else:
+            counts = check_counts(counts, n, "reduce_scatter counts")
+            if sum(counts) != x.size:
+                raise ValueError(f"reduce_scatter: counts sum to {sum(counts)}, input has {x.size} elements")
+            offs = offsets(counts)
+        wbs = []
+        if out is None or (out.size == counts[r] and is_block_of(out, x, offs[r])):
+            if not x.flags.c_contiguous:
+                raise ValueError("reduce_scatter in place needs a contiguous input (its result is a view "
+                                 "of it); pass out= for a non-contiguous one")
+            src = work = flat_out(x, stage, wbs)
+            dst = src[offs[r]:offs[r + 1]]
+            result = dst if src is x else x.reshape(-1)[offs[r]:offs[r + 1]]
+        else:
+            if out.size != counts[r]:
+                raise ValueError(f"reduce_scatter: out has {out.size} elements, this rank's block has {counts[r]}")
+            if overlaps(x, out):
+                raise ValueError("reduce_scatter: out overlaps the input without being this rank's block")
+            src, work, dst, result = flat_in(x, stage), None, flat_out(out, stage, wbs), out
+        algo, t = self._begin("reduce_scatter", algo, x.nbytes, x.size, x.dtype, -1, rop, xp, async_op)
+        mpi_tmp = None
+        if algo == "mpi" and work is not None:          # MPI forbids aliased send/recv buffers
+            mpi_tmp = t.scratch(counts[r], x.dtype)
+            wbs.insert(0, partial(dst.__setitem__, Ellipsis, mpi_tmp))
+        done = partial(complete, rop, dst, n, wbs, result)
+        if x.size == 0:
+            return Completed(done()) if async_op else done()
+        if algo == "mpi":
+            gen = library.reduce_scatter(t, src, dst if mpi_tmp is None else mpi_tmp, counts, rop)
+        else:
+            gen = REDUCE_SCATTER[algo](t, src, work, dst, counts, offs, reducer(rop, dev, not stage))
+        return self._go(gen, t, done, async_op)
+
+    def reduce(self, x, root=0, op=SUM, out=None, algo="auto", async_op=False):
+        """Reduce x over all ranks into x (or out) on root. Returns the result on root, None elsewhere;
+        other ranks' x is left untouched."""
+        rop = resolve(op)
+        xp, dev, stage = self._arrays(x, out, "reduce")
+        is_root = self.rank == root
+        wbs = []
+        if is_root and (out is None or out is x):
+            result = x
+            src = acc = flat_out(x, stage, wbs)
+        elif is_root:
+            if out.size != x.size:
+                raise ValueError(f"reduce: out has {out.size} elements, input has {x.size}")
+            result, src, acc = out, flat_in(x, stage), flat_out(out, stage, wbs)
+        else:
+            result, src, acc = None, flat_in(x, stage), None
+        algo, t = self._begin("reduce", algo, x.nbytes, x.size, x.dtype, root, rop, xp, async_op)
+        n = self.size
+        if acc is None and algo != "mpi":
+            acc = t.scratch(x.size, x.dtype)
+
+        def done():
+            if is_root:
+                finish(rop, acc, n)
+            for w in wbs:
+                w()
+            return result
+        if x.size == 0:
+            return Completed(done()) if async_op else done()
+        if algo == "mpi":
+            gen = library.reduce(t, src, acc, root, rop)
+        else:
+            gen = tree.reduce(t, src, acc, root, reducer(rop, dev, not stage))
+        return self._go(gen, t, done, async_op)

@@ -1,0 +1,214 @@
+"""What an algorithm sees of a communicator, and how its steps are progressed.
+
+Every hand-written collective is a *generator of steps*: it posts non-blocking sends and
+receives and yields the list of requests it must see complete before its next step:
+
+    def all_gather(t, ...):              # t: Transport for this one call
+        ...
+        yield t.sendrecv(block, right, into, left)   # () when already done (blocking mode)
+        reduce(tmp, own, out)                        # runs once the step completed
+
+One algorithm text serves both forms of a collective:
+- blocking: `run(gen)` waits on each yielded list in turn (and `t.sendrecv` is a plain
+  MPI_Sendrecv, cheaper than Irecv + Isend + Waitall for the short messages where latency
+  counts);
+- non-blocking: `Handle(gen)` advances the generator from `test()` and `wait()`. No helper
+  thread: progress happens when the caller polls, like MPICH's own non-blocking collectives
+  without an async progress thread, and nothing is shared between threads. (MPICH grants
+  MPI_THREAD_MULTIPLE, but a progress thread would fight the training loop for the GIL and
+  a core, and would make every scratch buffer and reduction a cross-thread hand-off.)
+
+The progress engine. Ranks may complete their handles in different orders, and a rank
+blocked on one collective must still move the others forward, or two ranks can each wait
+for a step the other never posts. So every handle in flight is registered in ACTIVE, and
+waiting (Handle.wait, and a blocking collective started while handles are in flight) runs
+`progress`: advance every active handle, then MPI_Waitsome on all their pending requests.
+
+Messages of one call carry the call's tag (its sequence number on the communicator), so two
+collectives in flight at once, progressed in any order, never match each other's messages;
+within a call, messages between a pair of ranks match in posting order (MPI's
+non-overtaking rule), which every algorithm respects.
+
+ENGINE_TRACE=1 prints one line per message: rank, peer, operation, bytes.
+"""
+import sys
+
+from mpi4py import MPI
+
+BYTE = MPI.BYTE
+_SMALL_SCRATCH = 1 << 16          # below this many bytes a fresh np.empty is cheaper than the pool
+
+
+class Pool:
+    """Reusable scratch buffers (raw bytes) per array module, so large collectives neither
+    allocate nor page-fault on every call. Buffers are checked out per call and returned."""
+
+    def __init__(self):
+        self.free = {}             # module name -> list of 1-D uint8 arrays
+
+    def take(self, xp, nbytes):
+        free = self.free.setdefault(xp.__name__, [])
+        best = None
+        for i, b in enumerate(free):
+            if b.nbytes >= nbytes and (best is None or b.nbytes < free[best].nbytes):
+                best = i
+        if best is not None:
+            return free.pop(best)
+        return xp.empty(nbytes, dtype=xp.uint8)
+
+    def give(self, xp, buf, keep=8):
+        free = self.free.setdefault(xp.__name__, [])
+        free.append(buf)
+        if len(free) > keep:                     # forget the smallest beyond `keep` buffers
+            del free[min(range(len(free)), key=lambda i: free[i].nbytes)]
+
+
+class Transport:
+    """One collective call's view: rank, size, tagged byte moves, scratch buffers."""
+    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held")
+
+    def __init__(self, comm, rank, size, tag, blocking, label, xp, pool):
+        self.comm, self.rank, self.size, self.tag = comm, rank, size, tag
+        self.blocking, self.label, self.xp, self.pool = blocking, label, xp, pool
+        self._held = None
+
+    def isend(self, buf, dest):
+        return self.comm.Isend([buf, BYTE], dest, self.tag)
+
+    def irecv(self, buf, source):
+        return self.comm.Irecv([buf, BYTE], source, self.tag)
+
+    def sendrecv(self, sbuf, dest, rbuf, source):
+        """Send sbuf to dest while receiving rbuf from source; returns the requests to wait on
+        (none in blocking mode, where it is one MPI_Sendrecv)."""
+        if self.blocking:
+            self.comm.Sendrecv([sbuf, BYTE], dest, self.tag, [rbuf, BYTE], source, self.tag)
+            return ()
+        return (self.comm.Irecv([rbuf, BYTE], source, self.tag),
+                self.comm.Isend([sbuf, BYTE], dest, self.tag))
+
+    def scratch(self, n, dtype):
+        """A 1-D scratch array of n elements, valid until the call completes."""
+        nbytes = n * dtype.itemsize
+        if nbytes < _SMALL_SCRATCH:
+            return self.xp.empty(n, dtype=dtype)
+        raw = self.pool.take(self.xp, nbytes)
+        if self._held is None:
+            self._held = []
+        self._held.append(raw)
+        return raw[:nbytes].view(dtype)
+
+    def release(self):
+        if self._held:
+            for raw in self._held:
+                self.pool.give(self.xp, raw)
+            self._held = None
+
+
+class TracingTransport(Transport):
+    """Transport that prints `[trace] rank R -> P op label bytes` for every message."""
+    __slots__ = ()
+
+    def _log(self, arrow, peer, what, nbytes):
+        print(f"[trace] rank {self.rank} {arrow} {peer} {what} {self.label} tag={self.tag} {nbytes} B",
+              file=sys.stderr, flush=True)
+
+    def isend(self, buf, dest):
+        self._log("->", dest, "isend", buf.nbytes)
+        return Transport.isend(self, buf, dest)
+
+    def irecv(self, buf, source):
+        self._log("<-", source, "irecv", buf.nbytes)
+        return Transport.irecv(self, buf, source)
+
+    def sendrecv(self, sbuf, dest, rbuf, source):
+        self._log("->", dest, "send", sbuf.nbytes)
+        self._log("<-", source, "recv", rbuf.nbytes)
+        return Transport.sendrecv(self, sbuf, dest, rbuf, source)
+
+
+ACTIVE = []          # handles in flight in this process, oldest first
+
+
+def run(gen):
+    """Drive a step generator to completion, blocking on each step's requests (only when no
+    handle is in flight: otherwise wrap it in a Handle and wait, see the docstring)."""
+    waitall = MPI.Request.Waitall
+    for reqs in gen:
+        if reqs:
+            waitall(reqs)
+
+
+def progress(block=False):
+    """Advance every handle in flight; with block=True first wait until a request completes."""
+    if block:
+        pending = [q for h in ACTIVE for q in h._reqs if q]
+        if pending:
+            MPI.Request.Waitsome(pending)
+    for h in list(ACTIVE):
+        h._advance(block=False)
+
+
+class Handle:
+    """A collective in flight. `test()` advances it without blocking and says whether it is
+    done; `wait()` finishes it and returns its result (the output array, or None)."""
+
+    def __init__(self, gen, finish=None, transport=None):
+        self._gen, self._finish, self._t = gen, finish, transport
+        self._reqs = ()
+        self._result = None
+        self.done = False
+        ACTIVE.append(self)
+        self._advance(block=False)
+
+    def _complete(self):
+        self.done = True
+        self._gen = None
+        ACTIVE.remove(self)
+        try:
+            if self._finish is not None:
+                self._result = self._finish()
+        finally:
+            if self._t is not None:
+                self._t.release()
+
+    def _advance(self, block):
+        while not self.done:
+            if self._reqs:
+                if block and len(ACTIVE) == 1:
+                    MPI.Request.Waitall(self._reqs)
+                elif not MPI.Request.Testall(self._reqs):
+                    if not block:
+                        return False
+                    progress(block=True)
+                    continue
+            try:
+                self._reqs = next(self._gen)
+            except StopIteration:
+                self._reqs = ()
+                self._complete()
+        return True
+
+    def test(self):
+        """Advance every handle in flight without blocking; whether this one is done."""
+        progress(block=False)
+        return self.done
+
+    def wait(self):
+        self._advance(block=True)
+        return self._result
+
+    is_completed = test   # torch.distributed.Work name
+
+
+class Completed(Handle):
+    """The handle of work that finished at once (e.g. a collective over zero elements)."""
+
+    def __init__(self, result=None):
+        self._gen = self._finish = self._t = None
+        self._reqs, self._result, self.done = (), result, True
+
+
+def wait_all(handles):
+    """Wait for every handle; returns their results in order."""
+    return [h.wait() for h in handles]

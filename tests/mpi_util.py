@@ -1,0 +1,41 @@
+"""Run a script under mpiexec from pytest: run_mpi(n, script, *args, timeout=..., env=...).
+
+mpiexec is the one installed next to the running Python (the venv's MPICH wheel), falling
+back to the one on PATH; the repository root is put on PYTHONPATH so workers import the
+project without installing it. Returns the subprocess.CompletedProcess (text output).
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "mpi_workers")
+
+
+def mpiexec():
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.path.exists(here) else (shutil.which("mpiexec") or "mpiexec")
+
+
+def run_mpi(n, script, *args, timeout=120, env=None):
+    """mpiexec -n n python script args... (script relative to tests/mpi_workers/, absolute, or
+    "-m package.module" to run a module)."""
+    if script.startswith("-m "):
+        script, args = "-m", (script[3:], *args)
+    elif not os.path.isabs(script):
+        script = os.path.join(WORKERS, script)
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, full_env.get("PYTHONPATH")) if p)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    for key in ("ENGINE_COMM_DEBUG", "ENGINE_COMM_TIMEOUT", "ENGINE_TRACE"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    cmd = [mpiexec(), "-n", str(n), sys.executable, script, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def describe(proc):
+    """The tail of a finished process's output, for assertion messages."""
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"

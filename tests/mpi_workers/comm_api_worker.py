@@ -1,0 +1,194 @@
+"""The Communicator's API beyond the algorithm matrix, in one launch:
+
+- non-blocking collectives (async_op=True) of every algorithm, several in flight at once and
+  completed in a different order on different ranks (tags keep them apart), with test()
+  polling;
+- repeated calls on the same arrays (the direct fast path and its plans);
+- non-contiguous and multi-dimensional arrays, in place and out of place;
+- argument errors; point-to-point send/recv/sendrecv/isend/irecv (bfloat16 too); split.
+
+    mpiexec -n N python tests/mpi_workers/comm_api_worker.py
+(collectives_worker.py also runs it, so pytest needs one launch per rank count)
+"""
+import numpy as np
+from mpi4py import MPI
+
+from collectives import Communicator, cost, wait_all
+from engine.backend import bfloat16
+
+comm = Communicator()
+N, R = comm.size, comm.rank
+failures = []
+
+
+def expect(cond, msg):
+    if not cond:
+        failures.append(msg)
+        print(f"[rank {R}] FAIL {msg}", flush=True)
+
+
+def rank_data(count, dtype=np.float64, salt=0):
+    return (np.arange(count) * (R + 1 + salt) % 17 - 8).astype(dtype)
+
+
+def summed(count, dtype=np.float64, salt=0):
+    return sum((np.arange(count) * (k + 1 + salt) % 17 - 8) for k in range(N)).astype(dtype)
+
+
+def test_nonblocking():
+    for count in (0, 1, 37, 3001):
+        handles, wants = [], []
+        for i, algo in enumerate(["auto", "mpi", *cost.algorithms("all_reduce")]):
+            x = rank_data(count, salt=i)
+            handles.append(comm.all_reduce(x, algo=algo, async_op=True))
+            wants.append((f"all_reduce {algo} count={count}", summed(count, salt=i)))
+        for algo in ["auto", "mpi", *cost.algorithms("all_gather")]:
+            x = rank_data(count)
+            handles.append(comm.all_gather(x, algo=algo, async_op=True))
+            wants.append((f"all_gather {algo} count={count}",
+                          np.concatenate([(np.arange(count) * (k + 1) % 17 - 8) for k in range(N)])))
+        for algo in ["auto", "mpi", *cost.algorithms("reduce_scatter")]:
+            x = rank_data(count * N + 1, salt=5)
+            h = comm.reduce_scatter(x, algo=algo, async_op=True)
+            full = summed(count * N + 1, salt=5)
+            c = [(count * N + 1) // N + (1 if k < (count * N + 1) % N else 0) for k in range(N)]
+            handles.append(h)
+            wants.append((f"reduce_scatter {algo} count={count}", full[sum(c[:R]):sum(c[:R + 1])]))
+        for algo in ["mpi", "tree"]:
+            b = np.arange(count, dtype=np.float64) if R == N - 1 else np.zeros(count)
+            handles.append(comm.broadcast(b, root=N - 1, algo=algo, async_op=True))
+            wants.append((f"broadcast {algo}", np.arange(count, dtype=np.float64)))
+        handles.append(comm.barrier(async_op=True))
+        wants.append(("barrier", None))
+        order = list(range(len(handles)))
+        if R % 2:
+            order.reverse()                      # complete in a different order on odd ranks
+        for _ in range(3):
+            for k in order:
+                handles[k].test()
+        for k in order:
+            got = handles[k].wait()
+            name, want = wants[k]
+            expect(want is None or np.array_equal(got, want), f"non-blocking {name}: {got} != {want}")
+        expect(all(h.done for h in handles), "handles not done after wait")
+    x = np.ones(5)
+    h = comm.all_reduce(x, async_op=True)
+    while not h.test():
+        pass
+    expect(np.all(x == N) and wait_all([h])[0] is x, "polling test() until done")
+
+
+def test_repeated():
+    """The fast path replays a plan: fresh values every call, in and out of place."""
+    for count in (1, 5, 1000):
+        x, out = np.empty(count), np.empty(count)
+        g_in, g_out = np.empty(count), np.empty(count * N)
+        rs_in, rs_out = np.empty(count * N), np.empty(count)
+        for step in range(4):
+            x[:] = rank_data(count, salt=step)
+            comm.all_reduce(x, out=out)
+            expect(np.array_equal(out, summed(count, salt=step)), f"repeated all_reduce out step {step}")
+            comm.all_reduce(x, op="avg")
+            expect(np.allclose(x, summed(count, salt=step) / N), f"repeated all_reduce avg step {step}")
+            g_in[:] = rank_data(count, salt=step)
+            comm.all_gather(g_in, out=g_out)
+            want = np.concatenate([(np.arange(count) * (k + 1 + step) % 17 - 8) for k in range(N)])
+            expect(np.array_equal(g_out, want), f"repeated all_gather step {step}")
+            rs_in[:] = rank_data(count * N, salt=step)
+            comm.reduce_scatter(rs_in, out=rs_out, op="max")
+            full = np.max([(np.arange(count * N) * (k + 1 + step) % 17 - 8) for k in range(N)], axis=0)
+            expect(np.array_equal(rs_out, full[R * count:(R + 1) * count]), f"repeated reduce_scatter step {step}")
+            rs_in[:] = rank_data(count * N, salt=step)
+            res = comm.reduce_scatter(rs_in)
+            expect(np.array_equal(res, summed(count * N, salt=step)[R * count:(R + 1) * count]),
+                   f"repeated reduce_scatter in place step {step}")
+
+
+def test_layouts():
+    big = np.zeros((6, 2 * N + 3))
+    view = big[:, ::2]                                   # non-contiguous
+    view[...] = R + 1
+    comm.all_reduce(view)
+    expect(np.all(view == N * (N + 1) / 2) and np.all(big[:, 1::2] == 0), "all_reduce of a strided view")
+    out = np.zeros((N * 6, 2 * N + 3))[:, ::2]
+    comm.all_gather(np.full((6, view.shape[1]), float(R)), out=out)
+    expect(all(np.all(out[6 * k:6 * k + 6] == k) for k in range(N)), "all_gather into a strided out")
+    m = np.full((3, 4, 5), R, np.float32)
+    g = comm.all_gather(m)
+    expect(g.shape == (3 * N, 4, 5) and all(np.all(g[3 * k:3 * k + 3] == k) for k in range(N)),
+           "all_gather of a 3-D array concatenates along axis 0")
+    a = np.full((4, 3), R, np.int64)
+    r = comm.reduce_scatter(np.ascontiguousarray(np.broadcast_to(np.arange(N * 2.0), (3, N * 2)).T),
+                            out=np.empty((2, 3)))
+    expect(np.array_equal(r, np.broadcast_to(N * np.arange(2.0 * R, 2.0 * R + 2)[:, None], (2, 3))),
+           "reduce_scatter of a 2-D array splits the flattened array")
+    comm.broadcast(a[:, 1], root=0)                       # strided, in place
+    expect(np.all(a[:, 1] == 0) and np.all(a[:, 0] == R), "broadcast of a strided column")
+    y = np.arange(N * 3.0) + 10 * R
+    t = comm.all_to_all(y.reshape(N, 3))
+    expect(t.shape == (N, 3) and np.array_equal(t[:, 0], 10 * np.arange(N) + 3 * R), "all_to_all 2-D")
+
+
+def test_errors():
+    def raises(exc, fn, what):
+        try:
+            fn()
+        except exc:
+            return
+        expect(False, f"expected {exc.__name__}: {what}")
+    raises(ValueError, lambda: comm.all_reduce(np.ones(3), out=np.ones(4)), "out size")
+    raises(TypeError, lambda: comm.all_reduce(np.ones(3), out=np.ones(3, np.float32)), "out dtype")
+    raises(ValueError, lambda: comm.all_reduce(np.ones(3), op="mean"), "unknown op")
+    raises(ValueError, lambda: comm.all_reduce(np.ones(3), algo="nccl"), "unknown algo")
+    raises(TypeError, lambda: comm.all_reduce([1.0, 2.0]), "a list is not an array")
+    raises(TypeError, lambda: comm.all_reduce(np.array(["a"])), "string dtype")
+    x = np.ones(8)
+    raises(ValueError, lambda: comm.all_reduce(x[:6], out=x[2:]), "overlapping out")
+    raises(ValueError, lambda: comm.reduce_scatter(np.ones((4, 4 * N))[:, ::2]), "in-place strided reduce_scatter")
+    raises(ValueError, lambda: comm.all_gather(np.ones(2), counts=[1] * N), "counts[rank] != size")
+    if N > 1:
+        raises(ValueError, lambda: comm.all_to_all(np.ones(N + 1)), "indivisible all_to_all")
+
+
+def test_p2p_and_split():
+    if N > 1:
+        right, left = (R + 1) % N, (R - 1) % N
+        x = np.arange(4, dtype=bfloat16()) + R
+        got = comm.sendrecv(x, right, recv_from=left)
+        expect(got.dtype == x.dtype and np.array_equal(got, np.arange(4, dtype=bfloat16()) + left), "sendrecv bf16")
+        h = comm.irecv(np.empty(3, np.int32), left, tag=5)
+        s = comm.isend(np.full(3, R, np.int32), right, tag=5)
+        expect(np.all(h.wait() == left) and s.wait() is None, "isend/irecv")
+        if R == 0:
+            comm.send(np.full(2, 42.0), 1, tag=1)
+        if R == (N - 1 if N > 2 else 0):
+            comm.send(np.full(2, 43.0), 1, tag=2)
+        if R == 1:
+            expect(np.all(comm.recv(np.empty(2), 0, tag=1) == 42.0), "send/recv")
+            expect(np.all(comm.recv(np.empty(2), tag=2) == 43.0), "recv from any source")
+        col = np.zeros((3, 2))
+        if R == 0:
+            comm.send(np.arange(3.0), N - 1, tag=3)
+        if R == N - 1:
+            comm.recv(col[:, 1], 0, tag=3)
+            expect(np.array_equal(col[:, 1], np.arange(3.0)), "recv into a strided view")
+    sub = comm.split(R % 2)
+    expect(sub.size == (N + 1 - R % 2) // 2 and sub.rank == R // 2, "split sizes")
+    v = np.full(3, float(R))
+    sub.all_reduce(v)
+    expect(np.all(v == sum(k for k in range(N) if k % 2 == R % 2)), "all_reduce on a split communicator")
+    expect(comm.split(None) is None, "split(None) gives None")
+
+
+def run():
+    """Run every test here; returns the number of failures over all ranks."""
+    for test in (test_nonblocking, test_repeated, test_layouts, test_errors, test_p2p_and_split):
+        test()
+    bad = MPI.COMM_WORLD.allreduce(len(failures))
+    if R == 0:
+        print(f"comm api N={N}: {bad} failures over all ranks", flush=True)
+    return bad
+
+
+if __name__ == "__main__":
+    raise SystemExit(1 if run() else 0)
