@@ -1,0 +1,210 @@
+"""Collective benchmark: every hand-written algorithm against the MPI library's own.
+
+    mpiexec -n 2 python -m bench.collectives
+    mpiexec -n 4 python -m bench.collectives --op all_reduce --sizes 8B:64MB --json ar.json --plot ar.png
+    mpiexec -n 8 python -m bench.collectives --op all_gather --algo ring,bruck,mpi --sizes 1KB:1MB
+
+An OSU-style sweep (osu_allreduce & co.: warm-up, iterations scaled by size and capped by
+--round-seconds, each one timed
+between barriers, min/avg/max over ranks) printed with nccl-tests' columns (Jeaugey,
+nccl-tests PERFORMANCE.md): algbw = bytes / time and
+
+    busbw = algbw * 2(n-1)/n   all_reduce
+            algbw * (n-1)/n    reduce_scatter, all_gather, all_to_all (bytes = the whole vector)
+            algbw              broadcast, reduce
+
+the per-link bandwidth an optimal algorithm needs, comparable with the hardware's.
+Every algorithm of an op, algo="auto" and the library's own (algo="mpi", called directly
+through mpi4py, the call a user would make instead) run in the same launch, interleaved
+round by round so background load hits them alike; time_us is the median over rounds of
+each round's mean (rank-averaged), and vs_mpi the busbw ratio to the library at that size.
+
+Beside each measurement: the time the alpha-beta-gamma model (collectives/cost.py)
+predicts with alpha, beta, gamma fitted in this launch (a Sendrecv ping-pong sweep and an
+np.add sweep, least squares on relative error), and as the ceiling, the memory-copy and add
+bandwidth of this machine measured with all ranks running at once. --json writes
+{"meta": ..., "rows": [...]} (rows: op, algo, ranks, bytes, time_us, algbw_GBps,
+busbw_GBps, ...); --plot draws busbw against size, one line per algorithm and the library.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from bench.collectives_setup import BUSBW, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
+from collectives import Communicator, cost
+
+OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
+
+
+def time_batch(world, fn, iters):
+    """Mean seconds of `iters` calls of fn, each timed alone between barriers (OSU style)."""
+    total = 0.0
+    for _ in range(iters):
+        world.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    return total / iters
+
+
+def sweep(comm, op, algos, sizes, args):
+    """Rows for one collective: every size, every algorithm interleaved round by round."""
+    world, n = comm.mpi, comm.size
+    rows = []
+    for nbytes in sizes:
+        case = Case(comm, op, nbytes, np.dtype(args.dtype), args.inplace)
+        if case.nbytes == 0 and nbytes > 0:
+            continue
+        fns = {algo: case.runner(algo) for algo in algos}
+        iters = int(min(args.max_iters, max(args.min_iters, args.budget // max(case.nbytes, 1))))
+        t0 = time.perf_counter()
+        for fn in fns.values():                          # warm-up (plans, pools, pages)
+            for _ in range(max(2, iters // 10)):
+                world.Barrier()
+                fn()
+        per_call = world.allreduce((time.perf_counter() - t0) / len(fns) / max(2, iters // 10), op=MPI.MAX)
+        iters = int(max(args.min_iters, min(iters, args.round_seconds / per_call)))   # same on every rank
+        per_round = {algo: [] for algo in algos}
+        for _ in range(args.rounds):
+            for algo, fn in fns.items():
+                per_round[algo].append(time_batch(world, fn, iters))
+        for algo in algos:
+            mine = float(np.median(per_round[algo]))
+            lo, hi = world.allreduce(mine, op=MPI.MIN), world.allreduce(mine, op=MPI.MAX)
+            avg = world.allreduce(mine) / n
+            algbw = case.nbytes / avg / 1e9 if avg > 0 else 0.0
+            chosen = cost.choose(op, n, case.nbytes) if algo == "auto" else algo
+            rows.append(dict(op=op, algo=algo, chosen=chosen, ranks=n, bytes=case.nbytes, count=case.count,
+                             dtype=args.dtype, inplace=args.inplace, iters=iters * args.rounds,
+                             time_us=avg * 1e6, min_us=lo * 1e6, max_us=hi * 1e6, algbw_GBps=algbw,
+                             busbw_GBps=algbw * BUSBW[op](n), model_us=None))
+    base = {r["bytes"]: r for r in rows if r["algo"] == "mpi"}
+    for r in rows:
+        b = base.get(r["bytes"])
+        r["vs_mpi"] = (b["time_us"] / r["time_us"]) if b and r["time_us"] > 0 else None
+    return rows
+
+
+def print_table(op, rows, n):
+    print(f"\n# {op}   busbw = algbw x {BUSBW[op](n):.3f}   vs_mpi = busbw / busbw(mpi) at the same size")
+    print(f"# {'bytes':>10} {'count':>10}  {'algo':<22} {'time_us':>10} {'min_us':>10} {'max_us':>10} "
+          f"{'algbw':>7} {'busbw':>7} {'model_us':>10} {'vs_mpi':>6}")
+    for r in rows:
+        algo = r["algo"] if r["algo"] != "auto" else f"auto({r['chosen']})"
+        model = f"{r['model_us']:10.1f}" if r["model_us"] is not None else f"{'-':>10}"
+        ratio = f"{r['vs_mpi']:6.2f}" if r["vs_mpi"] is not None else f"{'-':>6}"
+        print(f"  {r['bytes']:>10} {r['count']:>10}  {algo:<22} {r['time_us']:10.1f} {r['min_us']:10.1f} "
+              f"{r['max_us']:10.1f} {r['algbw_GBps']:7.3f} {r['busbw_GBps']:7.3f} {model} {ratio}")
+    sys.stdout.flush()
+
+
+def goal_summary(rows):
+    """The issue's goal at N=2: auto >= 1.0x mpi busbw from 64 KiB, <= 1.5x its latency at <= 4 KiB."""
+    lines = []
+    for op in ("all_reduce", "reduce_scatter", "all_gather"):
+        auto = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "auto"}
+        mpi = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "mpi"}
+        big = [auto[b]["vs_mpi"] for b in auto if b >= 65536 and b in mpi]
+        small = [auto[b]["time_us"] / mpi[b]["time_us"] for b in auto if 0 < b <= 4096 and b in mpi]
+        if big or small:
+            lines.append(f"# {op:<15} auto vs mpi: busbw ratio >= 64 KiB min {min(big, default=float('nan')):.2f} "
+                         f"(goal >= 1.0); latency ratio <= 4 KiB max {max(small, default=float('nan')):.2f} "
+                         f"(goal <= 1.5)")
+    return lines
+
+
+def plot(path, rows, meta):
+    import matplotlib                  # lazily: only --plot needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        for algo in dict.fromkeys(r["algo"] for r in rows if r["op"] == op):
+            pts = [(r["bytes"], r["busbw_GBps"]) for r in rows if r["op"] == op and r["algo"] == algo]
+            style = dict(color="black", linestyle="--", linewidth=2) if algo == "mpi" else {}
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=algo if algo != "mpi" else "mpi (library)", **style)
+        for name, key in (("memcpy", "memcpy_GBps"), ("add", "add_GBps")):
+            ax.axhline(meta[key], color="grey", linestyle=":", linewidth=1)
+            ax.text(rows[0]["bytes"], meta[key], f" {name} ceiling", va="bottom", fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes")
+        ax.set_ylabel("busbw (GB/s)")
+        ax.set_title(f"{op}, {meta['ranks']} ranks")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", default="all_reduce,reduce_scatter,all_gather",
+                   help=f"comma-separated from {', '.join(OPS)}, or 'all'")
+    p.add_argument("--algo", default=None, help="comma-separated algorithms (default: all of the op's, auto, mpi)")
+    p.add_argument("--sizes", default="8B:64MB", help="START:END in B/KB/MB/GB (powers of 1024), doubling")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--inplace", action="store_true", help="in-place forms (MPI_IN_PLACE for the library)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size (median reported)")
+    p.add_argument("--budget", type=float, default=32 << 20, help="bytes per round per algorithm")
+    p.add_argument("--round-seconds", type=float, default=0.05,
+                   help="cap on the time of one algorithm's batch per round (iterations shrink to fit)")
+    p.add_argument("--min-iters", type=int, default=2)
+    p.add_argument("--max-iters", type=int, default=200)
+    p.add_argument("--json", help="write the rows and metadata as JSON")
+    p.add_argument("--plot", help="write busbw vs size as a PNG (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    comm = Communicator()
+    n, rank = comm.size, comm.rank
+    ops = OPS if args.op == "all" else tuple(args.op.split(","))
+    sizes = parse_sizes(args.sizes)
+    ceiling = measure_ceiling(comm, min(max(sizes), 64 << 20))
+    raw, raw_note = fit_model(comm, max(sizes))
+    rows = []
+    for op in ops:
+        algos = args.algo.split(",") if args.algo else ["auto", *cost.algorithms(op), "mpi"]
+        rows += sweep(comm, op, algos, sizes, args)
+        if rank == 0:
+            print(f"# {op} done", file=sys.stderr, flush=True)
+    abg = fit_rows(rows, n)
+    for r in rows:
+        if r["algo"] != "mpi":
+            r["model_us"] = cost.predict(r["op"], r["chosen"], n, r["bytes"], abg) * 1e6
+    meta = dict(ranks=n, mpi=MPI.Get_library_version().splitlines()[0].strip(), numpy=np.__version__,
+                python=platform.python_version(), dtype=args.dtype, inplace=args.inplace,
+                alpha_us=abg[0] * 1e6, beta_ns_per_B=abg[1] * 1e9, gamma_ns_per_B=abg[2] * 1e9,
+                sendrecv_alpha_us=raw[0] * 1e6, sendrecv_beta_ns_per_B=raw[1] * 1e9,
+                add_gamma_ns_per_B=raw[2] * 1e9, auto_params=cost.params(), **ceiling)
+    if rank == 0:
+        def abg_text(a, b, g):
+            bw = lambda x: f"{1 / x / 1e9:.2f} GB/s" if x > 0 else "-"
+            return f"alpha {a * 1e6:.2f} us, beta {b * 1e9:.3f} ns/B ({bw(b)}), gamma {g * 1e9:.3f} ns/B ({bw(g)})"
+        print(f"# bench.collectives: {n} ranks, {meta['mpi']}, numpy {meta['numpy']}, {args.dtype}, "
+              f"{'in place' if args.inplace else 'out of place'}, {args.rounds} interleaved rounds per size")
+        print(f"# ceiling, every rank at once over {ceiling['ceiling_bytes'] >> 20} MiB: memcpy "
+              f"{ceiling['memcpy_GBps']:.2f} GB/s, add (c = a + b) {ceiling['add_GBps']:.2f} GB/s per rank")
+        print(f"# model fitted to the hand-written algorithms' times (model_us): {abg_text(*abg)}")
+        print(f"#   to make algo=auto use it: ENGINE_COMM_COST={abg[0]:.3g},{abg[1]:.3g},{abg[2]:.3g} "
+              f"(now {','.join(f'{v:.3g}' for v in cost.params())})")
+        print(f"# raw library and memory ({raw_note}): {abg_text(*raw)}")
+        for op in ops:
+            print_table(op, [r for r in rows if r["op"] == op], n)
+        if n == 2:
+            print("\n" + "\n".join(goal_summary(rows)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        if args.plot:
+            plot(args.plot, rows, meta)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""bench/train_step.py runs end to end (two steps per side) and writes the JSON keys it promises."""
+import json
+
+import pytest
+
+from bench import train_step
+
+
+def test_bench_train_step_smoke(tmp_path, capsys):
+    pytest.importorskip("torch", reason="the benchmark's baseline is PyTorch (pip install -e .[test])")
+    data = tmp_path / "tiny.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 40)
+    out = tmp_path / "bench.json"
+    rc = train_step.main(["--data", str(data), "--steps", "1", "--warmup", "1", "--block", "1",
+                          "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["engine_ms_per_step"] > 0 and result["torch_ms_per_step"] > 0
+    assert result["ratio"] == pytest.approx(result["engine_ms_per_step"] / result["torch_ms_per_step"])
+    first = result["first_loss"]
+    assert first["engine"] == pytest.approx(first["torch"], abs=1e-4)   # the same function, same weights
+    assert "ratio engine/torch" in capsys.readouterr().out
