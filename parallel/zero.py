@@ -1,0 +1,236 @@
+"""ZeRO stages 0-3 over the data-parallel axis (Rajbhandari et al. 2019, "ZeRO: Memory
+Optimizations Toward Training Trillion Parameter Models", arXiv 1910.02054).
+
+One engine for every data-parallel run, a single process included (N = 1, stage 0). The
+flat buffers (engine/flat.py) are padded to N equal shards; rank r owns [r S, (r+1) S).
+Model-state bytes per rank, float32 AdamW, P parameters (section 5 of the paper, with
+float32 in place of its 2 + 2 + 12 bytes of mixed precision):
+
+    stage  params  grads  m, v       per rank          communication per step
+    0      full    full   full       16P               all-reduce grads (bucketed, in backward)
+    1      full    full   shard      8P + 8P/N         reduce-scatter grads, all-gather params
+    2      full    shard  shard      4P + 12P/N        bucketed reduce-scatter in backward; all-gather
+    3      shard   shard  shard      16P/N + layers    per-layer all-gather in forward and again in
+                                                       backward (parallel/fsdp.py); reduce-scatter
+
+Step, any stage:  grads averaged over ``comm`` (parallel/data.py) -> global grad norm (sum
+of squares of each rank's shard, all-reduced) -> clip -> AdamW on the owned shard (the
+update is elementwise, so on a shard it equals the full update bit for bit) -> stages 1-2
+all-gather the updated shards into the replicated parameters. Stage 0 keeps the full AdamW
+state and updates the full buffer on every rank (classic DDP).
+
+    eng = ZeroEngine(model, comm, stage=2, lr=1e-3, weight_decay=0.1)
+    loss = eng(x, y)[1]                 # the model's forward (stage 3 gathers layers)
+    eng.backward(loss)                  # buckets reduce while backward runs; waits at the end
+    norm = eng.clip_grad_norm(1.0)
+    eng.step(lr)                        # update the shard, gather parameters
+    eng.zero_grad()
+"""
+import math
+import time
+
+import numpy as np
+
+from engine.backend import get_array_module
+from engine.flat import FlatParameters, copy_into, shard_range
+from engine.optim import AdamW, clip_grad_norm_, grad_norm_sq
+
+from .data import GradBuckets
+
+STAGES = (0, 1, 2, 3)
+
+
+def placeholder(shape, dtype, xp=np):
+    """A read-only array of ``shape`` backed by one element: the parameter (or buffer) is not
+    held on this rank right now. Shapes stay truthful, writes fail loudly."""
+    return xp.broadcast_to(xp.zeros((), dtype=dtype), shape)
+
+
+class ZeroEngine:
+    """Data parallelism with ZeRO stage 0-3 for one local model part.
+
+    model    the LOCAL Module (a whole GPT, or a pipeline stage); its parameters are packed
+             into ``self.flat`` (padded to comm.size shards); same layout on every rank
+    comm     the Communicator gradients are averaged and state is sharded over (dp, or dp x sp)
+    stage    0..3; layers: stage 3's sub-Modules gathered one at a time, each taking one tensor
+             and returning one (parallel/fsdp.py; None: ``model.blocks``, else its children);
+             parameters outside them form the root, gathered for the whole step
+    AdamW hyper-parameters as engine/optim.py; bucket_bytes: gradient bucket size."""
+
+    def __init__(self, model, comm, stage=0, layers=None, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                 weight_decay=0.0, bucket_bytes=1 << 20, align=1):
+        if stage not in STAGES:
+            raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
+        self.model, self.comm, self.stage = model, comm, stage
+        N, r = comm.size, comm.rank
+        self.flat = flat = FlatParameters(model.named_parameters(), world=N, align=align)
+        self.ranges, self.param_shards, self.grad_shards, self.optim = {}, {}, {}, {}
+        for dt in flat.dtypes:
+            lo, hi = shard_range(flat.numel[dt], r, N, align)
+            self.ranges[dt] = (lo, hi)
+            data, grad, xp = flat.data[dt], flat.grad[dt], get_array_module(flat.data[dt])
+            if stage == 0:
+                p, g, mask = data, grad, flat.decay_mask[dt]
+            else:
+                mask = flat.decay_mask[dt][lo:hi].copy()
+                flat.decay_mask[dt] = None                      # only the shard's mask is kept
+                p = data[lo:hi] if stage < 3 else data[lo:hi].copy()
+                g = grad[lo:hi] if stage == 1 else xp.zeros(hi - lo, dtype=data.dtype)
+                if stage >= 2:                                  # no full gradient buffer
+                    flat.grad[dt] = placeholder(grad.shape, grad.dtype, xp)
+                if stage == 3:                                  # no full parameter buffer
+                    flat.data[dt] = placeholder(data.shape, data.dtype, xp)
+            # the owned range: a view of the full buffers in stages 0-1 (params also in 2)
+            self.param_shards[dt] = p[lo:hi] if stage == 0 else p
+            self.grad_shards[dt] = g[lo:hi] if stage == 0 else g
+            self.optim[dt] = AdamW(p, g, mask, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if stage >= 2:
+            for prm in flat.params:
+                prm.grad = None
+        mode = ("all_reduce", "scatter", "scatter_copy", "scatter_copy")[stage]
+        self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 else None)
+        self.layers = None
+        if stage == 3:
+            from .fsdp import ShardedLayers
+            self.layers = ShardedLayers(self, layers)
+        self.comm_wait = 0.0            # seconds blocked waiting on collectives (benchmarks read it)
+
+    # -- forward and backward -------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """The local model's forward (stage 3: parameters outside the layers are gathered first)."""
+        if self.layers is not None:
+            self.layers.gather_root()
+        return self.model(*args, **kwargs)
+
+    def backward(self, out, grad=None, sync=True):
+        """out.backward(grad) with bucketed gradient reduction overlapping it.
+
+        sync=False (stages 0-1): only accumulate locally; the gradients are reduced by the
+        next backward with sync=True (gradient accumulation, pipeline micro-batches). Stages
+        2-3 reduce every backward (full gradients are never kept). Waits for the reductions
+        unless ``sync`` is False; ``finish_grads()`` is the explicit wait."""
+        self.buckets.enabled = sync or self.stage >= 2
+        out.backward(grad)
+        if sync or self.stage >= 2:
+            self.finish_grads()
+
+    def finish_grads(self):
+        """Wait for every bucket in flight: the averaged gradient shard is then complete."""
+        t0 = time.perf_counter()
+        self.buckets.finish()
+        self.buckets.enabled = True
+        self.comm_wait += time.perf_counter() - t0
+
+    # -- the update -----------------------------------------------------------------------
+    def grad_norm(self):
+        """Global L2 norm of the averaged gradient: each rank's shard, summed over comm."""
+        local = sum(grad_norm_sq(g) for g in self.grad_shards.values())
+        t0 = time.perf_counter()
+        total = self.comm.all_reduce(np.array([local], dtype=np.float64))
+        self.comm_wait += time.perf_counter() - t0
+        return math.sqrt(float(total[0]))
+
+    def clip_grad_norm(self, max_norm):
+        """Clip the averaged gradient to max_norm (no-op for max_norm <= 0); returns the norm."""
+        norm = self.grad_norm()
+        if max_norm and max_norm > 0:
+            targets = list(self.flat.grad.values()) if self.stage == 0 else list(self.grad_shards.values())
+            clip_grad_norm_(targets, max_norm, norm=norm)
+        return norm
+
+    def step(self, lr=None):
+        """AdamW on the owned shard; stages 1-2 all-gather the shards into the parameters."""
+        for dt, opt in self.optim.items():
+            opt.step(lr)
+            if self.stage in (1, 2):
+                self._gather_into(self.param_shards[dt], self.flat.data[dt])
+        if self.layers is not None:
+            self.layers.free_root()
+
+    def _gather_into(self, shard, full):
+        t0 = time.perf_counter()
+        self.comm.all_gather(shard, out=full)                 # in place: shard is full's own block
+        self.comm_wait += time.perf_counter() - t0
+
+    def zero_grad(self):
+        if self.stage <= 1:
+            self.flat.zero_grad()
+        for g in self.grad_shards.values():
+            g.fill(0)
+        for p in self.flat.params:
+            if self.stage >= 2:
+                p.grad = None
+
+    # -- state ----------------------------------------------------------------------------
+    def shard_state(self):
+        """{'params': {dt: owned 1-D slice}, 'optim': {dt: {'m', 'v', 'step'}}}: views, this
+        rank's shard_range of the padded buffers (see contract: parallel/checkpoint.py)."""
+        params, optim = {}, {}
+        for dt, opt in self.optim.items():
+            lo, hi = self.ranges[dt]
+            params[dt] = self.param_shards[dt]
+            m, v = opt.exp_avg, opt.exp_avg_sq
+            if self.stage == 0:
+                m, v = m[lo:hi], v[lo:hi]
+            optim[dt] = {"m": m, "v": v, "step": opt.step_count}
+        return {"params": params, "optim": optim}
+
+    def load_shard_state(self, state):
+        """Copy a shard_state (this rank's range at the current N) in place, then restore the
+        replicated copies (stages 0-2 gather parameters; stage 0 also m and v)."""
+        for dt, opt in self.optim.items():
+            lo, hi = self.ranges[dt]
+            src, o = state["params"][dt], state["optim"][dt]
+            for what, a in (("params", src), ("m", o["m"]), ("v", o["v"])):
+                if tuple(a.shape) != (hi - lo,):
+                    raise ValueError(f"load_shard_state: {dt} {what} has shape {tuple(a.shape)}, "
+                                     f"this rank's shard is ({hi - lo},)")
+            copy_into(self.param_shards[dt], src)
+            if self.stage == 0:
+                copy_into(opt.exp_avg[lo:hi], o["m"])
+                copy_into(opt.exp_avg_sq[lo:hi], o["v"])
+                for arr in (self.flat.data[dt], opt.exp_avg, opt.exp_avg_sq):
+                    self._gather_into(arr[lo:hi], arr)
+            else:
+                copy_into(opt.exp_avg, o["m"])
+                copy_into(opt.exp_avg_sq, o["v"])
+                if self.stage < 3:
+                    self._gather_into(self.param_shards[dt], self.flat.data[dt])
+            opt.step_count = int(o["step"])
+
+    def full_state(self):
+        """Every rank: {'params': {dt: full padded array}, 'optim': {dt: {'m', 'v', 'step'}}},
+        gathered from the shards (a collective; for consolidated checkpoints and tests)."""
+        out, state = {"params": {}, "optim": {}}, self.shard_state()
+        for dt, o in state["optim"].items():
+            gather = (lambda a: self.comm.all_gather(np.ascontiguousarray(a)))   # (N S,)
+            out["params"][dt] = gather(state["params"][dt])
+            out["optim"][dt] = {"m": gather(o["m"]), "v": gather(o["v"]), "step": o["step"]}
+        return out
+
+    def named_full_params(self, full=None):
+        """{name: full array} of every parameter (gathered from the shards when full is None)."""
+        full = self.full_state() if full is None else full
+        return {name: full["params"][dt][off:off + n].reshape(shape)
+                for name, (dt, off, n, shape) in self.flat.index.items()}
+
+    def model_state_bytes(self):
+        """Bytes of parameters, gradients and optimizer moments this rank holds between steps
+        (placeholders count 0): the quantity of the ZeRO formulas."""
+        seen, total = set(), 0
+        arrays = list(self.param_shards.values()) + list(self.grad_shards.values())
+        arrays += list(self.flat.data.values()) + list(self.flat.grad.values())
+        for opt in self.optim.values():
+            arrays += [opt.exp_avg, opt.exp_avg_sq]
+        for a in arrays:
+            base = a
+            while getattr(base, "base", None) is not None:
+                base = base.base
+            if id(base) in seen or a.strides == (0,) * a.ndim:
+                continue
+            seen.add(id(base))
+            total += base.nbytes
+        return total

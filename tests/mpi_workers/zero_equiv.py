@@ -1,0 +1,156 @@
+"""ZeRO / DDP equivalence worker: every stage on this launch's N ranks against one process.
+
+    mpiexec -n N python tests/mpi_workers/zero_equiv.py [DTYPE ...]
+
+For each dtype (default float64 float32) and stage 0..3 (and gradient accumulation 2 on
+stage 0 and 2), trains a tiny GPT for 5 steps with ZeroEngine, each rank on its slice of
+the global batch drawn by one shared seeded Batcher, and compares the mean losses and the
+final parameters with the single-process reference computed independently on every rank
+(FlatParameters + AdamW + clip_grad_norm_, as train.py on one process). Prints one line
+per case from rank 0 ("case ... max rel err ...") and "N failures" at the end; exit 1 if any.
+
+Tolerances: float64, each parameter tensor and each loss within 1e-10 relative (max |a - b|
+over max |b|); float32, the losses likewise within 1e-5 and the parameter vector within 1e-5
+relative in the L2 norm. (Elementwise is too strict in float32 for one honest reason: the
+attention key bias has an exactly-zero true gradient, softmax being shift invariant, so its
+computed gradient is rounding noise that AdamW normalises into +-lr steps, and a different
+summation order gives other noise. In float64 that noise is still 1e-13.)
+"""
+import sys
+
+import numpy as np
+
+from collectives import Communicator
+from engine.data import Batcher
+from engine.flat import FlatParameters
+from engine.optim import AdamW, clip_grad_norm_
+from models.gpt import GPT, GPTConfig
+from parallel.zero import ZeroEngine
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+CFG = GPTConfig(block_size=16, vocab_size=41, n_layer=2, n_head=2, n_embd=14)   # 5894 parameters: N=3, 4 pad
+B, STEPS, SEED, CLIP = 12, 5, 7, 0.5
+OPT = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, size=4000).astype(np.uint16)
+comm = Communicator()
+R, N = comm.rank, comm.size
+
+
+def model(dtype):
+    m = GPT(CFG, np.random.default_rng(SEED))
+    return m.astype(dtype) if dtype != "float32" else m
+
+
+def lr_at(step):
+    return OPT["lr"] * (step + 1) / STEPS
+
+
+def reference(dtype, accum):
+    m = model(dtype)
+    flat = FlatParameters(m.named_parameters())
+    opt = AdamW(flat.data[dtype], flat.grad[dtype], flat.decay_mask[dtype], **OPT)
+    batcher, losses = Batcher(TOKENS, B, CFG.block_size, SEED), []
+    for step in range(STEPS):
+        flat.zero_grad()
+        total = 0.0
+        for _ in range(accum):
+            x, y = batcher.next()
+            loss = m(x, y)[1]
+            total += loss.item()
+            (loss * (1.0 / accum)).backward()
+        clip_grad_norm_(flat.grad[dtype], CLIP)
+        opt.step(lr_at(step))
+        losses.append(total / accum)
+    return losses, {n: p.data.copy() for n, p in m.named_parameters()}
+
+
+def distributed(dtype, stage, accum):
+    m = model(dtype)
+    eng = ZeroEngine(m, comm, stage=stage, bucket_bytes=2000, **OPT)      # several buckets
+    batcher, losses, b = Batcher(TOKENS, B, CFG.block_size, SEED), [], B // N
+    for step in range(STEPS):
+        eng.zero_grad()
+        total = 0.0
+        for k in range(accum):
+            x, y = batcher.next()                                         # (B, T): the global batch
+            loss = eng(x[R * b:(R + 1) * b], y[R * b:(R + 1) * b])[1]     # (B/N, T): this rank's slice
+            total += loss.item()
+            eng.backward(loss * (1.0 / accum), sync=k == accum - 1)
+        check_after_backward(eng)
+        eng.clip_grad_norm(CLIP)
+        eng.step(lr_at(step))
+        check_after_step(eng)
+        losses.append(comm.all_reduce(np.array([total / accum]), op="avg")[0])
+    return losses, eng.named_full_params()
+
+
+problems = []
+
+
+def expect(ok, what):
+    if not ok:
+        problems.append(what)
+        print(f"[rank {R}] engine check failed: {what}", flush=True)
+
+
+def check_after_backward(eng):
+    """Every bucket was started by a grad hook during backward (overlap), none by finish();
+    stages 2-3 hold no parameter gradient once backward is done."""
+    expect(len(eng.buckets.buckets) > 1, "several buckets")
+    expect(eng.buckets.hook_launches % len(eng.buckets.buckets) == 0 and eng.buckets.hook_launches > 0,
+           f"stage {eng.stage}: buckets started by hooks {eng.buckets.hook_launches}")
+    if eng.stage >= 2:
+        expect(all(p.grad is None for p in eng.flat.params), f"stage {eng.stage}: a full gradient is kept")
+
+
+def check_after_step(eng):
+    """The bytes held are the ZeRO formula's exactly (P = padded elements, S = P/N); stage 3
+    holds no parameter outside its shard between steps."""
+    (dt, padded), = ((dt, len(eng.flat.data[dt])) for dt in eng.flat.dtypes)
+    k, S = np.dtype(dt).itemsize, padded // N
+    formula = {0: 4 * k * padded, 1: 2 * k * padded + 2 * k * S, 2: k * padded + 3 * k * S, 3: 4 * k * S}
+    expect(eng.model_state_bytes() == formula[eng.stage],
+           f"stage {eng.stage}: {eng.model_state_bytes()} bytes held, formula {formula[eng.stage]}")
+    if eng.stage == 3:
+        expect(all(p.data.strides == (0,) * p.ndim for p in eng.flat.params), "stage 3: a parameter stays gathered")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def norm_rel(params, ref):
+    """||params - ref|| / ||ref|| over every parameter, in float64."""
+    diff = sum(float(((params[n].astype(np.float64) - ref[n]) ** 2).sum()) for n in ref)
+    return (diff / sum(float((ref[n].astype(np.float64) ** 2).sum()) for n in ref)) ** 0.5
+
+
+failures = 0
+for dtype in sys.argv[1:] or ["float64", "float32"]:
+    refs = {}
+    for stage, accum in [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2)]:
+        if accum not in refs:
+            refs[accum] = reference(dtype, accum)
+        ref_losses, ref_params = refs[accum]
+        losses, params = distributed(dtype, stage, accum)
+        err_loss = rel(losses, ref_losses)
+        if dtype == "float64":           # every tensor, elementwise
+            err_param = max(rel(params[n], ref_params[n]) for n in ref_params)
+        else:                            # the whole parameter vector, norm-wise (see the docstring)
+            err_param = norm_rel(params, ref_params)
+        ok = err_loss <= TOL[dtype] and err_param <= TOL[dtype] and set(params) == set(ref_params)
+        bad = comm.all_reduce(np.array([0 if ok else 1]))[0]
+        failures += int(bad > 0)
+        if R == 0:
+            print(f"case N={N} {dtype} stage={stage} accum={accum}: loss rel err {err_loss:.2e}, "
+                  f"param rel err {err_param:.2e} {'ok' if bad == 0 else 'FAIL'}", flush=True)
+probe = ZeroEngine(model("float64"), comm).flat
+pad = len(probe.data["float64"]) - probe.numel["float64"]
+bad_checks = comm.all_reduce(np.array([len(problems)]))[0]
+failures += int(bad_checks > 0)
+if R == 0:
+    if bad_checks == 0:
+        print(f"engine checks ok (N={N}: {probe.numel['float64']} parameters + {pad} padding)", flush=True)
+    print(f"{failures} failures", flush=True)
+sys.exit(1 if failures else 0)

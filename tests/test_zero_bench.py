@@ -1,0 +1,33 @@
+"""bench/zero_memory.py and bench/scaling.py run end to end on tiny sizes (one launch each)
+and write the JSON they promise; zero_memory's measured bytes equal the ZeRO formulas."""
+import json
+
+from mpi_util import describe, run_mpi
+
+
+def test_zero_memory_smoke(tmp_path):
+    out = tmp_path / "mem.json"
+    proc = run_mpi(2, "-m bench.zero_memory", "--n-layer", "1", "--n-embd", "32", "--json", out, timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    rows = json.loads(out.read_text())
+    assert [r["stage"] for r in rows] == [0, 1, 2, 3] and all(r["ranks"] == 2 for r in rows)
+    P = rows[0]["params"]
+    for r in rows:
+        assert {"measured_bytes", "formula_bytes"} <= r.keys() and r["within_goal"], r
+        assert r["measured_bytes"] <= 1.05 * r["formula_bytes"] + r["layer_bytes"]
+    assert rows[0]["measured_bytes"] >= 16 * P and rows[3]["measured_bytes"] < 8.1 * P + 64   # 16P vs 16P/2
+    assert "measured MiB" in proc.stdout
+
+
+def test_scaling_smoke(tmp_path):
+    data = tmp_path / "tiny.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 60)
+    out = tmp_path / "scaling.json"
+    proc = run_mpi(2, "-m bench.scaling", "--data", data, "--steps", "2", "--warmup", "1", "--block", "1",
+                   "--n-layer", "1", "--n-embd", "32", "--json", out, timeout=120)
+    assert proc.returncode == 0, describe(proc)
+    r = json.loads(out.read_text())
+    assert r["efficiency"] > 0 and r["t1_ms"] > 0 and r["ranks"] == 2
+    assert set(r["stage_vs_stage0"]) == {"0", "1", "2", "3"} and r["stage_vs_stage0"]["0"] == 1.0
+    assert all(0 <= f < 1 for f in r["comm_fraction"].values())
+    assert "efficiency" in proc.stdout
