@@ -1,6 +1,9 @@
-"""Train a GPT on one process (data, ZeRO, pipeline and sequence parallelism come later).
+"""Train a GPT on one process or on N with data parallelism and ZeRO (pipeline and sequence
+parallelism come later).
 
     python train.py                                    # stdlib corpus, byte-level, small GPT, ~1-2 min on 1 core
+    mpiexec -n 4 python train.py --dp 4 --zero 2       # 4 data-parallel ranks, ZeRO stage 2 (0-3)
+    mpiexec -n 2 python train.py --dp 2 --grad-accum 4 # global batch = batch_size * grad_accum sequences
     python train.py --data input.txt --tokenizer char --max-steps 2000 --out-dir out-char   # any UTF-8 text
     python train.py --config run.toml --lr 3e-4        # TOML supplies fields, flags override it
     python train.py --resume out                       # continue an interrupted run from out/latest
@@ -11,6 +14,15 @@ One source of truth: the dataclasses ``GPTConfig`` (models/gpt.py), ``ParallelCo
 ``TrainConfig`` generate the command-line flags (field ``max_steps`` -> ``--max-steps``,
 type from the annotation, help from the field metadata); ``--config FILE.toml`` supplies
 the same fields (flat keys, or tables [model] [parallel] [train]); flags override it.
+
+Data parallelism (parallel/zero.py): ``--batch-size`` is the GLOBAL batch, as on one
+process: every rank draws the same windows from one seeded Batcher and takes its slice of
+batch_size / dp sequences, the gradients are averaged over the dp ranks, so N ranks compute
+what one process computes (tests/test_zero.py). Only rank 0 prints, writes metrics and
+checkpoints; its log line gives totals: tokens/s over all ranks, the largest per-rank peak
+memory, MFU against N times the measured per-process peak. ``--comm-timeout`` (default 300 s
+when there are several ranks) arms the collectives' watchdog (collectives/debug.py): a rank
+that stops arriving is named and the job aborted instead of hanging.
 
 Each step logs one line: loss, learning rate, ms/step, tokens/s, MFU and peak traced
 memory. MFU (Chowdhery et al. 2022, PaLM appendix B; nanoGPT's estimate_mfu) =
@@ -34,15 +46,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from collectives import Mesh, MeshError
 from engine import backend, no_grad
 from engine.checkpoint import check_shapes, list_checkpoints, load_checkpoint, save_checkpoint
 from engine.config import ConfigError, build, parse_values
 from engine.data import Batcher, DataError, load_dataset
-from engine.flat import FlatParameters
 from engine.io import CheckpointError
-from engine.optim import AdamW, clip_grad_norm_, cosine_lr, grad_norm_sq
+from engine.optim import cosine_lr
 from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPT, GPTConfig
+from parallel.zero import ZeroEngine
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
 
@@ -66,11 +79,15 @@ MODEL_HELP = dict(block_size="context length: learned positions, and the length 
 
 @dataclass
 class ParallelConfig:
-    """The parallel layout (reserved: only the single-process layout runs in this version)."""
-    dp: int = _f(1, "data-parallel replicas")
-    zero: int = _f(0, "ZeRO stage over the dp axis", choices=(0, 1, 2, 3))
-    pp: int = _f(1, "pipeline stages")
-    sp: int = _f(1, "sequence-parallel ranks")
+    """The parallel layout: dp * pp * sp must equal the number of MPI ranks (pp, sp: reserved)."""
+    dp: int = _f(1, "data-parallel replicas (the global batch is split among them)")
+    zero: int = _f(0, "ZeRO stage over the dp axis: 0 DDP, 1 optimizer state, 2 + gradients, 3 + parameters",
+                   choices=(0, 1, 2, 3))
+    pp: int = _f(1, "pipeline stages (not implemented yet)")
+    sp: int = _f(1, "sequence-parallel ranks (not implemented yet)")
+    bucket_mb: float = _f(1.0, "gradient bucket size in MiB (each bucket is reduced as soon as backward fills it)")
+    comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
+                                    "when there are several ranks (0: no watchdog)")
 
 
 @dataclass
@@ -139,28 +156,57 @@ def validate(par, cfg):
     need(cfg.mem_trace_interval >= 1, f"mem_trace_interval must be >= 1, got {cfg.mem_trace_interval}")
     for name in ("dp", "pp", "sp"):
         need(getattr(par, name) >= 1, f"{name} must be >= 1, got {getattr(par, name)}")
-    need(par.dp == par.pp == par.sp == 1 and par.zero == 0,
-         f"parallel layout dp={par.dp} zero={par.zero} pp={par.pp} sp={par.sp} is not implemented yet; "
-         "only dp=1 zero=0 pp=1 sp=1 runs in this version")
+    need(par.pp == 1 and par.sp == 1, f"pipeline (pp={par.pp}) and sequence (sp={par.sp}) parallelism are not "
+         "implemented yet; use --pp 1 --sp 1")
+    need(cfg.batch_size % par.dp == 0, f"batch_size {cfg.batch_size} is not divisible by dp {par.dp}: each "
+         "data-parallel rank takes an equal slice of the global batch")
+    need(par.bucket_mb > 0, f"bucket_mb must be positive, got {par.bucket_mb}")
+    need(par.comm_timeout >= 0, f"comm_timeout must be >= 0, got {par.comm_timeout}")
 
 
 # ---------------------------------------------------------------------------- set-up
-class Run:
-    """Everything a training run holds: configs, data, model, flat buffers, optimizers."""
+def env_rank():
+    """This process's world rank from the launcher's environment (0 without mpiexec), known
+    before MPI starts: bad configuration is reported by rank 0 only."""
+    for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
 
-    def __init__(self, model_cfg, par, cfg, data, model, flat, opts, batcher):
+
+def env_world():
+    return max(int(os.environ.get(k, "1")) for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+
+
+class Run:
+    """Everything a training run holds: configs, data, model, the data-parallel engine
+    (``dp``: parallel/zero.py, also for one process), its flat buffers and optimizers."""
+
+    def __init__(self, model_cfg, par, cfg, data, model, mesh, engine, batcher):
         self.model_cfg, self.par, self.cfg, self.data = model_cfg, par, cfg, data
-        self.model, self.flat, self.opts, self.batcher = model, flat, opts, batcher
+        self.model, self.mesh, self.dp, self.batcher = model, mesh, engine, batcher
+        self.flat, self.opts = engine.flat, engine.optim
+        self.rank, self.world = mesh.world.rank, mesh.world.size
+        self.is_main = self.rank == 0
         self.step, self.resumed_from, self.last_ckpt = 0, None, None
         self.discard_old = cfg.overwrite and not cfg.resume   # --overwrite: old checkpoints go at the first save
+
+    def local(self, x):
+        """This dp rank's slice of a global batch: rows [r B/dp, (r+1) B/dp) of (B, T)."""
+        b = x.shape[0] // self.mesh.dp_size
+        r = self.mesh.dp_rank
+        return backend.to_device(x[r * b:(r + 1) * b])                # (B/dp, T)
 
 
 def prepare(argv):
     """Parse, load and check everything that bad input can break; write nothing."""
     model_values, par, cfg = parse_configs(argv)
-    world = max(int(os.environ.get(k, "1")) for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if world > 1:
-        raise ConfigError(f"launched on {world} MPI ranks, but only single-process training is implemented yet")
+    if env_world() > 1 and par.comm_timeout > 0:                # read when the Communicators are made
+        os.environ.setdefault("ENGINE_COMM_TIMEOUT", f"{par.comm_timeout:g}")
+    try:
+        mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp)
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
     try:
         backend.set_device(cfg.device)
     except RuntimeError as e:
@@ -191,116 +237,158 @@ def prepare(argv):
     model = GPT(model_cfg, np.random.default_rng(cfg.seed))
     if cfg.dtype != "float32":
         model.astype(cfg.dtype)
-    flat = FlatParameters(model.named_parameters())
-    opts = {dt: AdamW(flat.data[dt], flat.grad[dt], flat.decay_mask[dt], lr=cfg.lr, betas=tuple(cfg.betas),
-                      eps=cfg.eps, weight_decay=cfg.weight_decay) for dt in flat.dtypes}
+    if mesh.dp_size > 1 and model_cfg.dropout > 0:                # each replica its own dropout masks
+        model.dropout_rng = np.random.default_rng([cfg.seed, mesh.dp_rank])
+    if ckpt is not None:                                          # names and shapes, before any allocation
+        check_shapes(ckpt.model, model.state_dict(), f"checkpoint {ckpt.path}")
+    engine = ZeroEngine(model, mesh.dp_comm, stage=par.zero, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, bucket_bytes=int(par.bucket_mb * 2**20))
     batcher = Batcher(data.train, cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
-    run = Run(model_cfg, par, cfg, data, model, flat, opts, batcher)
+    run = Run(model_cfg, par, cfg, data, model, mesh, engine, batcher)
     if ckpt is not None:
         restore(run, ckpt)
     return run
 
 
 def restore(run, ckpt):
-    """Parameters, AdamW moments, batcher and dropout generator from a checkpoint."""
-    where = f"checkpoint {ckpt.path}"
+    """Parameters, AdamW moments, batcher and dropout generator from a consolidated checkpoint
+    (engine/checkpoint.py), at any dp and ZeRO stage: each rank takes its shard."""
+    where, eng = f"checkpoint {ckpt.path}", run.dp
     check_shapes(ckpt.model, run.model.state_dict(), where)
-    run.model.load_state_dict(ckpt.model)
     scalars = ckpt.manifest.get("optim", {})
-    for dt, opt in run.opts.items():
-        sd = {k.split(".", 1)[1]: v for k, v in list(ckpt.optim.items()) + list(scalars.items())
-              if k.split(".", 1)[0] == dt}
-        try:
-            opt.load_state_dict(sd)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {dt} {e}") from None
+    state = {"params": {}, "optim": {}}
+    for dt in eng.flat.dtypes:
+        lo, hi = eng.ranges[dt]
+        padded, numel = len(eng.flat.data[dt]), eng.flat.numel[dt]
+        full = np.zeros(padded, dtype=eng.flat.data[dt].dtype)                 # (padded,) host
+        for name, (d, off, n, _) in eng.flat.index.items():
+            if d == dt:
+                full[off:off + n] = np.asarray(ckpt.model[name]).reshape(-1)
+        moments = {}
+        for key, short in (("exp_avg", "m"), ("exp_avg_sq", "v")):
+            a = ckpt.optim.get(f"{dt}.{key}")
+            if a is None or f"{dt}.step" not in scalars:
+                raise CheckpointError(f"{where}: {dt} optimizer state: missing key {key if a is None else 'step'!r}")
+            if a.shape not in ((numel,), (padded,)) or (a.shape[0] > numel and np.any(a[numel:])):
+                raise CheckpointError(f"{where}: {dt} optimizer state {key!r} has shape {tuple(a.shape)}, "
+                                      f"expected ({numel},)")
+            moments[short] = np.zeros(padded, dtype=full.dtype)
+            moments[short][:numel] = a[:numel]
+        state["params"][dt] = full[lo:hi]
+        state["optim"][dt] = {"m": moments["m"][lo:hi], "v": moments["v"][lo:hi], "step": int(scalars[f"{dt}.step"])}
+    eng.load_shard_state(state)
     try:
         run.batcher.load_state_dict({"rng": ckpt.manifest["rng"]["data"], "position": ckpt.manifest["data"]["position"]})
-        if ckpt.manifest["rng"]["dropout"] is not None:
-            run.model.dropout_rng.bit_generator.state = ckpt.manifest["rng"]["dropout"]
+        per_rank = ckpt.manifest["rng"].get("dropout_ranks")
+        drop = per_rank[run.rank] if per_rank and len(per_rank) == run.world else ckpt.manifest["rng"]["dropout"]
+        if drop is not None and (run.world == 1 or per_rank):
+            run.model.dropout_rng.bit_generator.state = drop
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad RNG or data state in the manifest ({type(e).__name__}: {e})") from None
     run.step, run.resumed_from = ckpt.step, ckpt.path
 
 
 def save(run, rec):
-    """Write out_dir/step_<N> atomically (engine/checkpoint.py) and return its path."""
-    cfg, model = run.cfg, run.model
-    arrays, scalars = {}, {}
-    for dt, opt in run.opts.items():                     # AdamW m, v -> safetensors; step -> JSON
-        for k, v in opt.state_dict().items():
-            (arrays if hasattr(v, "shape") else scalars)[f"{dt}.{k}"] = v
-    rng = model.dropout_rng
-    manifest = {
-        "config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
-        "tokenizer": run.data.tokenizer.to_json(),
-        "rng": {"data": run.batcher.rng.bit_generator.state,       # numpy Generator states (JSON)
-                "dropout": rng.bit_generator.state if hasattr(rng, "bit_generator") else None},
-        "data": {"source": run.data.source, "position": run.batcher.position,
-                 "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
-        "optim": scalars, "metrics": rec}
-    path = save_checkpoint(cfg.out_dir, run.step, model.state_dict(), arrays, manifest, keep=cfg.keep or None)
-    if run.discard_old:                                  # --overwrite: the previous run's checkpoints go
-        for _, old in list_checkpoints(cfg.out_dir):
-            if os.path.abspath(old) != os.path.abspath(path):
-                shutil.rmtree(old, ignore_errors=True)
-        run.discard_old = False
-    return path
+    """Gather the shards and write out_dir/step_<N> atomically from rank 0 (engine/checkpoint.py,
+    one consolidated file whatever the layout); every rank returns its path."""
+    cfg, eng, world = run.cfg, run.dp, run.mesh.world.mpi
+    full = eng.full_state()                                        # a collective: every rank
+    rng = run.model.dropout_rng
+    drop = rng.bit_generator.state if hasattr(rng, "bit_generator") else None
+    drops = world.allgather(drop) if run.world > 1 else None       # small JSON dicts
+    path = None
+    if run.is_main:
+        arrays, scalars = {}, {}
+        for dt, o in full["optim"].items():                        # AdamW m, v -> safetensors; step -> JSON
+            n = eng.flat.numel[dt]
+            arrays[f"{dt}.exp_avg"], arrays[f"{dt}.exp_avg_sq"] = o["m"][:n], o["v"][:n]
+            scalars[f"{dt}.step"] = o["step"]
+        manifest = {
+            "config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
+            "tokenizer": run.data.tokenizer.to_json(),
+            "rng": {"data": run.batcher.rng.bit_generator.state,       # numpy Generator states (JSON)
+                    "dropout": drop, **({"dropout_ranks": drops} if drops else {})},
+            "data": {"source": run.data.source, "position": run.batcher.position,
+                     "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
+            "optim": scalars, "metrics": rec}
+        path = save_checkpoint(cfg.out_dir, run.step, eng.named_full_params(full), arrays, manifest,
+                               keep=cfg.keep or None)
+        if run.discard_old:                                  # --overwrite: the previous run's checkpoints go
+            for _, old in list_checkpoints(cfg.out_dir):
+                if os.path.abspath(old) != os.path.abspath(path):
+                    shutil.rmtree(old, ignore_errors=True)
+    run.discard_old = False
+    return world.bcast(path, root=0) if run.world > 1 else path
 
 
 # ---------------------------------------------------------------------------- loop
 def evaluate(run):
-    """Mean loss over eval_iters fixed validation batches (the same windows every time)."""
+    """Mean loss over eval_iters fixed validation batches (the same windows every time; each
+    dp rank evaluates its slice, the means are averaged)."""
     cfg = run.cfg
     batcher = Batcher(run.data.val, cfg.batch_size, run.model_cfg.block_size, seed=cfg.seed + 1)
     run.model.eval()
     with no_grad():
-        losses = [run.model(backend.to_device(x), backend.to_device(y))[1].item()
+        losses = [run.dp(run.local(x), run.local(y))[1].item()
                   for x, y in (batcher.next() for _ in range(cfg.eval_iters))]
     run.model.train()
-    return float(np.mean(losses))
+    return float(run.mesh.dp_comm.all_reduce(np.array([np.mean(losses)]), op="avg")[0])
 
 
 def train_step(run, lr):
-    """One optimizer step: grad_accum forward/backward passes, clipping, AdamW. Returns
-    (mean loss, gradient norm); raises Diverged on a NaN or inf loss, before the update."""
-    cfg, grads = run.cfg, list(run.flat.grad.values())
-    run.flat.zero_grad()
-    total = 0.0
+    """One optimizer step: grad_accum forward/backward passes (each rank on its slice of the
+    global batch; gradients reduced during the last backward), clipping, AdamW. Returns
+    (mean loss over the global batch, gradient norm); raises Diverged on a NaN or inf loss,
+    before the update."""
+    cfg, eng = run.cfg, run.dp
+    eng.zero_grad()
+    total, bad = 0.0, None
     with np.errstate(over="ignore", invalid="ignore"):      # divergence is reported once, below
-        for _ in range(cfg.grad_accum):
-            x, y = run.batcher.next()                                   # (B, T), (B, T)
-            _, loss = run.model(backend.to_device(x), backend.to_device(y))
+        for k in range(cfg.grad_accum):
+            x, y = run.batcher.next()                                   # (B, T), (B, T): the global batch
+            _, loss = eng(run.local(x), run.local(y))                   # (B/dp, T) on this rank
             value = loss.item()
-            if not math.isfinite(value):
+            if not math.isfinite(value) and run.world == 1:
                 raise Diverged(f"loss is {value} at step {run.step}; stopping before the update")
+            bad = value if bad is None and not math.isfinite(value) else bad
             total += value
-            (loss if cfg.grad_accum == 1 else loss * (1.0 / cfg.grad_accum)).backward()
-        norm = clip_grad_norm_(grads, cfg.grad_clip) if cfg.grad_clip > 0 else math.sqrt(grad_norm_sq(grads))
+            eng.backward(loss if cfg.grad_accum == 1 else loss * (1.0 / cfg.grad_accum),
+                         sync=k == cfg.grad_accum - 1)
+        if run.world > 1:
+            total = float(run.mesh.dp_comm.all_reduce(np.array([total]), op="avg")[0])
+            if not math.isfinite(total):
+                raise Diverged(f"loss is {total} at step {run.step}; stopping before the update")
+        norm = eng.clip_grad_norm(cfg.grad_clip)
         if not math.isfinite(norm):
             raise Diverged(f"gradient norm is {norm} at step {run.step}; stopping before the update")
-        for opt in run.opts.values():
-            opt.step(lr)
+        eng.step(lr)
     backend.synchronize()
     return total / cfg.grad_accum, norm
 
 
 def train(run, tracer):
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
+    say = print if run.is_main else (lambda *a, **k: None)
     tracer.every = cfg.mem_trace_interval
-    peak = measure_peak_flops(cfg.dtype)
+    peak = measure_peak_flops(cfg.dtype) * run.world
     flops_per_token = model.flops_per_token()
     tokens_per_step = cfg.batch_size * T * cfg.grad_accum
-    print(f"model: {model.num_params():,} parameters | {asdict(run.model_cfg)}")
-    print(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | "
-          f"train {len(run.data.train):,} val {len(run.data.val):,} tokens | {tokens_per_step} tokens/step")
-    print(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}), "
-          f"{flops_per_token / 1e6:.2f} MFLOP/token | mem: tracemalloc peak, "
-          + ("every step" if tracer.every == 1 else f"traced on the first step and every {tracer.every}th step only"))
+    say(f"model: {model.num_params():,} parameters | {asdict(run.model_cfg)}")
+    say(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | "
+        f"train {len(run.data.train):,} val {len(run.data.val):,} tokens | {tokens_per_step} tokens/step")
+    if run.world > 1:
+        say(f"layout: {run.world} ranks, dp={run.par.dp} ZeRO stage {run.par.zero} | "
+            f"{cfg.batch_size // run.par.dp} sequences per rank per micro-batch | buckets {run.dp.buckets.describe()}")
+    say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}"
+        + (f", {run.world} ranks" if run.world > 1 else "") + f"), "
+        f"{flops_per_token / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"
+        + (" (largest rank)" if run.world > 1 else "") + ", "
+        + ("every step" if tracer.every == 1 else f"traced on the first step and every {tracer.every}th step only"))
     if run.resumed_from:
-        print(f"resumed from {run.resumed_from} at step {run.step}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(cfg.metrics, "a" if run.resumed_from else "w") if cfg.metrics else None
+        say(f"resumed from {run.resumed_from} at step {run.step}")
+    if run.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics = open(cfg.metrics, "a" if run.resumed_from else "w") if cfg.metrics and run.is_main else None
     model.train()
     run.last_ckpt = run.resumed_from
     try:
@@ -315,23 +403,26 @@ def train(run, tracer):
             except Diverged as e:
                 raise Diverged(f"{e} (last good checkpoint: {run.last_ckpt or 'none written'})") from None
             dt = time.perf_counter() - t0
+            mem = tracer.end()
+            if run.world > 1:                            # the slowest rank's time, the largest peak
+                dt, mem = (float(v) for v in run.mesh.world.all_reduce(np.array([dt, mem], np.float64), op="max"))
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms_per_step": dt * 1e3,
                    "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
-                   "peak_bytes": tracer.end()}
+                   "peak_bytes": int(mem)}
             last = step == cfg.max_steps
             if step % cfg.log_interval == 0 or last:
-                print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | "
-                      f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | "
-                      f"mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
+                say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | "
+                    f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | "
+                    f"mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
                 rec["val_loss"] = evaluate(run)
-                print(f"step {step:5d} | val loss {rec['val_loss']:.4f}", flush=True)
+                say(f"step {step:5d} | val loss {rec['val_loss']:.4f}", flush=True)
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last:
                 run.last_ckpt = save(run, rec)
-                print(f"step {step:5d} | checkpoint {run.last_ckpt}", flush=True)
+                say(f"step {step:5d} | checkpoint {run.last_ckpt}", flush=True)
     finally:
         if metrics:
             metrics.close()
@@ -340,15 +431,18 @@ def train(run, tracer):
 
 def main(argv=None):
     tracer = MemoryTracer()                 # first, so the resident state is traced too
+    main_rank = env_rank() == 0
     try:
         run = prepare(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError, CheckpointError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        if main_rank:                       # every rank fails alike; one line is enough
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return train(run, tracer)
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if run.is_main:
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         print(f"interrupted at step {run.step}; resume from the last checkpoint: "

@@ -1,0 +1,69 @@
+"""train.py under mpiexec: --dp N --zero S computes what one process computes (float64, the
+logged losses, through a consolidated checkpoint resumed at another N and stage), and bad
+layouts stop every rank with exit code 2 and one line from rank 0."""
+import json
+import os
+
+import pytest
+
+from mpi_util import ROOT, describe, run_mpi
+
+TRAIN = os.path.join(ROOT, "train.py")
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--eval-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2", "--dtype", "float64",
+        "--max-steps", "4", "--eval-interval", "2", "--ckpt-interval", "2", "--keep", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "squares.txt"
+    path.write_text("".join(f"{i} squared is {i * i}.\n" for i in range(3000)), encoding="utf-8")
+    return str(path)
+
+
+def losses(path):
+    with open(path) as f:
+        return {row["step"]: (row["loss"], row.get("val_loss")) for row in map(json.loads, f)}
+
+
+def close(a, b, tol=1e-10):
+    return all(abs(x - y) <= tol * abs(y) for x, y in zip(a, b) if y is not None)
+
+
+def test_dp_and_every_stage_match_one_process_and_resume_across_layouts(corpus, tmp_path):
+    one = run_mpi(1, TRAIN, "--data", corpus, *TINY, "--out-dir", tmp_path / "one", "--metrics", tmp_path / "one.jsonl")
+    assert one.returncode == 0, describe(one)
+    ref = losses(tmp_path / "one.jsonl")
+    for n, zero in ((2, 3), (4, 1)):
+        tag = f"n{n}z{zero}"
+        proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, "--dp", n, "--zero", zero, "--grad-accum", "1",
+                       "--out-dir", tmp_path / tag, "--metrics", tmp_path / f"{tag}.jsonl")
+        assert proc.returncode == 0, describe(proc)
+        assert proc.stdout.count("step     4 | loss") == 1, "only rank 0 logs"
+        got = losses(tmp_path / f"{tag}.jsonl")
+        assert sorted(got) == [1, 2, 3, 4]
+        for step in ref:
+            assert close(got[step], ref[step]), (tag, step, got[step], ref[step])
+    # resume the 2-rank stage-3 run's step-2 checkpoint on 1 process and on 4 ranks at stage 2
+    for n, zero in ((1, 0), (4, 2)):
+        out = tmp_path / f"resume{n}"
+        proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, "--dp", n, "--zero", zero, "--resume",
+                       tmp_path / "n2z3" / "step_2", "--out-dir", out, "--metrics", tmp_path / f"r{n}.jsonl")
+        assert proc.returncode == 0, describe(proc)
+        got = losses(tmp_path / f"r{n}.jsonl")
+        assert sorted(got) == [3, 4]
+        for step in got:
+            assert close(got[step], ref[step]), (n, step, got[step], ref[step])
+
+
+@pytest.mark.parametrize("n, args, words", [
+    (2, ["--dp", "4"], "Mesh(dp=4, pp=1, sp=1, tp=1) needs dp*pp*sp*tp = 4 ranks, but the job has 2"),
+    (3, ["--dp", "3"], "batch_size 8 is not divisible by dp 3"),
+    (2, ["--dp", "2", "--pp", "2"], "not implemented yet"),
+])
+def test_bad_layout_exits_2_on_every_rank_with_one_line(corpus, tmp_path, n, args, words):
+    proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, *args, "--out-dir", tmp_path / "out", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, describe(proc)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], describe(proc)
+    assert proc.stdout == "" and not os.path.exists(tmp_path / "out")
