@@ -11,6 +11,11 @@ Positions are learned and absolute, so when the context outgrows block_size the 
 slides (nanoGPT crops to the last block_size tokens), every token's position changes and
 the cache is recomputed from the cropped window: exactly what decoding without a cache
 computes, which the tests check token for token.
+
+Sparse models (Jaszczur et al. 2021) decode the same way: the sparse QKV layer's causal
+convolution over length also keeps the last two positions' pre-convolution activations in
+the cache (``KVCache.conv_state``), and the sparse FFN, evaluated on fewer rows than its
+block size, reads only the chosen rows of W1 and W2 (models/sparse_ffn.py), never the dense FFN.
 """
 import numpy as np
 
@@ -24,6 +29,7 @@ class KVCache:
 
     def __init__(self, capacity):
         self.capacity, self.length, self.k, self.v = capacity, 0, None, None
+        self.conv_state = None      # sparse QKV: z of the last 2 positions, (B, 2, S, M) (models/sparse_qkv.py)
 
     def append(self, k, v):
         """Store k, v (B, nh, T, hs); return every cached key and value and the position of k's first row."""

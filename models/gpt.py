@@ -22,9 +22,15 @@ The pieces are separate so later issues can reuse them: ``embed`` (a pipeline's 
 ``blocks`` (any stage), ``head`` (the last stage), and ``CausalSelfAttention.attention_fn``
 (ring attention for sequence parallelism, which also passes global positions ``pos``).
 Decoding with a KV cache is in models/generate.py.
+
+Sparse options (Jaszczur et al. 2021, "Sparse is Enough in Scaling Transformers"):
+``ffn_sparsity`` N > 0 replaces each MLP by models/sparse_ffn.py's SparseFFN (one unit of
+every N active; parameters ``mlp.w1``, ``mlp.w2``, ``mlp.b2`` and the controller ``mlp.c1``,
+``mlp.c2``, ``mlp.cb``), ``qkv_modules`` S > 0 replaces c_attn by models/sparse_qkv.py's
+SparseQKV (``attn.sparse_qkv.*``). Such models have no Hugging Face GPT-2 layout.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +40,8 @@ from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from engine.ops.attention import Attention as _Attention, attention_forward
 
 from .generate import generate as _generate
+from .sparse_ffn import SparseFFN
+from .sparse_qkv import SparseQKV
 
 
 @dataclass
@@ -45,6 +53,21 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True          # biases in Linear and LayerNorm (GPT-2 has them)
+    # Sparse layers of Jaszczur et al. 2021 (models/sparse_ffn.py, models/sparse_qkv.py); 0 = dense
+    ffn_sparsity: int = field(default=0, metadata=dict(
+        help="sparse FFN: units per block N, one active per block (0: dense MLP; the paper: 32-64)"))
+    ffn_lowrank: int = field(default=64, metadata=dict(help="sparse FFN: rank of the controller"))
+    ffn_temperature: float = field(default=0.1, metadata=dict(
+        help="sparse FFN: scale of the Gumbel noise on the controller's logits in training"))
+    ffn_hard_prob: float = field(default=0.3, metadata=dict(
+        help="sparse FFN: probability, per training step and layer, of the hard (one-hot) mask"))
+    qkv_modules: int = field(default=0, metadata=dict(
+        help="sparse QKV: module count S (must divide n_embd; 0: dense c_attn; the paper: 16)"))
+
+    @property
+    def sparse(self):
+        """True when any layer is a sparse one (no Hugging Face GPT-2 layout)."""
+        return self.ffn_sparsity > 0 or self.qkv_modules > 0
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -58,16 +81,37 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+        for name in ("ffn_sparsity", "qkv_modules"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"GPTConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.ffn_sparsity:
+            if (4 * self.n_embd) % self.ffn_sparsity:
+                raise ValueError(f"GPTConfig.ffn_sparsity ({self.ffn_sparsity}) must divide the FFN width "
+                                 f"4 * n_embd ({4 * self.n_embd})")
+            if isinstance(self.ffn_lowrank, bool) or not isinstance(self.ffn_lowrank, (int, np.integer)) \
+                    or self.ffn_lowrank <= 0:
+                raise ValueError(f"GPTConfig.ffn_lowrank must be a positive integer, got {self.ffn_lowrank!r}")
+            if isinstance(self.ffn_temperature, bool) or not isinstance(self.ffn_temperature, (int, float)) \
+                    or not self.ffn_temperature >= 0:
+                raise ValueError(f"GPTConfig.ffn_temperature must be >= 0, got {self.ffn_temperature!r}")
+            if isinstance(self.ffn_hard_prob, bool) or not isinstance(self.ffn_hard_prob, (int, float)) \
+                    or not 0.0 <= self.ffn_hard_prob <= 1.0:
+                raise ValueError(f"GPTConfig.ffn_hard_prob must be in [0, 1], got {self.ffn_hard_prob!r}")
+        if self.qkv_modules and self.n_embd % self.qkv_modules:
+            raise ValueError(f"GPTConfig.qkv_modules ({self.qkv_modules}) must divide n_embd ({self.n_embd})")
 
 
 class _DropoutRNG:
-    """The one dropout generator every layer draws from, so that assigning
-    ``model.dropout_rng`` (restoring a checkpoint) reaches all of them."""
+    """The one noise generator every layer draws from (dropout masks, the sparse FFN's
+    hard-mask coin and Gumbel noise), so that assigning ``model.dropout_rng`` (restoring a
+    checkpoint) reaches all of them."""
 
     def __init__(self, seed):
         # numpy Generator on the CPU, cupy RandomState on the GPU (what ops.dropout takes)
         self.rng = backend.xp().random.RandomState(seed) if backend.device() == "gpu" \
             else np.random.default_rng(seed)
+        self.shard = 0          # this rank's slice of the global batch (sparse-FFN noise, models/sparse_ffn.py)
 
 
 def _dropout(x, p, box, training):
@@ -120,7 +164,10 @@ class CausalSelfAttention(Module):
         super().__init__()
         C = config.n_embd
         self.n_head, self.dropout = config.n_head, config.dropout
-        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng)   # q, k, v in one matmul
+        if config.qkv_modules:                                 # Jaszczur et al. 2021: sparse QKV
+            self.sparse_qkv = SparseQKV(C, config.qkv_modules, bias=config.bias, rng=rng)
+        else:
+            self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng)   # q, k, v in one matmul
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng)
         self.attention_fn = attention_fn
         self._dropout_rng = dropout_rng
@@ -128,7 +175,12 @@ class CausalSelfAttention(Module):
     def forward(self, x, kv_cache=None):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        qkv = self.c_attn(x)                                   # (B, T, 3C)
+        if hasattr(self, "sparse_qkv"):
+            if self.attention_fn is not None:
+                raise ValueError("sparse QKV convolves over positions: sequence parallelism is not supported")
+            qkv = self.sparse_qkv(x, kv_cache)                 # (B, T, 3C)
+        else:
+            qkv = self.c_attn(x)                               # (B, T, 3C)
         if kv_cache is None and self.attention_fn is None:
             y = HeadsAttention.apply(qkv, n_head=nh)           # (B, T, C)
         else:
@@ -167,7 +219,13 @@ class Block(Module):
         self.ln_1 = _layer_norm(config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config, rng, dropout_rng, attention_fn)
         self.ln_2 = _layer_norm(config.n_embd, config.bias)
-        self.mlp = MLP(config, rng, dropout_rng)
+        if config.ffn_sparsity:                                # Jaszczur et al. 2021: sparse FFN
+            self.mlp = SparseFFN(config.n_embd, 4 * config.n_embd, N=config.ffn_sparsity,
+                                 d_lowrank=config.ffn_lowrank, temperature=config.ffn_temperature,
+                                 hard_prob=config.ffn_hard_prob, bias=config.bias, rng=rng,
+                                 noise_box=dropout_rng, dropout=config.dropout)
+        else:
+            self.mlp = MLP(config, rng, dropout_rng)
 
     def forward(self, x, kv_cache=None):
         x = x + self.attn(self.ln_1(x), kv_cache)              # (B, T, C)
@@ -201,7 +259,7 @@ class GPT(Module):
         scale = 1.0 / math.sqrt(2 * config.n_layer)            # GPT-2: residual projections scaled
         for block in self.transformer.h:
             block.attn.c_proj.weight.data *= scale
-            block.mlp.c_proj.weight.data *= scale
+            (block.mlp.w2 if config.ffn_sparsity else block.mlp.c_proj.weight).data *= scale
 
     # -- pieces ---------------------------------------------------------------------------
     @property
@@ -217,6 +275,17 @@ class GPT(Module):
     @dropout_rng.setter
     def dropout_rng(self, rng):
         self._dropout_box.rng = rng
+
+    @property
+    def batch_shard(self):
+        """Index of this rank's slice of the global batch (0 on one process). A data-parallel
+        rank sets its dp rank here so the sparse FFN's Gumbel noise for its rows is the noise
+        one process draws for them (models/sparse_ffn.py)."""
+        return self._dropout_box.shard
+
+    @batch_shard.setter
+    def batch_shard(self, index):
+        self._dropout_box.shard = int(index)
 
     def embed(self, idx, pos=None):
         """Token plus position embeddings. idx (B, T) ints; pos: global positions (T,) or
@@ -267,7 +336,11 @@ class GPT(Module):
         12 L T C counts the attention score and value matmuls, T = seq_len (default block_size)."""
         c = self.config
         T = c.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * T * c.n_embd
+        n = self.num_params(non_embedding=True)
+        for block in self.blocks:                              # sparse QKV reuses its weights S times
+            if hasattr(block.attn, "sparse_qkv"):
+                n += block.attn.sparse_qkv.macs_per_token() - block.attn.sparse_qkv.num_parameters()
+        return 6 * n + 12 * c.n_layer * T * c.n_embd
 
     # -- decoding (models/generate.py) ---------------------------------------------------------
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True):

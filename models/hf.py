@@ -7,6 +7,8 @@ Names are the same on both sides (models/gpt.py uses Hugging Face's). Two differ
     are transposed both ways.
   - The output layer is tied to wte: Hugging Face checkpoints carry ``lm_head.weight``
     either not at all or as a copy of wte; we write none and ignore it when reading.
+Sparse models (GPTConfig.ffn_sparsity or qkv_modules > 0, Jaszczur et al. 2021) have no
+GPT-2 counterpart: save_hf and expected_shapes refuse them with a one-line ValueError.
 Reading also accepts the original OpenAI-converted files, whose names lack the
 ``transformer.`` prefix and which carry the causal-mask buffers ``attn.bias`` and
 ``attn.masked_bias`` (not parameters: ignored).
@@ -38,8 +40,15 @@ def to_hf(state_dict):
     return out
 
 
+def _refuse_sparse(config):
+    if config.sparse:
+        raise ValueError("Hugging Face GPT-2 has no sparse layers: a model with ffn_sparsity or qkv_modules "
+                         "> 0 (Jaszczur et al. 2021) cannot be converted; keep it as an engine checkpoint")
+
+
 def expected_shapes(config):
     """Our parameter names and shapes for a config (what from_hf checks against)."""
+    _refuse_sparse(config)
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C)}
     for i in range(L):
@@ -130,6 +139,7 @@ def config_from_hf(hf):
 
 def save_hf(model, directory):
     """Write model.safetensors and config.json that transformers.GPT2LMHeadModel.from_pretrained reads."""
+    _refuse_sparse(model.config)
     if not model.config.bias:
         raise ValueError("GPT-2's layout has biases: a model with bias=False cannot be saved as Hugging Face GPT-2")
     os.makedirs(directory, exist_ok=True)

@@ -1,0 +1,207 @@
+"""Sparse feed-forward layer of "Sparse is Enough in Scaling Transformers" (Jaszczur et al.,
+NeurIPS 2021, arXiv 2111.12763, section 3.1; the authors' Trax code: SparseFF in
+trax/layers/research/sparsity.py, whose defaults are kept: N = 32, d_lowrank 64,
+temperature 0.1, hard-mask probability 0.3).
+
+The d_ff hidden units are cut into d_ff/N blocks of N consecutive units; in each block one
+unit is active. A low-rank controller picks it:
+
+    logits = (x C1^T) C2^T + cb                    (n, d_ff) -> (n, d_ff/N, N)    C1 (r, d), C2 (d_ff, r)
+    p      = softmax(logits) within each block
+    mask   = one_hot(sel) + p - stop_grad(p)       hard (straight-through), or mask = p (soft)
+    y      = relu((x W1^T) * mask) W2 + b2         W1 (d_ff, d), W2 (d_ff, d): unit j is row j of both
+
+Training: sel = argmax(logits + temperature * g), g Gumbel noise; each forward call tosses a
+coin and uses the hard mask with probability ``hard_prob``, else the soft mask (Trax's
+quant_prob; Jang et al. 2017 for the Gumbel-softmax, Bengio et al. 2013 for straight-through).
+Training computes the dense product x W1^T and masks it, as Trax does. Either mask has the
+same backward: d mask / d p = I, so dlogits = p * (dp - sum_block(dp * p)).
+
+Evaluation and decoding: sel = argmax(logits), the hard mask. With fewer rows than N (decoding
+one token), only the chosen units are read (``gather_forward``): rows sel + N * block of W1 and
+W2 are contiguous d-vectors, d_ff/N of them, so a token reads d_ff/N rows of each instead of
+d_ff; the dense FFN is never computed. With many rows (a validation batch) the masked dense
+product is cheaper and gives the same numbers.
+
+Randomness (the coin and the Gumbel noise) comes from the model's one noise generator (the
+box models/gpt.py also gives dropout), so a seed reproduces a run, checkpoints save it and
+a recomputation rewinds it. Each call draws exactly two uniforms from it (a key and the
+coin) whatever the batch size; the noise is the key's own PCG64 stream, row-major over the
+global batch, and a data-parallel rank holding slice ``shard`` of it advances the stream to
+its rows, so N ranks draw the noise one process draws.
+
+Init: W2 as the dense MLP's c_proj (normal 0.02, scaled by GPT by 1/sqrt(2 n_layer)); W1
+normal(0, 0.02 sqrt(N)): with one unit of N active, the output's variance at init is then the
+dense MLP's (d_ff/N units, each with N times the variance). On bench/sparse_quality.py (600
+steps) this gave val loss 2.276 against 2.320 with W1 at 0.02 and 2.294 with Trax's Glorot
+W1, W2 (dense: 2.272). The controller is Glorot-uniform as Trax (a 0.02 controller would
+start as a flat softmax with vanishing gradients); biases 0. Choices that differ from the
+dense MLP, as in the paper's code: ReLU and no first bias (relu(h * mask) = relu(h) * mask
+needs a positively homogeneous activation for the soft mask to scale units).
+"""
+import math
+
+import numpy as np
+
+from engine import backend, ops
+from engine.autograd import Function, Tensor, is_grad_enabled
+from engine.backend import get_array_module, to_device
+from engine.nn import Module, Parameter, _normal
+
+
+def _glorot(rng, shape, dtype="float32"):
+    limit = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return to_device(rng.uniform(-limit, limit, size=shape).astype(dtype))
+
+
+def _softmax_blocks(logits):
+    """Softmax over the last axis, (n, nb, N)."""
+    xp = get_array_module(logits)
+    p = logits - logits.max(axis=-1, keepdims=True)
+    xp.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def _one_hot(sel, N, dtype):
+    """sel (n, nb) ints -> (n, nb, N) one-hot."""
+    xp = get_array_module(sel)
+    return (sel[..., None] == xp.arange(N)).astype(dtype)
+
+
+class SparseFFNFunction(Function):
+    """The whole layer as one graph node (controller, mask, both matmuls), forward and backward.
+
+    Inputs x (..., d), w1 (d_ff, d), w2 (d_ff, d), b2 (d,) or None, c1 (r, d), c2 (d_ff, r),
+    cb (d_ff,) or None. Options: N (units per block), hard (one-hot mask, else soft),
+    noise (n, d_ff/N, N) scaled Gumbel noise added to the logits for the choice, or None."""
+
+    def forward(self, x, w1, w2, b2, c1, c2, cb, N=32, hard=True, noise=None):
+        xp = get_array_module(x)
+        d, d_ff = x.shape[-1], w1.shape[0]
+        self.x_shape, self.N = x.shape, N
+        x2 = x.reshape(-1, d)                                          # (n, d)
+        low = x2 @ c1.T                                                # (n, r)
+        logits = low @ c2.T                                            # (n, d_ff)
+        if cb is not None:
+            logits += cb
+        logits = logits.reshape(-1, d_ff // N, N)                      # (n, nb, N)
+        p = _softmax_blocks(logits)
+        if hard:
+            sel = (logits if noise is None else logits + noise).argmax(axis=-1)   # (n, nb)
+            mask = _one_hot(sel, N, x.dtype)                           # forward value of onehot + p - sg(p)
+        else:
+            mask = p
+        h = (x2 @ w1.T).reshape(p.shape)                               # (n, nb, N)
+        hm = h * mask
+        a = xp.maximum(hm, 0.0).reshape(-1, d_ff)                      # (n, d_ff) relu
+        y = a @ w2                                                     # (n, d)
+        if b2 is not None:
+            y += b2
+        if is_grad_enabled() and any(self.needs_input_grad):
+            self.saved = (x2, low, p, mask, h, a, w1, w2, c1, c2)
+        return y.reshape(self.x_shape)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        x2, low, p, mask, h, a, w1, w2, c1, c2 = self.saved
+        need = self.needs_input_grad
+        n, d = x2.shape
+        g2 = g.reshape(-1, d)                                          # (n, d)
+        ones = xp.ones(n, dtype=g.dtype)
+        dw2 = a.T @ g2 if need[2] else None                            # (d_ff, d)
+        db2 = ones @ g2 if need[3] else None
+        dhm = (g2 @ w2.T).reshape(h.shape)                             # (n, nb, N)
+        xp.multiply(dhm, (a > 0).reshape(h.shape), out=dhm)            # relu'
+        dh = (dhm * mask).reshape(n, -1)                               # (n, d_ff)
+        dp = xp.multiply(dhm, h, out=dhm)                              # d mask / d p = I (straight-through)
+        dp -= xp.einsum("nbk,nbk->nb", dp, p)[..., None]               # softmax backward within blocks:
+        dlogits = xp.multiply(dp, p, out=dp).reshape(n, -1)            # p * (dp - sum(dp * p)), (n, d_ff)
+        dw1 = dh.T @ x2 if need[1] else None                           # (d_ff, d)
+        dcb = ones @ dlogits if need[6] else None
+        dc2 = dlogits.T @ low if need[5] else None                     # (d_ff, r)
+        dlow = dlogits @ c2                                            # (n, r)
+        dc1 = dlow.T @ x2 if need[4] else None                         # (r, d)
+        dx = None
+        if need[0]:
+            dx = dh @ w1
+            dx += dlow @ c1
+            dx = dx.reshape(self.x_shape)
+        self.saved = None
+        return dx, dw1, dw2, db2, dc1, dc2, dcb
+
+
+def gather_forward(x, w1, w2, b2, c1, c2, cb, N):
+    """Evaluation without the dense FFN: each row reads only its chosen units.
+    x (..., d) array -> (..., d). Reads d_ff/N rows of W1 and of W2 per input row."""
+    xp = get_array_module(x)
+    d, d_ff = x.shape[-1], w1.shape[0]
+    nb = d_ff // N
+    x2 = x.reshape(-1, d)                                              # (n, d)
+    logits = (x2 @ c1.T) @ c2.T                                        # (n, d_ff): the controller
+    if cb is not None:
+        logits += cb
+    sel = logits.reshape(-1, nb, N).argmax(axis=-1)                    # (n, nb)
+    rows = sel + xp.arange(0, d_ff, N)                                 # (n, nb) unit index = block * N + choice
+    h = xp.matmul(w1[rows], x2[:, :, None])[..., 0]                    # (n, nb, d) @ (n, d, 1) -> (n, nb)
+    xp.maximum(h, 0.0, out=h)
+    y = xp.matmul(h[:, None, :], w2[rows])[:, 0]                       # (n, 1, nb) @ (n, nb, d) -> (n, d)
+    if b2 is not None:
+        y += b2
+    return y.reshape(x.shape)
+
+
+def gumbel_noise(key, shard, shape, dtype):
+    """Gumbel(0, 1) noise for rows [shard * n, (shard + 1) * n) of the stream of ``key``, (n, ...)
+    shaped ``shape``: a host PCG64 stream advanced past the rows of the earlier shards."""
+    count = int(np.prod(shape))
+    bits = np.random.PCG64(key)
+    bits.advance(shard * count)                                        # one 64-bit draw per double
+    u = np.random.Generator(bits).random(count)
+    np.clip(u, 1e-6, 1.0 - 1e-6, out=u)                                # as Trax: no log(0)
+    return to_device((-np.log(-np.log(u))).astype(dtype).reshape(shape))
+
+
+def draw_uniforms(rng, k):
+    """k Python floats in [0, 1) from a NumPy Generator or a CuPy RandomState."""
+    u = rng.random(k) if hasattr(rng, "integers") else rng.random_sample(k)
+    return [float(v) for v in backend.to_numpy(u)]
+
+
+class SparseFFN(Module):
+    """Drop-in for the GPT MLP: x (B, T, d) -> (B, T, d). ``noise_box`` holds the model's
+    generator (``.rng``) and this rank's batch slice (``.shard``), see models/gpt.py."""
+
+    def __init__(self, d_model, d_ff, N=32, d_lowrank=64, temperature=0.1, hard_prob=0.3,
+                 bias=True, rng=None, noise_box=None, dropout=0.0, dtype="float32"):
+        if d_ff % N:
+            raise ValueError(f"d_ff ({d_ff}) must be divisible by the FFN sparsity N ({N})")
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.N, self.temperature, self.hard_prob, self.dropout = N, temperature, hard_prob, dropout
+        self.w1 = Parameter(_normal(rng, (d_ff, d_model), 0.02 * math.sqrt(N), dtype))  # (d_ff, d): unit rows
+        self.w2 = Parameter(_normal(rng, (d_ff, d_model), 0.02, dtype))              # (d_ff, d): unit rows
+        self.b2 = Parameter(to_device(np.zeros(d_model, dtype)), decay=False) if bias else None
+        self.c1 = Parameter(_glorot(rng, (d_lowrank, d_model), dtype))               # (r, d) controller down
+        self.c2 = Parameter(_glorot(rng, (d_ff, d_lowrank), dtype))                  # (d_ff, r) controller up
+        self.cb = Parameter(to_device(np.zeros(d_ff, dtype)), decay=False) if bias else None
+        self._noise_box = noise_box
+
+    def _params(self):
+        return self.w1, self.w2, self.b2, self.c1, self.c2, self.cb
+
+    def forward(self, x):
+        n = int(np.prod(x.shape[:-1]))
+        if not self.training:
+            if n < self.N and not (is_grad_enabled() and x.requires_grad):
+                data = [None if p is None else p.data for p in self._params()]
+                return Tensor(gather_forward(x.data, *data, N=self.N))
+            return SparseFFNFunction.apply(x, *self._params(), N=self.N, hard=True)
+        box = self._noise_box
+        key, coin = draw_uniforms(box.rng, 2)                          # two draws per call, any batch size
+        hard, noise = coin < self.hard_prob, None
+        if hard and self.temperature > 0:
+            shape = (n, self.w1.shape[0] // self.N, self.N)            # (n, nb, N)
+            noise = gumbel_noise(int(key * 2**53), getattr(box, "shard", 0), shape, x.dtype)
+            noise *= self.temperature
+        y = SparseFFNFunction.apply(x, *self._params(), N=self.N, hard=hard, noise=noise)
+        return ops.dropout(y, self.dropout, box.rng) if self.dropout > 0 else y
