@@ -13,6 +13,14 @@ activation) accumulate into ``.grad`` in place, so a gradient that is a view int
 buffer (engine/flat.py) lands in that buffer. When a leaf's gradient is complete for this
 backward, its hooks run: that is the signal DDP uses to start a bucket's all-reduce while
 backward goes on. The graph is freed as it is walked.
+
+Zero-bubble pipelines (Qi et al. 2023, arXiv 2401.10241) split backward in two:
+``backward(grad, deferred=[], inputs=(x,))`` computes only the gradients that flow to
+activations and to the leaves in ``inputs`` (part B: what the previous stage waits for);
+every node that has another leaf (a weight) as input is appended to ``deferred`` with its
+output gradient, and ``run_deferred(deferred)`` later calls its backward again asking for
+the weight gradients alone (part W). Each such Function's backward must therefore be
+callable twice (linear, layer_norm and embedding are).
 """
 import contextlib
 
@@ -80,11 +88,12 @@ class Tensor:
             self.grad[...] = 0
 
     # -- reverse mode -----------------------------------------------------------------
-    def backward(self, grad=None):
+    def backward(self, grad=None, deferred=None, inputs=()):
         """Accumulate d(self)/d(leaf) * grad into every leaf's ``.grad``.
 
         ``grad`` defaults to 1 for a one-element tensor; any other tensor needs the
-        upstream gradient (same shape as ``self``)."""
+        upstream gradient (same shape as ``self``). ``deferred`` (a list): leaves other
+        than ``inputs`` get nothing now; their work is appended for ``run_deferred``."""
         if grad is None:
             if self.size != 1:
                 raise ValueError(f"backward() without a gradient needs a one-element tensor, got shape {self.shape}")
@@ -96,6 +105,7 @@ class Tensor:
 
         order = _topological_order(self)
         grads = {id(self): grad}
+        keep = {id(t) for t in inputs}
         for node in reversed(order):          # every consumer before what it consumed
             g = grads.pop(id(node), None)
             fn = node._fn
@@ -111,7 +121,10 @@ class Tensor:
             node._fn = None                   # free the graph as we go
             if g is None:
                 continue
-            in_grads = fn.backward(g)
+            if deferred is not None:          # B of a B/W split: weight leaves wait for W
+                in_grads = _input_part(fn, g, keep, deferred)
+            else:
+                in_grads = fn.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             for parent, pg in zip(fn.parents, in_grads):
@@ -120,6 +133,43 @@ class Tensor:
                 key = id(parent)
                 # out of place: a Function may hand the same array to two inputs
                 grads[key] = pg if key not in grads else grads[key] + pg
+
+
+def _input_part(fn, g, keep, deferred):
+    """fn.backward(g) without the gradients of leaves outside ``keep``; a node that has such
+    a leaf is recorded in ``deferred`` as (fn, g, mask of those leaves) for run_deferred."""
+    mask = tuple(p.requires_grad and p._fn is None and id(p) not in keep for p in fn.parents)
+    if not any(mask):
+        return fn.backward(g)
+    deferred.append((fn, g, mask))
+    need = tuple(n and not w for n, w in zip(fn.needs_input_grad, mask))
+    if not any(need):
+        return (None,) * len(mask)
+    fn.needs_input_grad = need
+    return fn.backward(g)
+
+
+def run_deferred(deferred):
+    """Part W of a split backward: each recorded node's weight gradients, accumulated into
+    the leaves' ``.grad``; then each leaf's hooks run once. Empties ``deferred``."""
+    done = {}
+    for fn, g, mask in deferred:
+        fn.needs_input_grad = mask
+        in_grads = fn.backward(g)
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        for leaf, pg, w in zip(fn.parents, in_grads, mask):
+            if not w or pg is None:
+                continue
+            if leaf.grad is None:
+                leaf.grad = pg.copy()
+            else:
+                leaf.grad += pg
+            done[id(leaf)] = leaf
+    deferred.clear()
+    for leaf in done.values():
+        for hook in leaf._hooks:
+            hook(leaf)
 
 
 def _topological_order(root):
