@@ -2,10 +2,14 @@
 
     python sample.py --ckpt out                              # latest checkpoint of train.py's out dir
     python sample.py --ckpt out/step_300 --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 40
+    python sample.py --ckpt model.safetensors                # a file written by consolidate.py
     python sample.py --hf gpt2-dir --prompt "Hello, I'm a language model,"   # a Hugging Face GPT-2 directory
 
 The checkpoint's manifest carries the model config and the tokenizer (byte, char or ids),
-so the text is encoded and decoded exactly as in training. Decoding uses the model's KV
+so the text is encoded and decoded exactly as in training. --ckpt reads train.py's sharded
+checkpoints (parallel/checkpoint.py ``consolidate``: the shards of any rank count are
+assembled on this one process), the single-file checkpoints of engine/checkpoint.py, and
+consolidate.py's .safetensors file (its metadata holds the manifest). Decoding uses the model's KV
 cache (models/gpt.py ``generate``): temperature 0 is greedy, ``--top-k`` keeps the k most
 likely tokens, ``--seed`` makes the samples reproducible. A Hugging Face directory
 (config.json + model.safetensors, read by models/hf.py ``load_hf``) is tokenized with its
@@ -15,15 +19,18 @@ as token ids (``--prompt-ids``, output printed as ids). Bad input: one line ``er
 exit code 2.
 """
 import argparse
+import json
+import os
 import sys
 
 import numpy as np
 
 from engine import backend
 from engine.bpe import BPETokenizer
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, resolve
 from engine.data import ByteTokenizer, DataError, IdTokenizer, tokenizer_from_json
-from engine.io import CheckpointError
+from engine.io import CheckpointError, load_json, load_safetensors
+from parallel.checkpoint import FORMAT as SHARDED, consolidate
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,24 +54,43 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def read_checkpoint(path):
+    """(path, manifest, {name: array}) from a sharded checkpoint, an engine/checkpoint.py one,
+    or a consolidated .safetensors file; one-line CheckpointError otherwise."""
+    if os.path.isfile(path):
+        tensors, meta = load_safetensors(path)
+        try:
+            manifest = json.loads((meta or {})["manifest"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: no manifest in its metadata (not written by consolidate.py: "
+                                  f"{type(e).__name__})") from None
+        return path, manifest, {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    step_dir = resolve(path)
+    manifest = load_json(os.path.join(step_dir, "manifest.json"))
+    if isinstance(manifest, dict) and manifest.get("format") == SHARDED:
+        return step_dir, manifest, consolidate(step_dir)
+    ckpt = load_checkpoint(step_dir)
+    return ckpt.path, ckpt.manifest, ckpt.model
+
+
 def load(args):
     """(model, tokenizer) from --ckpt or --hf."""
     from models.gpt import GPT, GPTConfig
     if args.ckpt:
-        ckpt = load_checkpoint(args.ckpt)
+        path, manifest, params = read_checkpoint(args.ckpt)
         try:
-            config = GPTConfig(**ckpt.manifest["config"]["model"])
-            tokenizer = tokenizer_from_json(ckpt.manifest["tokenizer"])
+            config = GPTConfig(**manifest["config"]["model"])
+            tokenizer = tokenizer_from_json(manifest["tokenizer"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {ckpt.path}: bad manifest ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"checkpoint {path}: bad manifest ({type(e).__name__}: {e})") from None
         model = GPT(config, np.random.default_rng(0))
-        dtype = ckpt.manifest.get("config", {}).get("train", {}).get("dtype", "float32")
+        dtype = manifest.get("config", {}).get("train", {}).get("dtype", "float32")
         if dtype != "float32":
             model.astype(dtype)
         try:
-            model.load_state_dict(ckpt.model)
+            model.load_state_dict(params)
         except ValueError as e:
-            raise CheckpointError(f"checkpoint {ckpt.path}: {e}") from None
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
         return model, tokenizer
     from models.hf import load_hf
     try:

@@ -1,9 +1,11 @@
-"""Train a GPT on one process or on N with data parallelism and ZeRO (pipeline and sequence
-parallelism come later).
+"""Train a GPT on one process or on N with data parallelism, ZeRO and sequence parallelism
+(pipeline parallelism comes later).
 
     python train.py                                    # stdlib corpus, byte-level, small GPT, ~1-2 min on 1 core
     mpiexec -n 4 python train.py --dp 4 --zero 2       # 4 data-parallel ranks, ZeRO stage 2 (0-3)
     mpiexec -n 2 python train.py --dp 2 --grad-accum 4 # global batch = batch_size * grad_accum sequences
+    mpiexec -n 4 python train.py --sp 4 --block-size 256             # each sequence split over 4 ranks (ring)
+    mpiexec -n 4 python train.py --dp 2 --sp 2 --sp-attention ulysses --zero 3   # 2 replicas x 2 sp ranks
     python train.py --data input.txt --tokenizer char --max-steps 2000 --out-dir out-char   # any UTF-8 text
     python train.py --config run.toml --lr 3e-4        # TOML supplies fields, flags override it
     python train.py --resume out                       # continue an interrupted run from out/latest
@@ -18,11 +20,20 @@ the same fields (flat keys, or tables [model] [parallel] [train]); flags overrid
 Data parallelism (parallel/zero.py): ``--batch-size`` is the GLOBAL batch, as on one
 process: every rank draws the same windows from one seeded Batcher and takes its slice of
 batch_size / dp sequences, the gradients are averaged over the dp ranks, so N ranks compute
-what one process computes (tests/test_zero.py). Only rank 0 prints, writes metrics and
-checkpoints; its log line gives totals: tokens/s over all ranks, the largest per-rank peak
+what one process computes (tests/test_zero.py). Only rank 0 prints and writes metrics;
+checkpoints are sharded (parallel/checkpoint.py: each rank writes the parameters and AdamW
+state it owns, rank 0 the manifest; resumable at any dp and stage, ``python consolidate.py``
+makes one file). Rank 0's log line gives totals: tokens/s over all ranks, the largest per-rank peak
 memory, MFU against N times the measured per-process peak. ``--comm-timeout`` (default 300 s
 when there are several ranks) arms the collectives' watchdog (collectives/debug.py): a rank
 that stops arriving is named and the job aborted instead of hanging.
+
+Sequence parallelism (parallel/layout.py, parallel/sequence.py): ``--sp N`` splits each
+window of block_size tokens over N ranks (``--sp-attention ring``: K/V blocks travel a ring,
+zigzag split, block_size divisible by 2N; ``ulysses``: all-to-all to head sharding, block_size
+divisible by N, any head count); dp * sp ranks in all. The ZeroEngine then runs over the
+dp x sp group (gradients summed over sp, averaged over dp; ZeRO shards over all dp * sp
+ranks), so the losses equal one process's (tests/test_sp_train.py).
 
 Each step logs one line: loss, learning rate, ms/step, tokens/s, MFU and peak traced
 memory. MFU (Chowdhery et al. 2022, PaLM appendix B; nanoGPT's estimate_mfu) =
@@ -40,6 +51,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,13 +60,16 @@ import numpy as np
 
 from collectives import Mesh, MeshError
 from engine import backend, no_grad
-from engine.checkpoint import check_shapes, list_checkpoints, load_checkpoint, save_checkpoint
+from engine.checkpoint import list_checkpoints
 from engine.config import ConfigError, build, parse_values
 from engine.data import Batcher, DataError, load_dataset
 from engine.io import CheckpointError
 from engine.optim import cosine_lr
 from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPT, GPTConfig
+from parallel.checkpoint import check_params, load_sharded, open_checkpoint, save_sharded
+from parallel.layout import eval_loss, forward_loss, sequence_parallel
+from parallel.sequence import SequenceParallelError, check_config
 from parallel.zero import ZeroEngine
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
@@ -79,12 +94,17 @@ MODEL_HELP = dict(block_size="context length: learned positions, and the length 
 
 @dataclass
 class ParallelConfig:
-    """The parallel layout: dp * pp * sp must equal the number of MPI ranks (pp, sp: reserved)."""
+    """The parallel layout: dp * pp * sp must equal the number of MPI ranks (pp: reserved)."""
     dp: int = _f(1, "data-parallel replicas (the global batch is split among them)")
-    zero: int = _f(0, "ZeRO stage over the dp axis: 0 DDP, 1 optimizer state, 2 + gradients, 3 + parameters",
+    zero: int = _f(0, "ZeRO stage over the dp (x sp) ranks: 0 DDP, 1 optimizer state, 2 + gradients, "
+                      "3 + parameters",
                    choices=(0, 1, 2, 3))
     pp: int = _f(1, "pipeline stages (not implemented yet)")
-    sp: int = _f(1, "sequence-parallel ranks (not implemented yet)")
+    sp: int = _f(1, "sequence-parallel ranks: each sequence's block_size tokens are split over them "
+                    "(block_size must divide by sp for ulysses, by 2 sp for ring); ZeRO then shards over dp*sp")
+    sp_attention: str = _f("ring", "attention across the sp ranks: ring (K/V blocks pass around a ring, zigzag "
+                                   "split) or ulysses (all-to-all to head sharding; any head count)",
+                           choices=("ring", "ulysses"))
     bucket_mb: float = _f(1.0, "gradient bucket size in MiB (each bucket is reduced as soon as backward fills it)")
     comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
                                     "when there are several ranks (0: no watchdog)")
@@ -135,6 +155,11 @@ def parse_configs(argv):
     build(GPTConfig, dict(model, vocab_size=model["vocab_size"] or 1), "model")
     par, cfg = build(ParallelConfig, values["parallel"], "parallel"), build(TrainConfig, values["train"], "train")
     validate(par, cfg)
+    try:                                  # every window of block_size tokens is split over the sp ranks
+        check_config(par.sp, par.sp_attention, model["block_size"], block_size=model["block_size"])
+    except SequenceParallelError as e:
+        raise ConfigError(f"--sp {par.sp} --sp-attention {par.sp_attention} splits each window of --block-size "
+                          f"{model['block_size']} tokens: {e}") from None
     return model, par, cfg
 
 
@@ -156,8 +181,7 @@ def validate(par, cfg):
     need(cfg.mem_trace_interval >= 1, f"mem_trace_interval must be >= 1, got {cfg.mem_trace_interval}")
     for name in ("dp", "pp", "sp"):
         need(getattr(par, name) >= 1, f"{name} must be >= 1, got {getattr(par, name)}")
-    need(par.pp == 1 and par.sp == 1, f"pipeline (pp={par.pp}) and sequence (sp={par.sp}) parallelism are not "
-         "implemented yet; use --pp 1 --sp 1")
+    need(par.pp == 1, f"pipeline parallelism (pp={par.pp}) is not implemented yet; use --pp 1")
     need(cfg.batch_size % par.dp == 0, f"batch_size {cfg.batch_size} is not divisible by dp {par.dp}: each "
          "data-parallel rank takes an equal slice of the global batch")
     need(par.bucket_mb > 0, f"bucket_mb must be positive, got {par.bucket_mb}")
@@ -189,6 +213,7 @@ class Run:
         self.rank, self.world = mesh.world.rank, mesh.world.size
         self.is_main = self.rank == 0
         self.step, self.resumed_from, self.last_ckpt = 0, None, None
+        self.seq = None                     # SequenceParallel when sp > 1 (parallel/layout.py)
         self.discard_old = cfg.overwrite and not cfg.resume   # --overwrite: old checkpoints go at the first save
 
     def local(self, x):
@@ -220,7 +245,7 @@ def prepare(argv):
 
     ckpt = None
     if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+        ckpt = open_checkpoint(cfg.resume, mesh.world)          # manifest, shard sizes and sha256
         where = f"checkpoint {ckpt.path}"
         if ckpt.manifest.get("tokenizer") != data.tokenizer.to_json():
             raise CheckpointError(f"{where} was trained with another tokenizer or vocabulary than the data gives")
@@ -237,51 +262,34 @@ def prepare(argv):
     model = GPT(model_cfg, np.random.default_rng(cfg.seed))
     if cfg.dtype != "float32":
         model.astype(cfg.dtype)
-    if mesh.dp_size > 1 and model_cfg.dropout > 0:                # each replica its own dropout masks
-        model.dropout_rng = np.random.default_rng([cfg.seed, mesh.dp_rank])
-    if ckpt is not None:                                          # names and shapes, before any allocation
-        check_shapes(ckpt.model, model.state_dict(), f"checkpoint {ckpt.path}")
-    engine = ZeroEngine(model, mesh.dp_comm, stage=par.zero, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    if (mesh.dp_size > 1 or mesh.sp_size > 1) and model_cfg.dropout > 0:   # each replica (sp: rank) its masks
+        key = [cfg.seed, mesh.dp_rank] + ([mesh.sp_rank] if mesh.sp_size > 1 else [])
+        model.dropout_rng = np.random.default_rng(key)
+    if ckpt is not None:                                  # names, shapes, dtypes, before any allocation
+        check_params(ckpt, model.named_parameters())
+    comm, seq = sequence_parallel(mesh, model, par.sp_attention)    # sp > 1: the engine spans dp x sp
+    engine = ZeroEngine(model, comm, stage=par.zero, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                         weight_decay=cfg.weight_decay, bucket_bytes=int(par.bucket_mb * 2**20))
     batcher = Batcher(data.train, cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
     run = Run(model_cfg, par, cfg, data, model, mesh, engine, batcher)
+    run.seq = seq
     if ckpt is not None:
         restore(run, ckpt)
     return run
 
 
 def restore(run, ckpt):
-    """Parameters, AdamW moments, batcher and dropout generator from a consolidated checkpoint
-    (engine/checkpoint.py), at any dp and ZeRO stage: each rank takes its shard."""
+    """Parameters, AdamW moments, batcher and dropout generator from a sharded checkpoint
+    (parallel/checkpoint.py) saved at any dp and ZeRO stage: each rank reads the saved shards
+    overlapping its own range. A collective; a bad shard fails every rank alike."""
     where, eng = f"checkpoint {ckpt.path}", run.dp
-    check_shapes(ckpt.model, run.model.state_dict(), where)
-    scalars = ckpt.manifest.get("optim", {})
-    state = {"params": {}, "optim": {}}
-    for dt in eng.flat.dtypes:
-        lo, hi = eng.ranges[dt]
-        padded, numel = len(eng.flat.data[dt]), eng.flat.numel[dt]
-        full = np.zeros(padded, dtype=eng.flat.data[dt].dtype)                 # (padded,) host
-        for name, (d, off, n, _) in eng.flat.index.items():
-            if d == dt:
-                full[off:off + n] = np.asarray(ckpt.model[name]).reshape(-1)
-        moments = {}
-        for key, short in (("exp_avg", "m"), ("exp_avg_sq", "v")):
-            a = ckpt.optim.get(f"{dt}.{key}")
-            if a is None or f"{dt}.step" not in scalars:
-                raise CheckpointError(f"{where}: {dt} optimizer state: missing key {key if a is None else 'step'!r}")
-            if a.shape not in ((numel,), (padded,)) or (a.shape[0] > numel and np.any(a[numel:])):
-                raise CheckpointError(f"{where}: {dt} optimizer state {key!r} has shape {tuple(a.shape)}, "
-                                      f"expected ({numel},)")
-            moments[short] = np.zeros(padded, dtype=full.dtype)
-            moments[short][:numel] = a[:numel]
-        state["params"][dt] = full[lo:hi]
-        state["optim"][dt] = {"m": moments["m"][lo:hi], "v": moments["v"][lo:hi], "step": int(scalars[f"{dt}.step"])}
+    state, manifest, mine = load_sharded(ckpt.path, eng.comm, eng.flat, verify=False)   # prepare() verified
     eng.load_shard_state(state)
     try:
-        run.batcher.load_state_dict({"rng": ckpt.manifest["rng"]["data"], "position": ckpt.manifest["data"]["position"]})
-        per_rank = ckpt.manifest["rng"].get("dropout_ranks")
-        drop = per_rank[run.rank] if per_rank and len(per_rank) == run.world else ckpt.manifest["rng"]["dropout"]
-        if drop is not None and (run.world == 1 or per_rank):
+        run.batcher.load_state_dict({"rng": manifest["rng"]["data"], "position": manifest["data"]["position"]})
+        # dropout: each rank its own generator at the same rank count; one process takes rank 0's
+        drop = mine["dropout"] if mine is not None else manifest["rng"]["dropout"] if run.world == 1 else None
+        if drop is not None:
             run.model.dropout_rng.bit_generator.state = drop
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad RNG or data state in the manifest ({type(e).__name__}: {e})") from None
@@ -289,36 +297,32 @@ def restore(run, ckpt):
 
 
 def save(run, rec):
-    """Gather the shards and write out_dir/step_<N> atomically from rank 0 (engine/checkpoint.py,
-    one consolidated file whatever the layout); every rank returns its path."""
-    cfg, eng, world = run.cfg, run.dp, run.mesh.world.mpi
-    full = eng.full_state()                                        # a collective: every rank
+    """Every rank writes its shard of parameters and AdamW state, rank 0 the manifest, into
+    out_dir/step_<N>, published atomically once all are fsynced (parallel/checkpoint.py);
+    every rank returns its path. ENGINE_TEST_KILL_AT_STEP=k (tests only) SIGKILLs rank
+    ENGINE_TEST_KILL_RANK (default: the last) right after the step-k checkpoint."""
+    cfg, eng = run.cfg, run.dp
     rng = run.model.dropout_rng
     drop = rng.bit_generator.state if hasattr(rng, "bit_generator") else None
-    drops = world.allgather(drop) if run.world > 1 else None       # small JSON dicts
-    path = None
-    if run.is_main:
-        arrays, scalars = {}, {}
-        for dt, o in full["optim"].items():                        # AdamW m, v -> safetensors; step -> JSON
-            n = eng.flat.numel[dt]
-            arrays[f"{dt}.exp_avg"], arrays[f"{dt}.exp_avg_sq"] = o["m"][:n], o["v"][:n]
-            scalars[f"{dt}.step"] = o["step"]
-        manifest = {
-            "config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
-            "tokenizer": run.data.tokenizer.to_json(),
-            "rng": {"data": run.batcher.rng.bit_generator.state,       # numpy Generator states (JSON)
-                    "dropout": drop, **({"dropout_ranks": drops} if drops else {})},
-            "data": {"source": run.data.source, "position": run.batcher.position,
-                     "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
-            "optim": scalars, "metrics": rec}
-        path = save_checkpoint(cfg.out_dir, run.step, eng.named_full_params(full), arrays, manifest,
-                               keep=cfg.keep or None)
-        if run.discard_old:                                  # --overwrite: the previous run's checkpoints go
-            for _, old in list_checkpoints(cfg.out_dir):
-                if os.path.abspath(old) != os.path.abspath(path):
-                    shutil.rmtree(old, ignore_errors=True)
+    manifest = {
+        "config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
+        "tokenizer": run.data.tokenizer.to_json(),
+        "rng": {"data": run.batcher.rng.bit_generator.state, "dropout": drop},   # numpy Generator states (JSON)
+        "data": {"source": run.data.source, "position": run.batcher.position,
+                 "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
+        "metrics": rec}
+    path = save_sharded(cfg.out_dir, run.step, eng.comm, eng.flat, eng.shard_state(), manifest,
+                        per_rank={"dropout": drop}, keep=cfg.keep or None)
+    if run.discard_old and run.is_main:                  # --overwrite: the previous run's checkpoints go
+        for _, old in list_checkpoints(cfg.out_dir):
+            if os.path.abspath(old) != os.path.abspath(path):
+                shutil.rmtree(old, ignore_errors=True)
     run.discard_old = False
-    return world.bcast(path, root=0) if run.world > 1 else path
+    if os.environ.get("ENGINE_TEST_KILL_AT_STEP") == str(run.step) and \
+            run.rank == int(os.environ.get("ENGINE_TEST_KILL_RANK", run.world - 1)):
+        print(f"rank {run.rank}: killed after the step {run.step} checkpoint (ENGINE_TEST_KILL_AT_STEP)", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
 
 
 # ---------------------------------------------------------------------------- loop
@@ -329,7 +333,7 @@ def evaluate(run):
     batcher = Batcher(run.data.val, cfg.batch_size, run.model_cfg.block_size, seed=cfg.seed + 1)
     run.model.eval()
     with no_grad():
-        losses = [run.dp(run.local(x), run.local(y))[1].item()
+        losses = [eval_loss(run.dp, run.seq, run.local(x), run.local(y))
                   for x, y in (batcher.next() for _ in range(cfg.eval_iters))]
     run.model.train()
     return float(run.mesh.dp_comm.all_reduce(np.array([np.mean(losses)]), op="avg")[0])
@@ -346,8 +350,7 @@ def train_step(run, lr):
     with np.errstate(over="ignore", invalid="ignore"):      # divergence is reported once, below
         for k in range(cfg.grad_accum):
             x, y = run.batcher.next()                                   # (B, T), (B, T): the global batch
-            _, loss = eng(run.local(x), run.local(y))                   # (B/dp, T) on this rank
-            value = loss.item()
+            loss, value = forward_loss(eng, run.seq, run.local(x), run.local(y))   # (B/dp, T); sp: T/sp each
             if not math.isfinite(value) and run.world == 1:
                 raise Diverged(f"loss is {value} at step {run.step}; stopping before the update")
             bad = value if bad is None and not math.isfinite(value) else bad
@@ -377,8 +380,11 @@ def train(run, tracer):
     say(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | "
         f"train {len(run.data.train):,} val {len(run.data.val):,} tokens | {tokens_per_step} tokens/step")
     if run.world > 1:
-        say(f"layout: {run.world} ranks, dp={run.par.dp} ZeRO stage {run.par.zero} | "
-            f"{cfg.batch_size // run.par.dp} sequences per rank per micro-batch | buckets {run.dp.buckets.describe()}")
+        sp = f" sp={run.par.sp} ({run.par.sp_attention} attention)" if run.seq else ""
+        tok = f" of {T // run.par.sp} tokens" if run.seq else ""
+        say(f"layout: {run.world} ranks, dp={run.par.dp}{sp} ZeRO stage {run.par.zero} | "
+            f"{cfg.batch_size // run.par.dp} sequences{tok} per rank per micro-batch | "
+            f"buckets {run.dp.buckets.describe()}")
     say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}"
         + (f", {run.world} ranks" if run.world > 1 else "") + f"), "
         f"{flops_per_token / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"

@@ -16,6 +16,11 @@ the directory is renamed to ``step_<N>`` (atomic on POSIX) and only then does ``
 move to it. A crash at any moment leaves ``latest`` pointing at a complete, verified
 checkpoint. Nothing is pickled: tensors are safetensors (engine/io.py), the rest JSON.
 
+The directory protocol (``begin_write`` -> write and fsync files -> ``commit``), the
+``latest`` pointer (``resolve``), pruning and file verification (``file_info``,
+``verify_file``) are shared with the sharded, multi-rank checkpoints of
+parallel/checkpoint.py, which only add who writes which file.
+
 ``load_checkpoint`` verifies the format version, every file's size and sha256, and (via
 ``check_shapes``) the tensor names and shapes against the model, raising engine.io's
 ``CheckpointError`` with one line that names the checkpoint and the problem.
@@ -71,22 +76,36 @@ def save_checkpoint(out_dir, step, model_state, optim_state, manifest, keep=None
     """Write ``out_dir/step_<step>`` atomically, point ``latest`` at it and keep the newest
     ``keep`` step directories (all when None). Arrays may live on the device; they are
     copied to the host. Returns the step directory."""
-    os.makedirs(out_dir, exist_ok=True)
-    _remove_stale(out_dir)
-    name = f"step_{step}"
-    tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = begin_write(out_dir, step)
     files = {}
     for fname, tensors in (("model.safetensors", model_state), ("optim.safetensors", optim_state)):
         fpath = os.path.join(tmp, fname)
         save_safetensors(fpath, {k: _host(v) for k, v in tensors.items()}, metadata={"format": FORMAT})
-        files[fname] = {"sha256": sha256_file(fpath), "bytes": os.path.getsize(fpath)}
+        files[fname] = file_info(fpath)
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, step=step, files=files)
     atomic_write_json(os.path.join(tmp, "manifest.json"), manifest)
-    _fsync_dir(tmp)
+    return commit(out_dir, tmp, step, keep)
 
+
+def begin_write(out_dir, step, pid=None):
+    """Make (empty) the temporary directory ``out_dir/.tmp-step_<step>-<pid>`` a checkpoint is
+    written into, after deleting the leftovers of writers that died. Returns its path."""
+    pid = os.getpid() if pid is None else pid
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale(out_dir)
+    tmp = os.path.join(out_dir, f".tmp-step_{step}-{pid}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit(out_dir, tmp, step, keep=None):
+    """Publish a fully written (every file fsynced) temporary directory: fsync it, rename it
+    to ``step_<step>`` (atomic on POSIX; an existing one is replaced whole), move ``latest``
+    and prune to the newest ``keep``. Returns the step directory."""
+    _fsync_dir(tmp)
+    name = f"step_{step}"
     final = os.path.join(out_dir, name)
     old = None
     if os.path.exists(final):                  # rewriting a step (resumed from an older one)
@@ -100,6 +119,25 @@ def save_checkpoint(out_dir, step, model_state, optim_state, manifest, keep=None
     if keep is not None:
         prune(out_dir, keep, protect=final)
     return final
+
+
+def file_info(fpath):
+    """{"sha256", "bytes"} of a written file, as manifests record it."""
+    return {"sha256": sha256_file(fpath), "bytes": os.path.getsize(fpath)}
+
+
+def verify_file(fpath, info, what):
+    """One-line CheckpointError unless ``fpath`` exists with the size and sha256 of ``info``
+    (a manifest's record); ``what`` names the checkpoint in the message."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{what}: the manifest records no size and checksum for {os.path.basename(fpath)}")
+    if not os.path.isfile(fpath):
+        raise CheckpointError(f"{what} lacks {os.path.basename(fpath)}")
+    size = os.path.getsize(fpath)
+    if size != info.get("bytes"):
+        raise CheckpointError(f"{fpath} is {size} bytes, the manifest says {info.get('bytes')} (truncated or corrupt)")
+    if sha256_file(fpath) != info.get("sha256"):
+        raise CheckpointError(f"{fpath} fails its sha256 check (corrupt or modified)")
 
 
 def _remove_stale(out_dir):
@@ -146,18 +184,20 @@ def resolve(path):
     return step_dir
 
 
-def read_manifest(step_dir):
+def read_manifest(step_dir, fmt=FORMAT, version=FORMAT_VERSION):
+    """The manifest of a step directory, checked to be of format ``fmt`` and ``version``."""
     path = os.path.join(step_dir, "manifest.json")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint manifest {path} is corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{path} is not a {fmt} manifest" + (f" (it is {got})" if got else ""))
+    if manifest.get("format_version") != version:
         raise CheckpointError(f"{path} has format version {manifest.get('format_version')}, "
-                              f"this code reads version {FORMAT_VERSION}")
+                              f"this code reads version {version}")
     return manifest
 
 
@@ -173,11 +213,7 @@ def load_checkpoint(path, verify=True):
         if info is None or not os.path.isfile(fpath):
             raise CheckpointError(f"checkpoint {step_dir} lacks {fname}")
         if verify:
-            size = os.path.getsize(fpath)
-            if size != info.get("bytes"):
-                raise CheckpointError(f"{fpath} is {size} bytes, the manifest says {info.get('bytes')} (truncated or corrupt)")
-            if sha256_file(fpath) != info.get("sha256"):
-                raise CheckpointError(f"{fpath} fails its sha256 check (corrupt or modified)")
+            verify_file(fpath, info, f"checkpoint {step_dir}")
         arrays[fname], _ = load_safetensors(fpath)
     return Checkpoint(step_dir, manifest, arrays["model.safetensors"], arrays["optim.safetensors"])
 

@@ -101,9 +101,14 @@ class ZeroEngine:
 
     def forward(self, *args, **kwargs):
         """The local model's forward (stage 3: parameters outside the layers are gathered first)."""
+        return self.forward_with(self.model, *args, **kwargs)
+
+    def forward_with(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) in place of the model's forward, e.g. a sequence-parallel one
+        (parallel/layout.py): stage 3 gathers the root first; the layers gather themselves."""
         if self.layers is not None:
             self.layers.gather_root()
-        return self.model(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     def backward(self, out, grad=None, sync=True):
         """out.backward(grad) with bucketed gradient reduction overlapping it.
