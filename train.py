@@ -160,6 +160,8 @@ def parse_configs(argv):
     except SequenceParallelError as e:
         raise ConfigError(f"--sp {par.sp} --sp-attention {par.sp_attention} splits each window of --block-size "
                           f"{model['block_size']} tokens: {e}") from None
+    need(par.sp == 1 or not model.get("qkv_modules"), f"--sp {par.sp} with --qkv-modules {model.get('qkv_modules')}: "
+         "the sparse QKV layer convolves over neighbouring positions, which sequence shards split; use --sp 1")
     return model, par, cfg
 
 
@@ -265,6 +267,9 @@ def prepare(argv):
     if (mesh.dp_size > 1 or mesh.sp_size > 1) and model_cfg.dropout > 0:   # each replica (sp: rank) its masks
         key = [cfg.seed, mesh.dp_rank] + ([mesh.sp_rank] if mesh.sp_size > 1 else [])
         model.dropout_rng = np.random.default_rng(key)
+    # the sparse FFN's Gumbel noise is drawn row-major over the global batch: this rank's rows
+    # are slice dp_rank of it (equal to one process's noise; under sp a distinct slice per rank)
+    model.batch_shard = mesh.dp_rank * mesh.sp_size + mesh.sp_rank
     if ckpt is not None:                                  # names, shapes, dtypes, before any allocation
         check_params(ckpt, model.named_parameters())
     comm, seq = sequence_parallel(mesh, model, par.sp_attention)    # sp > 1: the engine spans dp x sp

@@ -56,7 +56,26 @@ def test_dp_and_every_stage_match_one_process_and_resume_across_layouts(corpus, 
             assert close(got[step], ref[step]), (n, step, got[step], ref[step])
 
 
+def test_sparse_model_under_dp_and_zero_matches_one_process(corpus, tmp_path):
+    """The sparse FFN's training noise (hard-mask coin, Gumbel noise at temperature 0.5) and
+    the sparse QKV layer: each dp rank draws the noise of its own rows (GPT.batch_shard), so
+    2 ranks at ZeRO stage 2 log the one-process losses."""
+    sparse = ["--ffn-sparsity", "8", "--ffn-lowrank", "8", "--ffn-temperature", "0.5", "--ffn-hard-prob", "0.5",
+              "--qkv-modules", "4", "--ckpt-interval", "0"]
+    runs = {}
+    for n, zero in ((1, 0), (2, 2)):
+        tag = f"sparse{n}"
+        proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, *sparse, "--dp", n, "--zero", zero,
+                       "--out-dir", tmp_path / tag, "--metrics", tmp_path / f"{tag}.jsonl")
+        assert proc.returncode == 0, describe(proc)
+        runs[n] = losses(tmp_path / f"{tag}.jsonl")
+    assert sorted(runs[2]) == [1, 2, 3, 4]
+    for step in runs[1]:
+        assert close(runs[2][step], runs[1][step]), (step, runs[2][step], runs[1][step])
+
+
 @pytest.mark.parametrize("n, args, words", [
+    (2, ["--sp", "2", "--qkv-modules", "4"], "the sparse QKV layer convolves over neighbouring positions"),
     (2, ["--dp", "4"], "Mesh(dp=4, pp=1, sp=1, tp=1) needs dp*pp*sp*tp = 4 ranks, but the job has 2"),
     (3, ["--dp", "3"], "batch_size 8 is not divisible by dp 3"),
     (2, ["--dp", "2", "--pp", "2"], "not implemented yet"),
