@@ -21,7 +21,7 @@ from engine.io import CheckpointError, save_safetensors
 from parallel.checkpoint import consolidate
 
 CONSOLIDATED = "mpi-transformer-engine/consolidated"
-SKIP = ("shards", "per_rank", "params", "buffers")      # layout keys that mean nothing in one file
+SKIP = ("shards", "per_rank", "params", "buffers", "pipeline")   # layout keys that mean nothing in one file
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,11 +1,14 @@
-"""Train a GPT on one process or on N with data parallelism, ZeRO and sequence parallelism
-(pipeline parallelism comes later).
+"""Train a GPT on one process or on N with data parallelism, ZeRO, pipeline and sequence
+parallelism.
 
     python train.py                                    # stdlib corpus, byte-level, small GPT, ~1-2 min on 1 core
     mpiexec -n 4 python train.py --dp 4 --zero 2       # 4 data-parallel ranks, ZeRO stage 2 (0-3)
     mpiexec -n 2 python train.py --dp 2 --grad-accum 4 # global batch = batch_size * grad_accum sequences
     mpiexec -n 4 python train.py --sp 4 --block-size 256             # each sequence split over 4 ranks (ring)
     mpiexec -n 4 python train.py --dp 2 --sp 2 --sp-attention ulysses --zero 3   # 2 replicas x 2 sp ranks
+    mpiexec -n 4 python train.py --pp 4 --micro-batches 4 --schedule 1f1b         # 4 pipeline stages
+    mpiexec -n 4 python train.py --pp 2 --dp 2 --zero 1 --schedule zb-h1 --trace step.json   # 2 replicas x 2 stages
+    mpiexec -n 2 python train.py --pp 2 --schedule interleaved --virtual-stages 2  # 2 layer chunks per rank
     python train.py --data input.txt --tokenizer char --max-steps 2000 --out-dir out-char   # any UTF-8 text
     python train.py --config run.toml --lr 3e-4        # TOML supplies fields, flags override it
     python train.py --resume out                       # continue an interrupted run from out/latest
@@ -22,7 +25,7 @@ process: every rank draws the same windows from one seeded Batcher and takes its
 batch_size / dp sequences, the gradients are averaged over the dp ranks, so N ranks compute
 what one process computes (tests/test_zero.py). Only rank 0 prints and writes metrics;
 checkpoints are sharded (parallel/checkpoint.py: each rank writes the parameters and AdamW
-state it owns, rank 0 the manifest; resumable at any dp and stage, ``python consolidate.py``
+state it owns, rank 0 the manifest; resumable at any dp, pp and stage, ``python consolidate.py``
 makes one file). Rank 0's log line gives totals: tokens/s over all ranks, the largest per-rank peak
 memory, MFU against N times the measured per-process peak. ``--comm-timeout`` (default 300 s
 when there are several ranks) arms the collectives' watchdog (collectives/debug.py): a rank
@@ -34,6 +37,22 @@ zigzag split, block_size divisible by 2N; ``ulysses``: all-to-all to head shardi
 divisible by N, any head count); dp * sp ranks in all. The ZeroEngine then runs over the
 dp x sp group (gradients summed over sp, averaged over dp; ZeRO shards over all dp * sp
 ranks), so the losses equal one process's (tests/test_sp_train.py).
+
+Pipeline parallelism (parallel/pipeline_layout.py, parallel/pipeline.py): ``--pp P`` cuts the
+layers into P stages (embedding on the first, final LayerNorm, tied head and loss on the last)
+and each replica's batch_size / dp sequences into ``--micro-batches M`` (default P), run by
+``--schedule``: gpipe (Huang et al. 2019), 1f1b and interleaved with ``--virtual-stages V``
+chunks per rank (Narayanan et al. 2021), zb-h1 (Qi et al. 2023, arXiv 2401.10241); dp * pp
+ranks in all. Every rank builds the whole GPT from the seed and keeps its stage; a ZeroEngine
+(stage 0 or 1; 2 and 3 are refused, as in DeepSpeed) over the stage's dp group owns its
+parameters; the tied wte gradient is summed between the first and last stage, the gradient
+norm is the whole model's; validation runs forward only through the stages. The losses equal
+one process's (tests/test_pp_train.py). Checkpoints hold one set of shards per stage and
+resume at any layout (parameters are read by name). ``--grad-accum`` composes (k pipeline
+passes per step); ``--micro-batches`` > 1 without ``--pp`` is refused (use --grad-accum);
+``--sp`` > 1 with ``--pp`` is refused. ``--trace FILE.json`` (any layout) writes a Chrome
+trace of the run's second step: a row per rank, a box per forward, backward, weight
+gradient, comm wait, dp reduction and optimizer step (open in https://ui.perfetto.dev).
 
 Each step logs one line: loss, learning rate, ms/step, tokens/s, MFU and peak traced
 memory. MFU (Chowdhery et al. 2022, PaLM appendix B; nanoGPT's estimate_mfu) =
@@ -69,6 +88,10 @@ from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPT, GPTConfig
 from parallel.checkpoint import check_params, load_sharded, open_checkpoint, save_sharded
 from parallel.layout import eval_loss, forward_loss, sequence_parallel
+from parallel.pipeline_layout import PipelineConfigError, PipelineStep, build_stage
+from parallel.pipeline_layout import check_layout as check_pipeline
+from parallel.schedules import SCHEDULES
+from parallel.trace import Tracer, write_chrome_trace
 from parallel.sequence import SequenceParallelError, check_config
 from parallel.zero import ZeroEngine
 
@@ -94,12 +117,20 @@ MODEL_HELP = dict(block_size="context length: learned positions, and the length 
 
 @dataclass
 class ParallelConfig:
-    """The parallel layout: dp * pp * sp must equal the number of MPI ranks (pp: reserved)."""
+    """The parallel layout: dp * pp * sp must equal the number of MPI ranks."""
     dp: int = _f(1, "data-parallel replicas (the global batch is split among them)")
     zero: int = _f(0, "ZeRO stage over the dp (x sp) ranks: 0 DDP, 1 optimizer state, 2 + gradients, "
                       "3 + parameters",
                    choices=(0, 1, 2, 3))
-    pp: int = _f(1, "pipeline stages (not implemented yet)")
+    pp: int = _f(1, "pipeline stages: the layers are cut into pp stages, each batch into micro-batches "
+                    "(ZeRO stage 0 or 1 over dp; sp 1)")
+    micro_batches: int = _f(0, "micro-batches per batch in the pipeline (0: pp); batch_size / dp must divide by it",
+                            metavar="M")
+    schedule: str = _f("1f1b", "pipeline schedule: gpipe (all forwards, then all backwards), 1f1b, interleaved "
+                               "(--virtual-stages chunks per rank), zb-h1 (zero bubble: backward split in B and W)",
+                       choices=SCHEDULES)
+    virtual_stages: int = _f(1, "model chunks per pp rank (the interleaved schedule; n_layer must divide by pp * v)",
+                             metavar="V")
     sp: int = _f(1, "sequence-parallel ranks: each sequence's block_size tokens are split over them "
                     "(block_size must divide by sp for ulysses, by 2 sp for ring); ZeRO then shards over dp*sp")
     sp_attention: str = _f("ring", "attention across the sp ranks: ring (K/V blocks pass around a ring, zigzag "
@@ -141,6 +172,9 @@ class TrainConfig:
     device: str = _f("cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
     metrics: str = _f("", "write one JSON line per step to this file", metavar="FILE")
     mem_trace_interval: int = _f(25, "trace memory (tracemalloc) on step 1 and every N steps; 1: every step")
+    trace: str = _f("", "write a Chrome trace (Perfetto, chrome://tracing) of this run's second step (its first if "
+                        "it runs one): a row per rank, a box per forward, backward, weight-gradient, comm wait, "
+                        "dp reduction and optimizer step", metavar="FILE.json")
 
 
 SECTIONS = (("model", ModelConfig), ("parallel", ParallelConfig), ("train", TrainConfig))
@@ -160,6 +194,13 @@ def parse_configs(argv):
     except SequenceParallelError as e:
         raise ConfigError(f"--sp {par.sp} --sp-attention {par.sp_attention} splits each window of --block-size "
                           f"{model['block_size']} tokens: {e}") from None
+    if par.micro_batches == 0:            # default: one micro-batch per stage
+        par.micro_batches = par.pp
+    try:                                  # the layers are cut into pp (x v) stages, the batch into micro-batches
+        check_pipeline(model["n_layer"], par.pp, par.schedule, par.micro_batches, par.virtual_stages, par.zero,
+                       par.sp, cfg.batch_size // par.dp, sparse_ffn=bool(model.get("ffn_sparsity")))
+    except PipelineConfigError as e:
+        raise ConfigError(str(e)) from None
     need(par.sp == 1 or not model.get("qkv_modules"), f"--sp {par.sp} with --qkv-modules {model.get('qkv_modules')}: "
          "the sparse QKV layer convolves over neighbouring positions, which sequence shards split; use --sp 1")
     return model, par, cfg
@@ -183,7 +224,10 @@ def validate(par, cfg):
     need(cfg.mem_trace_interval >= 1, f"mem_trace_interval must be >= 1, got {cfg.mem_trace_interval}")
     for name in ("dp", "pp", "sp"):
         need(getattr(par, name) >= 1, f"{name} must be >= 1, got {getattr(par, name)}")
-    need(par.pp == 1, f"pipeline parallelism (pp={par.pp}) is not implemented yet; use --pp 1")
+    need(not cfg.trace or os.path.isdir(os.path.dirname(os.path.abspath(cfg.trace))),
+         f"trace {cfg.trace}: its directory does not exist")
+    need(par.micro_batches >= 0, f"micro_batches must be >= 0, got {par.micro_batches}")
+    need(par.virtual_stages >= 1, f"virtual_stages must be >= 1, got {par.virtual_stages}")
     need(cfg.batch_size % par.dp == 0, f"batch_size {cfg.batch_size} is not divisible by dp {par.dp}: each "
          "data-parallel rank takes an equal slice of the global batch")
     need(par.bucket_mb > 0, f"bucket_mb must be positive, got {par.bucket_mb}")
@@ -216,6 +260,8 @@ class Run:
         self.is_main = self.rank == 0
         self.step, self.resumed_from, self.last_ckpt = 0, None, None
         self.seq = None                     # SequenceParallel when sp > 1 (parallel/layout.py)
+        self.pipe = None                    # PipelineStep when pp > 1 (parallel/pipeline_layout.py)
+        self.tracer = None                  # parallel.trace.Tracer during the --trace step
         self.discard_old = cfg.overwrite and not cfg.resume   # --overwrite: old checkpoints go at the first save
 
     def local(self, x):
@@ -264,20 +310,25 @@ def prepare(argv):
     model = GPT(model_cfg, np.random.default_rng(cfg.seed))
     if cfg.dtype != "float32":
         model.astype(cfg.dtype)
-    if (mesh.dp_size > 1 or mesh.sp_size > 1) and model_cfg.dropout > 0:   # each replica (sp: rank) its masks
-        key = [cfg.seed, mesh.dp_rank] + ([mesh.sp_rank] if mesh.sp_size > 1 else [])
+    if (mesh.dp_size > 1 or mesh.sp_size > 1 or mesh.pp_size > 1) and model_cfg.dropout > 0:   # each rank its masks
+        key = [cfg.seed, mesh.dp_rank] + ([mesh.sp_rank] if mesh.sp_size > 1 else []) + \
+            ([mesh.pp_rank] if mesh.pp_size > 1 else [])
         model.dropout_rng = np.random.default_rng(key)
     # the sparse FFN's Gumbel noise is drawn row-major over the global batch: this rank's rows
     # are slice dp_rank of it (equal to one process's noise; under sp a distinct slice per rank)
     model.batch_shard = mesh.dp_rank * mesh.sp_size + mesh.sp_rank
     if ckpt is not None:                                  # names, shapes, dtypes, before any allocation
         check_params(ckpt, model.named_parameters())
-    comm, seq = sequence_parallel(mesh, model, par.sp_attention)    # sp > 1: the engine spans dp x sp
-    engine = ZeroEngine(model, comm, stage=par.zero, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, bucket_bytes=int(par.bucket_mb * 2**20))
+    stage = build_stage(mesh, model, par.virtual_stages) if mesh.pp_size > 1 else None   # pp > 1: this rank's layers
+    comm, seq = (mesh.dp_comm, None) if stage is not None else \
+        sequence_parallel(mesh, model, par.sp_attention)       # sp > 1: the engine spans dp x sp
+    engine = ZeroEngine(model if stage is None else stage, comm, stage=par.zero, lr=cfg.lr, betas=tuple(cfg.betas),
+                        eps=cfg.eps, weight_decay=cfg.weight_decay, bucket_bytes=int(par.bucket_mb * 2**20))
     batcher = Batcher(data.train, cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
     run = Run(model_cfg, par, cfg, data, model, mesh, engine, batcher)
     run.seq = seq
+    if stage is not None:                                 # parallel/pipeline_layout.py: pp x dp, ZeRO 0-1
+        run.pipe = PipelineStep(mesh, model_cfg, stage, engine, par.schedule, par.micro_batches, par.virtual_stages)
     if ckpt is not None:
         restore(run, ckpt)
     return run
@@ -285,10 +336,12 @@ def prepare(argv):
 
 def restore(run, ckpt):
     """Parameters, AdamW moments, batcher and dropout generator from a sharded checkpoint
-    (parallel/checkpoint.py) saved at any dp and ZeRO stage: each rank reads the saved shards
-    overlapping its own range. A collective; a bad shard fails every rank alike."""
+    (parallel/checkpoint.py) saved at any dp, pp and ZeRO stage: each rank reads the saved shards
+    overlapping its own range (another layout: each parameter by name from the stage that saved
+    it). A collective; a bad shard fails every rank alike."""
     where, eng = f"checkpoint {ckpt.path}", run.dp
-    state, manifest, mine = load_sharded(ckpt.path, eng.comm, eng.flat, verify=False)   # prepare() verified
+    state, manifest, mine = load_sharded(ckpt.path, eng.comm, eng.flat, verify=False,   # prepare() verified
+                                         **pipeline_layout(run))
     eng.load_shard_state(state)
     try:
         run.batcher.load_state_dict({"rng": manifest["rng"]["data"], "position": manifest["data"]["position"]})
@@ -299,6 +352,14 @@ def restore(run, ckpt):
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad RNG or data state in the manifest ({type(e).__name__}: {e})") from None
     run.step, run.resumed_from = ckpt.step, ckpt.path
+
+
+def pipeline_layout(run):
+    """With pp > 1 a checkpoint is saved and loaded by every rank of every stage (group: the
+    world), each stage's dp group holding its own shards (stage: (pp rank, pp))."""
+    if run.pipe is None:
+        return {}
+    return {"group": run.mesh.world, "stage": (run.mesh.pp_rank, run.mesh.pp_size)}
 
 
 def save(run, rec):
@@ -317,7 +378,7 @@ def save(run, rec):
                  "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
         "metrics": rec}
     path = save_sharded(cfg.out_dir, run.step, eng.comm, eng.flat, eng.shard_state(), manifest,
-                        per_rank={"dropout": drop}, keep=cfg.keep or None)
+                        per_rank={"dropout": drop}, keep=cfg.keep or None, **pipeline_layout(run))
     if run.discard_old and run.is_main:                  # --overwrite: the previous run's checkpoints go
         for _, old in list_checkpoints(cfg.out_dir):
             if os.path.abspath(old) != os.path.abspath(path):
@@ -337,8 +398,9 @@ def evaluate(run):
     cfg = run.cfg
     batcher = Batcher(run.data.val, cfg.batch_size, run.model_cfg.block_size, seed=cfg.seed + 1)
     run.model.eval()
-    with no_grad():
-        losses = [eval_loss(run.dp, run.seq, run.local(x), run.local(y))
+    with no_grad():                                        # pp > 1: forward only through the stages
+        losses = [eval_loss(run.dp, run.seq, run.local(x), run.local(y)) if run.pipe is None
+                  else run.pipe.eval_loss(run.local(x), run.local(y))
                   for x, y in (batcher.next() for _ in range(cfg.eval_iters))]
     run.model.train()
     return float(run.mesh.dp_comm.all_reduce(np.array([np.mean(losses)]), op="avg")[0])
@@ -349,29 +411,59 @@ def train_step(run, lr):
     global batch; gradients reduced during the last backward), clipping, AdamW. Returns
     (mean loss over the global batch, gradient norm); raises Diverged on a NaN or inf loss,
     before the update."""
-    cfg, eng = run.cfg, run.dp
+    cfg, eng, tr = run.cfg, run.dp, run.tracer
     eng.zero_grad()
     total, bad = 0.0, None
     with np.errstate(over="ignore", invalid="ignore"):      # divergence is reported once, below
         for k in range(cfg.grad_accum):
             x, y = run.batcher.next()                                   # (B, T), (B, T): the global batch
+            last = k == cfg.grad_accum - 1
+            if run.pipe is not None:                        # pp > 1: the micro-batches through the stages
+                value = run.pipe.forward_backward(run.local(x), run.local(y), scale=1.0 / cfg.grad_accum, last=last)
+                total += value
+                continue
+            t0 = time.perf_counter()
             loss, value = forward_loss(eng, run.seq, run.local(x), run.local(y))   # (B/dp, T); sp: T/sp each
             if not math.isfinite(value) and run.world == 1:
                 raise Diverged(f"loss is {value} at step {run.step}; stopping before the update")
             bad = value if bad is None and not math.isfinite(value) else bad
             total += value
-            eng.backward(loss if cfg.grad_accum == 1 else loss * (1.0 / cfg.grad_accum),
-                         sync=k == cfg.grad_accum - 1)
+            t1 = time.perf_counter()
+            eng.backward(loss if cfg.grad_accum == 1 else loss * (1.0 / cfg.grad_accum), sync=last)
+            if tr is not None:                              # the whole model's F, B (B ends with the dp reduce)
+                tr.add("F", k, 0, t0, t1)
+                tr.add("B", k, 0, t1, time.perf_counter())
         if run.world > 1:
             total = float(run.mesh.dp_comm.all_reduce(np.array([total]), op="avg")[0])
             if not math.isfinite(total):
                 raise Diverged(f"loss is {total} at step {run.step}; stopping before the update")
-        norm = eng.clip_grad_norm(cfg.grad_clip)
+        t0 = time.perf_counter()
+        norm = eng.clip_grad_norm(cfg.grad_clip) if run.pipe is None else run.pipe.clip_grad_norm(cfg.grad_clip)
         if not math.isfinite(norm):
             raise Diverged(f"gradient norm is {norm} at step {run.step}; stopping before the update")
         eng.step(lr)
+        if tr is not None:
+            tr.add("optim", 0, 0, t0, time.perf_counter())
     backend.synchronize()
     return total / cfg.grad_accum, norm
+
+
+def start_trace(run):
+    """Record this step's actions on every rank (parallel/trace.py; a barrier aligns the clocks)."""
+    run.tracer = Tracer().start(run.mesh.world)
+    if run.pipe is not None:
+        run.pipe.tracer = run.tracer
+
+
+def write_trace(run):
+    """Gather the step's events over the world; rank 0 writes the Chrome trace atomically."""
+    mesh = run.mesh
+    labels = [f"rank {r} (" + ", ".join(f"{a} {c}" for a, c in mesh.coords_of(r).items() if mesh.shape[a] > 1)
+              + ")" if run.world > 1 else "rank 0" for r in range(run.world)]
+    write_chrome_trace(run.cfg.trace, run.tracer, mesh.world, labels)
+    run.tracer = None
+    if run.pipe is not None:
+        run.pipe.tracer = None
 
 
 def train(run, tracer):
@@ -385,11 +477,14 @@ def train(run, tracer):
     say(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | "
         f"train {len(run.data.train):,} val {len(run.data.val):,} tokens | {tokens_per_step} tokens/step")
     if run.world > 1:
-        sp = f" sp={run.par.sp} ({run.par.sp_attention} attention)" if run.seq else ""
-        tok = f" of {T // run.par.sp} tokens" if run.seq else ""
-        say(f"layout: {run.world} ranks, dp={run.par.dp}{sp} ZeRO stage {run.par.zero} | "
-            f"{cfg.batch_size // run.par.dp} sequences{tok} per rank per micro-batch | "
-            f"buckets {run.dp.buckets.describe()}")
+        par = run.par
+        sp = f" sp={par.sp} ({par.sp_attention} attention)" if run.seq else ""
+        tok = f" of {T // par.sp} tokens" if run.seq else ""
+        pp = (f" pp={par.pp} ({par.schedule}, {par.micro_batches} micro-batches"
+              + (f", {par.virtual_stages} chunks per rank" if par.virtual_stages > 1 else "") + ")") if run.pipe else ""
+        say(f"layout: {run.world} ranks, dp={par.dp}{sp}{pp} ZeRO stage {par.zero} | "
+            f"{cfg.batch_size // par.dp // (par.micro_batches if run.pipe else 1)} sequences{tok} per rank per "
+            f"micro-batch | buckets {run.dp.buckets.describe()}")
     say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}"
         + (f", {run.world} ranks" if run.world > 1 else "") + f"), "
         f"{flops_per_token / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"
@@ -402,11 +497,14 @@ def train(run, tracer):
     metrics = open(cfg.metrics, "a" if run.resumed_from else "w") if cfg.metrics and run.is_main else None
     model.train()
     run.last_ckpt = run.resumed_from
+    trace_step = run.step + min(2, cfg.max_steps - run.step) if cfg.trace else None   # the second step, warm
     try:
         while run.step < cfg.max_steps:
             run.step += 1
             step = run.step
             lr = cosine_lr(step - 1, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
+            if step == trace_step:
+                start_trace(run)
             tracer.begin(step)
             t0 = time.perf_counter()
             try:
@@ -425,6 +523,9 @@ def train(run, tracer):
                 say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | "
                     f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | "
                     f"mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
+            if step == trace_step:
+                write_trace(run)
+                say(f"step {step:5d} | trace {cfg.trace}", flush=True)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
                 rec["val_loss"] = evaluate(run)
                 say(f"step {step:5d} | val loss {rec['val_loss']:.4f}", flush=True)

@@ -22,7 +22,8 @@ gradient between the first and last rank (tied embeddings), broadcast the loss f
 rank. Gradients are left ACCUMULATED in the stage's parameters (``p.grad``, e.g. views of a
 flat buffer), meaning the gradient of the mean loss over the batch, exactly as
 ``loss.backward()`` on one process: data parallelism (average over dp) and the optimizer
-compose outside.
+compose outside (parallel/pipeline_layout.py: how train.py does it). ``eval_loss`` runs
+the micro-batches forward only, for validation.
 
 Memory per rank: (activations of one micro-batch) x (the schedule's bound:
 schedules.activation_bound: m for GPipe, p - r for 1F1B, at most p for ZB-H1).
@@ -71,19 +72,16 @@ class PipelineEngine:
         self.peak_held = 0              # most (micro-batch, chunk) activations alive at once, last step
 
     # -- one step ---------------------------------------------------------------------------
-    def step_grads(self, x, y):
+    def step_grads(self, x, y, scale=1.0, sync_tied=True):
         """Forward and backward of the batch x, y (B, T) token ids (this data-parallel
-        replica's rows) through the pipeline. Accumulates d(mean loss)/d(param) into the
-        stage's parameters; returns the mean loss (a float, on every pp rank)."""
-        B, T = x.shape
-        check_config(self.cfg.n_layer, self.p, self.schedule, self.m, self.v, batch_size=B)
-        b = B // self.m
-        self._x = [x[i * b:(i + 1) * b] for i in range(self.m)]          # (B/m, T) each
-        self._y = [y[i * b:(i + 1) * b] for i in range(self.m)]
-        self._shape = (b, T, self.cfg.n_embd)                            # activation (B/m, T, C)
-        self._dtype = self.stage.parameters()[0].data.dtype
+        replica's rows) through the pipeline. Accumulates scale * d(mean loss)/d(param) into
+        the stage's parameters; returns the mean loss (a float, on every pp rank).
+        scale: 1/k when k calls accumulate one optimizer step (train.py --grad-accum), with
+        sync_tied=False on all but the last, so the tied wte gradients are summed once."""
+        self._begin(x, y)
+        self._scale = scale
         self._recv, self._stash, self._wait_w, self._grad_in, self._sends = {}, {}, {}, {}, []
-        self._loss, held = 0.0, 0
+        held = 0
         self.peak_held = 0
         for a in self.actions:
             t0 = self._ready = time.perf_counter()
@@ -100,13 +98,59 @@ class PipelineEngine:
         for h in self._sends:
             h.wait()
         self._sends = []
-        self._sync_tied()
+        if sync_tied:
+            self._sync_tied()
+        loss = self._share_loss()
+        if self.tracer is not None:
+            self.tracer.add("sync", 0, 0, t0, time.perf_counter())
+        return loss
+
+    def _begin(self, x, y):
+        """Cut x, y (B, T) into the m micro-batches (B/m, T) (checked: B divisible by m)."""
+        B, T = x.shape
+        check_config(self.cfg.n_layer, self.p, self.schedule, self.m, self.v, batch_size=B)
+        b = B // self.m
+        self._x = [x[i * b:(i + 1) * b] for i in range(self.m)]          # (B/m, T) each
+        self._y = [y[i * b:(i + 1) * b] for i in range(self.m)]
+        self._shape = (b, T, self.cfg.n_embd)                            # activation (B/m, T, C)
+        self._dtype = self.stage.parameters()[0].data.dtype
+        self._loss = 0.0
+
+    def _share_loss(self):
+        """The last stage's mean loss, broadcast to every pp rank."""
         loss = np.array([self._loss], dtype=np.float64)
         if self.p > 1:
             self.comm.broadcast(loss, root=self.p - 1)
-        if self.tracer is not None:
-            self.tracer.add("sync", 0, 0, t0, time.perf_counter())
         return float(loss[0])
+
+    # -- forward only (evaluation) ----------------------------------------------------------------
+    def eval_loss(self, x, y):
+        """Mean loss of x, y (B, T) through the stages, forward only (call under no_grad):
+        each rank runs (micro-batch i, chunk c) in the order i, then c, posting the receive of
+        its input and isending its output. Every dependency of (i, c) on virtual stage
+        s = c p + r, (i, s - 1), comes earlier in its own rank's order, so no rank waits
+        forever; the pipeline fills as in GPipe's forward phase. Returns the loss on every
+        pp rank; no gradient or stash is kept."""
+        self._begin(x, y)
+        sends = []
+        for i in range(self.m):
+            for c in range(self.v):
+                s = self.stage.virtual_stage(c)
+                if s == 0:
+                    inp = backend.to_device(self._x[i])                  # (B/m, T) token ids
+                else:
+                    buf = backend.xp().empty(self._shape, dtype=self._dtype)
+                    self.comm.irecv(buf, (s - 1) % self.p, self._tag(i, c, FWD)).wait()
+                    inp = Tensor(buf)                                    # (B/m, T, C)
+                if s == self.last_stage:
+                    self._loss += self.stage.forward_chunk(c, inp, backend.to_device(self._y[i])).item() / self.m
+                else:
+                    out = self.stage.forward_chunk(c, inp)
+                    nxt = s + 1
+                    sends.append(self.comm.isend(out.data, nxt % self.p, self._tag(i, nxt // self.p, FWD)))
+        for h in sends:
+            h.wait()
+        return self._share_loss()
 
     # -- the actions ---------------------------------------------------------------------------
     def _tag(self, mb, chunk, direction):
@@ -144,7 +188,7 @@ class PipelineEngine:
         out = self.stage.forward_chunk(a.chunk, inp, targets)
         if s == self.last_stage:
             self._loss += out.item() / self.m
-            out = out * (1.0 / self.m)                                   # the batch mean, as one process
+            out = out * (self._scale / self.m)                           # the batch mean, as one process
         self._stash[(a.mb, a.chunk)] = (x_in, out)
 
     def _send_f(self, a):

@@ -7,15 +7,24 @@ chrome://tracing). Format: the Trace Event Format's complete events
 Each rank records (kind, micro-batch, chunk, start, end) in seconds from its own origin;
 ``Tracer.start(comm)`` puts a barrier before taking the origin, so the rows line up to
 within the barrier's skew. ``write_chrome_trace`` gathers the events as float64 arrays (no
-pickling) with two all_gathers and rank 0 writes the file.
+pickling) with two all_gathers and rank 0 writes the file atomically (engine/io.py: a
+temporary file, fsynced, renamed), so a reader never sees half a trace.
+
+Kinds: F, B, W (a micro-batch's forward, input-gradient or full backward, weight gradient),
+wait (blocked on a receive), sync (the pipeline's end of step: sends, tied wte, loss),
+reduce (train.py: gradients averaged over dp) and optim (train.py: norm, clipping, AdamW).
 """
 import json
 import time
 
 import numpy as np
 
-KINDS = ("F", "B", "W", "wait", "sync")
-NAMES = {"F": "forward", "B": "backward", "W": "weight-grad", "wait": "comm wait", "sync": "grad sync"}
+from engine.io import atomic_write_text
+
+KINDS = ("F", "B", "W", "wait", "sync", "reduce", "optim")
+NAMES = {"F": "forward", "B": "backward", "W": "weight-grad", "wait": "comm wait", "sync": "grad sync",
+         "reduce": "dp grad reduce", "optim": "optimizer"}
+STEPS = ("F", "B", "W")                 # kinds drawn per micro-batch (F3, B0.1); the rest by kind
 
 
 class Tracer:
@@ -61,7 +70,7 @@ def chrome_events(per_rank, labels=None):
         ev.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": r, "args": {"name": label}})
         for k, mb, c, t0, t1 in arr:
             kind = KINDS[int(k)]
-            name = kind if kind in ("wait", "sync") else f"{kind}{int(mb)}" + (f".{int(c)}" if c else "")
+            name = kind if kind not in STEPS else f"{kind}{int(mb)}" + (f".{int(c)}" if c else "")
             ev.append({"ph": "X", "name": name, "cat": NAMES[kind], "pid": 0, "tid": r,
                        "ts": round(t0 * 1e6, 3), "dur": round((t1 - t0) * 1e6, 3),
                        "args": {"micro_batch": int(mb), "chunk": int(c)}})
@@ -72,6 +81,5 @@ def write_chrome_trace(path, tracer, comm, labels=None):
     """Gather every rank's events over ``comm`` (a collective) and write ``path`` on comm rank 0."""
     per_rank = gather_events(tracer, comm)
     if comm.rank == 0:
-        with open(path, "w") as f:
-            json.dump({"traceEvents": chrome_events(per_rank, labels), "displayTimeUnit": "ms"}, f)
+        atomic_write_text(path, json.dumps({"traceEvents": chrome_events(per_rank, labels), "displayTimeUnit": "ms"}))
     return per_rank

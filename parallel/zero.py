@@ -138,9 +138,11 @@ class ZeroEngine:
         self.comm_wait += time.perf_counter() - t0
         return math.sqrt(float(total[0]))
 
-    def clip_grad_norm(self, max_norm):
-        """Clip the averaged gradient to max_norm (no-op for max_norm <= 0); returns the norm."""
-        norm = self.grad_norm()
+    def clip_grad_norm(self, max_norm, norm=None):
+        """Clip the averaged gradient to max_norm (no-op for max_norm <= 0); returns the norm.
+        ``norm``: the global norm when computed elsewhere (a pipeline stage's engine holds only
+        part of the model: parallel/pipeline_layout.py)."""
+        norm = self.grad_norm() if norm is None else norm
         if max_norm and max_norm > 0:
             targets = list(self.flat.grad.values()) if self.stage == 0 else list(self.grad_shards.values())
             clip_grad_norm_(targets, max_norm, norm=norm)

@@ -78,7 +78,7 @@ def test_sparse_model_under_dp_and_zero_matches_one_process(corpus, tmp_path):
     (2, ["--sp", "2", "--qkv-modules", "4"], "the sparse QKV layer convolves over neighbouring positions"),
     (2, ["--dp", "4"], "Mesh(dp=4, pp=1, sp=1, tp=1) needs dp*pp*sp*tp = 4 ranks, but the job has 2"),
     (3, ["--dp", "3"], "batch_size 8 is not divisible by dp 3"),
-    (2, ["--dp", "2", "--pp", "2"], "not implemented yet"),
+    (2, ["--dp", "2", "--pp", "2"], "Mesh(dp=2, pp=2, sp=1, tp=1) needs dp*pp*sp*tp = 4 ranks, but the job has 2"),
 ])
 def test_bad_layout_exits_2_on_every_rank_with_one_line(corpus, tmp_path, n, args, words):
     proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, *args, "--out-dir", tmp_path / "out", timeout=60)

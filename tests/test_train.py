@@ -143,7 +143,7 @@ BAD = {   # name: (extra args, files to make, expected words in the error line)
                          "not a known setting"),
     "toml wrong type": (["--config", "{tmp}/c.toml"], {"c.toml": b'lr = "fast"\n'}, "must be float"),
     "bad toml": (["--config", "{tmp}/c.toml"], {"c.toml": b"lr = = 3\n"}, "c.toml"),
-    "pipeline layout": (["--pp", "2"], {}, "not implemented yet"),
+    "pipeline layout": (["--pp", "2", "--n-layer", "1"], {}, "pp=2 stages need at least 2 layers"),
     "sequence layout": (["--sp", "2", "--block-size", "30"], {}, "not divisible into 2 x sp = 4 chunks"),
     "dp without the ranks": (["--dp", "2"], {}, "needs dp*pp*sp*tp = 2 ranks, but the job has 1"),
     "batch not divisible by dp": (["--dp", "3"], {}, "batch_size 8 is not divisible by dp 3"),
