@@ -28,6 +28,8 @@ from mpi4py import MPI
 from . import ops
 from .transport import ACTIVE, progress
 
+ABORT_GRACE = 1.0      # seconds between the watchdog's message and MPI_Abort (MPICH may drop unforwarded output)
+
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier")
 _TAG = 7
 _FIELDS = 6   # seq, collective, count, dtype, root, reduction
@@ -106,6 +108,7 @@ class Checker:
                        f"on communicator '{self.label}' (size {self.size}): rank {self.rank} waited "
                        f"{self.timeout:g} s; aborting the job")
                 print(msg, file=sys.stderr, flush=True)
+                time.sleep(ABORT_GRACE)        # let the launcher forward the line before the teardown
                 MPI.COMM_WORLD.Abort(1)
             time.sleep(pause)
             pause = min(0.01, pause + 0.0005)
