@@ -9,6 +9,7 @@ parallelism.
     mpiexec -n 4 python train.py --pp 4 --micro-batches 4 --schedule 1f1b         # 4 pipeline stages
     mpiexec -n 4 python train.py --pp 2 --dp 2 --zero 1 --schedule zb-h1 --trace step.json   # 2 replicas x 2 stages
     mpiexec -n 2 python train.py --pp 2 --schedule interleaved --virtual-stages 2  # 2 layer chunks per rank
+    mpiexec -n 8 python train.py --pp 2 --sp 2 --dp 2 --zero 1 --sp-attention ulysses   # 2 stages x 2 sp x 2 replicas
     python train.py --data input.txt --tokenizer char --max-steps 2000 --out-dir out-char   # any UTF-8 text
     python train.py --config run.toml --lr 3e-4        # TOML supplies fields, flags override it
     python train.py --resume out                       # continue an interrupted run from out/latest
@@ -47,11 +48,14 @@ ranks in all. Every rank builds the whole GPT from the seed and keeps its stage;
 (stage 0 or 1; 2 and 3 are refused, as in DeepSpeed) over the stage's dp group owns its
 parameters; the tied wte gradient is summed between the first and last stage, the gradient
 norm is the whole model's; validation runs forward only through the stages. The losses equal
-one process's (tests/test_pp_train.py). Checkpoints hold one set of shards per stage and
-resume at any layout (parameters are read by name). ``--grad-accum`` composes (k pipeline
-passes per step); ``--micro-batches`` > 1 without ``--pp`` is refused (use --grad-accum);
-``--sp`` > 1 with ``--pp`` is refused. ``--trace FILE.json`` (any layout) writes a Chrome
-trace of the run's second step: a row per rank, a box per forward, backward, weight
+one process's (tests/test_pp_train.py). With ``--sp N`` too (dp * pp * sp ranks), every
+micro-batch is sharded along its tokens inside each stage: activations (B/dp/m, T/sp, C) cross
+stages between the ranks of the same (dp, sp) coordinates, the sharded attention runs within
+the stage, and each stage's ZeroEngine spans its dp x sp group (parallel/pipeline_layout.py).
+Checkpoints hold one set of shards per stage and resume at any layout (parameters are read
+by name). ``--grad-accum`` composes (k pipeline passes per step); ``--micro-batches`` > 1
+without ``--pp`` is refused (use --grad-accum). ``--trace FILE.json`` (any layout) writes a
+Chrome trace of the run's second step: a row per rank, a box per forward, backward, weight
 gradient, comm wait, dp reduction and optimizer step (open in https://ui.perfetto.dev).
 
 Each step logs one line: loss, learning rate, ms/step, tokens/s, MFU and peak traced
@@ -123,7 +127,7 @@ class ParallelConfig:
                       "3 + parameters",
                    choices=(0, 1, 2, 3))
     pp: int = _f(1, "pipeline stages: the layers are cut into pp stages, each batch into micro-batches "
-                    "(ZeRO stage 0 or 1 over dp; sp 1)")
+                    "(ZeRO stage 0 or 1 over dp x sp)")
     micro_batches: int = _f(0, "micro-batches per batch in the pipeline (0: pp); batch_size / dp must divide by it",
                             metavar="M")
     schedule: str = _f("1f1b", "pipeline schedule: gpipe (all forwards, then all backwards), 1f1b, interleaved "
@@ -198,7 +202,7 @@ def parse_configs(argv):
         par.micro_batches = par.pp
     try:                                  # the layers are cut into pp (x v) stages, the batch into micro-batches
         check_pipeline(model["n_layer"], par.pp, par.schedule, par.micro_batches, par.virtual_stages, par.zero,
-                       par.sp, cfg.batch_size // par.dp, sparse_ffn=bool(model.get("ffn_sparsity")))
+                       cfg.batch_size // par.dp, sparse_ffn=bool(model.get("ffn_sparsity")))
     except PipelineConfigError as e:
         raise ConfigError(str(e)) from None
     need(par.sp == 1 or not model.get("qkv_modules"), f"--sp {par.sp} with --qkv-modules {model.get('qkv_modules')}: "
@@ -320,15 +324,15 @@ def prepare(argv):
     if ckpt is not None:                                  # names, shapes, dtypes, before any allocation
         check_params(ckpt, model.named_parameters())
     stage = build_stage(mesh, model, par.virtual_stages) if mesh.pp_size > 1 else None   # pp > 1: this rank's layers
-    comm, seq = (mesh.dp_comm, None) if stage is not None else \
-        sequence_parallel(mesh, model, par.sp_attention)       # sp > 1: the engine spans dp x sp
+    comm, seq = sequence_parallel(mesh, model, par.sp_attention)   # sp > 1: the engine spans dp x sp (of its stage)
     engine = ZeroEngine(model if stage is None else stage, comm, stage=par.zero, lr=cfg.lr, betas=tuple(cfg.betas),
                         eps=cfg.eps, weight_decay=cfg.weight_decay, bucket_bytes=int(par.bucket_mb * 2**20))
     batcher = Batcher(data.train, cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
     run = Run(model_cfg, par, cfg, data, model, mesh, engine, batcher)
     run.seq = seq
-    if stage is not None:                                 # parallel/pipeline_layout.py: pp x dp, ZeRO 0-1
-        run.pipe = PipelineStep(mesh, model_cfg, stage, engine, par.schedule, par.micro_batches, par.virtual_stages)
+    if stage is not None:                                 # parallel/pipeline_layout.py: pp x dp (x sp), ZeRO 0-1
+        run.pipe = PipelineStep(mesh, model_cfg, stage, engine, par.schedule, par.micro_batches, par.virtual_stages,
+                                seq=seq)
     if ckpt is not None:
         restore(run, ckpt)
     return run
@@ -356,7 +360,7 @@ def restore(run, ckpt):
 
 def pipeline_layout(run):
     """With pp > 1 a checkpoint is saved and loaded by every rank of every stage (group: the
-    world), each stage's dp group holding its own shards (stage: (pp rank, pp))."""
+    world), each stage's dp (x sp) group holding its own shards (stage: (pp rank, pp))."""
     if run.pipe is None:
         return {}
     return {"group": run.mesh.world, "stage": (run.mesh.pp_rank, run.mesh.pp_size)}
@@ -485,6 +489,9 @@ def train(run, tracer):
         say(f"layout: {run.world} ranks, dp={par.dp}{sp}{pp} ZeRO stage {par.zero} | "
             f"{cfg.batch_size // par.dp // (par.micro_batches if run.pipe else 1)} sequences{tok} per rank per "
             f"micro-batch | buckets {run.dp.buckets.describe()}")
+        # the launcher reports a rank killed by a signal by its PID: this line maps PIDs to ranks
+        pids = run.mesh.world.all_gather(np.array([os.getpid()], dtype=np.int64))
+        say("pids: " + " ".join(f"rank {r}={int(p)}" for r, p in enumerate(pids)))
     say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}"
         + (f", {run.world} ranks" if run.world > 1 else "") + f"), "
         f"{flops_per_token / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"

@@ -22,7 +22,7 @@ depends on N and align only, never on the stage::
                                      per_rank [JSON dict of each rank], and the caller's keys
 
 Pipeline parallelism (train.py --pp P): each stage has its own flat buffers, sharded over
-its dp group, so the step directory holds one set of shards per stage,
+its dp (x sp) group, so the step directory holds one set of shards per stage,
 ``stage-<s>-of-<P>-shard-<r>-of-<N>.safetensors``, and the manifest, in place of the
 top-level world/buffers/params/optim/shards/per_rank, a list ``pipeline.stages`` with those
 keys for each stage (``stages_of``). Readers find each parameter BY NAME in the stage that
@@ -96,7 +96,7 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
     """Every rank of ``comm``: write this rank's shard (``shard_state``, the structure of
     ZeroEngine.shard_state()) into out_dir/step_<step>; rank 0 adds the manifest (``manifest``:
     the caller's JSON keys; ``per_rank``: a JSON dict of this rank, e.g. its RNG state).
-    Pipeline stages: ``stage`` = (s, P) of this rank's stage, ``comm`` its dp group, ``group``
+    Pipeline stages: ``stage`` = (s, P) of this rank's stage, ``comm`` its dp (x sp) group, ``group``
     every rank of every stage (the world), whose rank 0 writes the manifest.
     Atomic and collective (over ``group``, default ``comm``); returns the step directory."""
     clash = [k for k in manifest if k in RESERVED]

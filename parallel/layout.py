@@ -1,4 +1,5 @@
-"""How train.py composes data parallelism / ZeRO with sequence parallelism in one step.
+"""How train.py composes data parallelism / ZeRO with sequence parallelism in one step (and,
+per pipeline stage, with pipeline parallelism: parallel/pipeline_layout.py).
 
 Sequence parallelism (parallel/sequence.py: ring attention, Liu et al. 2023; Ulysses,
 Jacobs et al. 2023) splits every sequence of a dp replica's batch over the sp ranks, so
@@ -26,6 +27,12 @@ model's own forward is used.
     loss, value = forward_loss(eng, seq, x, y)           # x, y (B/dp, T)
     eng.backward(loss)
     val = eval_loss(eng, seq, x, y)                      # the replica batch's mean loss
+
+With pipeline parallelism (pp > 1) the same holds stage by stage: grad_comm is the dp x sp
+group of this rank's pp stage, its ZeroEngine owns only the stage's parameters, and the
+SequenceParallel installed here is handed to the PipelineEngine, which shards every
+micro-batch (B/dp/m, T) -> (B/dp/m, T/sp) and takes each rank's loss share, scaled by sp,
+on the last stage (parallel/pipeline_layout.py); forward_loss and eval_loss are then unused.
 """
 from .sequence import SequenceParallel
 
@@ -33,7 +40,7 @@ from .sequence import SequenceParallel
 def grad_comm(mesh):
     """The communicator gradients are averaged and ZeRO state sharded over: mesh.dp_comm
     when sp = 1, else this rank's dp x sp group (ordered dp-major: key dp_rank * sp + sp_rank;
-    one group per (pp, tp) coordinate)."""
+    one group per (pp, tp) coordinate, so a pipeline stage's group holds only its own ranks)."""
     if mesh.sp_size == 1:
         return mesh.dp_comm
     c, s = mesh.coords, mesh.shape

@@ -25,9 +25,23 @@ flat buffer), meaning the gradient of the mean loss over the batch, exactly as
 compose outside (parallel/pipeline_layout.py: how train.py does it). ``eval_loss`` runs
 the micro-batches forward only, for validation.
 
+Sequence parallelism (``seq``: a parallel/sequence.py SequenceParallel over this stage's sp
+group, whose sharded attention, ring (Liu et al. 2023) or Ulysses (Jacobs et al. 2023), is
+installed in the blocks the stage shares): every micro-batch is sharded along its tokens
+before the step, so a stage sees (B/m, T/sp) token ids with their global positions (virtual
+stage 0), sends activations (B/m, T/sp, C), and the last stage's loss is the rank's share
+(sum of local CE / the micro-batch's target count, times the share's loss_scale), scaled by
+1/m like the mean. The pp peers are the ranks with the same (dp, sp) coordinates
+(collectives/mesh.py pp_comm), so each sp slice runs its own pipeline and the stages' ring
+or all-to-all messages stay inside the stage: every sp rank of a stage runs the same action
+list, so their attention collectives meet in the same order (attention has no weight, so
+zb-h1's B, not its W, runs them). The reported loss is the shares summed over sp on the last
+stage (SequenceParallel.global_loss).
+
 Memory per rank: (activations of one micro-batch) x (the schedule's bound:
 schedules.activation_bound: m for GPipe, p - r for 1F1B, at most p for ZB-H1).
 """
+import functools
 import math
 import time
 
@@ -51,9 +65,10 @@ class PipelineEngine:
     stage          this rank's PipelineStage (built with the same pp and virtual_stages)
     schedule       'gpipe' | '1f1b' | 'interleaved' | 'zb-h1'
     micro_batches  m; virtual_stages v (interleaved only)
+    seq            None, or the SequenceParallel of this stage's sp group (tokens sharded)
     Bad layouts raise PipelineConfigError, identically on every rank, before any message."""
 
-    def __init__(self, comm, model_cfg, stage, schedule="1f1b", micro_batches=1, virtual_stages=1):
+    def __init__(self, comm, model_cfg, stage, schedule="1f1b", micro_batches=1, virtual_stages=1, seq=None):
         comm = getattr(comm, "pp_comm", comm)
         check_config(model_cfg.n_layer, comm.size, schedule, micro_batches, virtual_stages)
         if stage.pp != comm.size or stage.rank != comm.rank or stage.v != virtual_stages:
@@ -61,7 +76,7 @@ class PipelineEngine:
                                       f"with v={stage.v}, the engine runs rank {comm.rank} of {comm.size} "
                                       f"with v={virtual_stages}")
         self.comm, self.cfg, self.stage = comm, model_cfg, stage
-        self.schedule, self.m, self.v = schedule, micro_batches, virtual_stages
+        self.schedule, self.m, self.v, self.seq = schedule, micro_batches, virtual_stages, seq
         self.p, self.rank = comm.size, comm.rank
         self.actions = build(schedule, self.p, self.m, self.v)[self.rank]
         self.split = any(a.kind == "W" for a in self.actions)
@@ -106,19 +121,39 @@ class PipelineEngine:
         return loss
 
     def _begin(self, x, y):
-        """Cut x, y (B, T) into the m micro-batches (B/m, T) (checked: B divisible by m)."""
+        """Cut x, y (B, T) into the m micro-batches (B/m, T) (checked: B divisible by m); under
+        sequence parallelism shard each along its tokens (SequenceParallel.shard_batch):
+        (B/m, T/sp) ids and targets, (T/sp,) global positions, and the loss share function
+        that divides by the micro-batch's whole target count."""
         B, T = x.shape
         check_config(self.cfg.n_layer, self.p, self.schedule, self.m, self.v, batch_size=B)
         b = B // self.m
         self._x = [x[i * b:(i + 1) * b] for i in range(self.m)]          # (B/m, T) each
         self._y = [y[i * b:(i + 1) * b] for i in range(self.m)]
-        self._shape = (b, T, self.cfg.n_embd)                            # activation (B/m, T, C)
+        self._pos, self._loss_fn = [None] * self.m, [None] * self.m
+        if self.seq is not None:
+            shards = [self.seq.shard_batch(xi, yi) for xi, yi in zip(self._x, self._y)]
+            self._x, self._y = [s.idx for s in shards], [s.targets for s in shards]   # (B/m, T/sp) each
+            self._pos = [backend.to_device(s.pos) for s in shards]                  # (T/sp,) each
+            self._loss_fn = [functools.partial(self.seq.loss, s=s) for s in shards]
+            T //= self.seq.comm.size
+        self._shape = (b, T, self.cfg.n_embd)                            # activation (B/m, T[/sp], C)
         self._dtype = self.stage.parameters()[0].data.dtype
         self._loss = 0.0
 
+    def _forward(self, c, i, inp):
+        """Local chunk c on micro-batch i: the positions (first stage) and the targets or loss
+        share (last stage) are micro-batch i's."""
+        targets = backend.to_device(self._y[i]) if self.stage.virtual_stage(c) == self.last_stage else None
+        return self.stage.forward_chunk(c, inp, targets, pos=self._pos[i], loss_fn=self._loss_fn[i])
+
     def _share_loss(self):
-        """The last stage's mean loss, broadcast to every pp rank."""
-        loss = np.array([self._loss], dtype=np.float64)
+        """The last stage's mean loss (under sp: its shares summed over the sp group), broadcast
+        to every pp rank."""
+        value = self._loss
+        if self.seq is not None and self.rank == self.p - 1:
+            value = self.seq.global_loss(value)                          # sum over sp / loss_scale
+        loss = np.array([value], dtype=np.float64)
         if self.p > 1:
             self.comm.broadcast(loss, root=self.p - 1)
         return float(loss[0])
@@ -137,15 +172,15 @@ class PipelineEngine:
             for c in range(self.v):
                 s = self.stage.virtual_stage(c)
                 if s == 0:
-                    inp = backend.to_device(self._x[i])                  # (B/m, T) token ids
+                    inp = backend.to_device(self._x[i])                  # (B/m, T[/sp]) token ids
                 else:
                     buf = backend.xp().empty(self._shape, dtype=self._dtype)
                     self.comm.irecv(buf, (s - 1) % self.p, self._tag(i, c, FWD)).wait()
-                    inp = Tensor(buf)                                    # (B/m, T, C)
+                    inp = Tensor(buf)                                    # (B/m, T[/sp], C)
+                out = self._forward(c, i, inp)
                 if s == self.last_stage:
-                    self._loss += self.stage.forward_chunk(c, inp, backend.to_device(self._y[i])).item() / self.m
+                    self._loss += out.item() / self.m
                 else:
-                    out = self.stage.forward_chunk(c, inp)
                     nxt = s + 1
                     sends.append(self.comm.isend(out.data, nxt % self.p, self._tag(i, nxt // self.p, FWD)))
         for h in sends:
@@ -181,11 +216,10 @@ class PipelineEngine:
     def _F(self, a):
         s = self.stage.virtual_stage(a.chunk)
         if s == 0:
-            inp, x_in = backend.to_device(self._x[a.mb]), None           # (B/m, T) token ids
+            inp, x_in = backend.to_device(self._x[a.mb]), None           # (B/m, T[/sp]) token ids
         else:
-            x_in = inp = Tensor(self._take((FWD, a.mb, a.chunk)), requires_grad=True)   # (B/m, T, C) leaf
-        targets = backend.to_device(self._y[a.mb]) if s == self.last_stage else None
-        out = self.stage.forward_chunk(a.chunk, inp, targets)
+            x_in = inp = Tensor(self._take((FWD, a.mb, a.chunk)), requires_grad=True)   # (B/m, T[/sp], C) leaf
+        out = self._forward(a.chunk, a.mb, inp)
         if s == self.last_stage:
             self._loss += out.item() / self.m
             out = out * (self._scale / self.m)                           # the batch mean, as one process

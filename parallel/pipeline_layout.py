@@ -1,30 +1,46 @@
-"""How train.py composes pipeline parallelism with data parallelism and ZeRO in one step.
+"""How train.py composes pipeline parallelism with data parallelism, ZeRO and sequence
+parallelism in one step.
 
-Mesh(dp, pp) (collectives/mesh.py: world rank = pp_rank * dp + dp_rank) gives every rank a
-pp group (its replica's stages) and a dp group (the replicas of its stage). Every rank
-builds the whole GPT from the seed, so its parameters are one process's; it keeps the
-layers of its stage (parallel/pipeline_stage.py) and releases the others' arrays. A
-ZeroEngine over mesh.dp_comm owns the stage's parameters (its own flat buffer: each stage
-has its own layout), a PipelineEngine runs the micro-batches (Huang et al. 2019 GPipe;
-Narayanan et al. 2021 1F1B and interleaved; Qi et al. 2023, arXiv 2401.10241, ZB-H1):
+Mesh(dp, pp, sp) (collectives/mesh.py: world rank = (pp_rank * dp + dp_rank) * sp + sp_rank)
+gives every rank a pp group (the stages of its replica at its sp coordinate), a dp group
+and an sp group (the ranks of its stage). Every rank builds the whole GPT from the seed, so
+its parameters are one process's; it keeps the layers of its stage
+(parallel/pipeline_stage.py) and releases the others' arrays. A ZeroEngine over the stage's
+dp x sp group (parallel/layout.py grad_comm: mesh.dp_comm when sp = 1) owns the stage's
+parameters (its own flat buffer: each stage has its own layout), a PipelineEngine runs the
+micro-batches (Huang et al. 2019 GPipe; Narayanan et al. 2021 1F1B and interleaved; Qi et
+al. 2023, arXiv 2401.10241, ZB-H1):
 
     x, y (B, T)   global batch, drawn identically on every rank
-    rows          (B/dp, T)      this dp replica's slice (train.py Run.local)
-    micro-batch   (B/dp/m, T)    what one F or B of the schedule sees
+    rows          (B/dp, T)        this dp replica's slice (train.py Run.local), the same on
+                                   every sp rank of the replica
+    micro-batch   (B/dp/m, T/sp)   what one F or B of the schedule sees: rows cut into m, then
+                                   tokens sharded over sp (SequenceParallel.shard_batch: zigzag
+                                   for ring attention, Liu et al. 2023; contiguous for Ulysses,
+                                   Jacobs et al. 2023), with their global positions
+    activation    (B/dp/m, T/sp, C) what crosses a stage boundary, between the ranks of the
+                                   same (dp, sp) coordinates
+
+Under sp the last stage's loss is each rank's share, sum of its local CE / the micro-batch's
+target count, times loss_scale = sp (parallel/layout.py), and times 1/m as the mean is; the
+logged loss is the shares summed over sp / sp, the one-process mean. Attention is the
+sharded one SequenceParallel installed in the blocks, run inside each stage on its sp group.
 
 One optimizer step, ZeRO stage 0 or 1:
 
     eng.buckets.enabled = False      every micro-batch only accumulates into the stage's flat
     pipe.step_grads(x, y)            gradient; the tied wte gradient is summed between the first
-                                     and last stage (all-reduce over the pair)
-    eng.finish_grads()               then averaged over dp in one go: all-reduce (stage 0) or
-                                     reduce-scatter to the owned shards (stage 1)
-    norm^2 = sum over pp and dp of each rank's shard of squares, wte counted once (first stage)
+                                     and last stage of the same (dp, sp) coordinates (all-reduce
+                                     over the pair)
+    eng.finish_grads()               then averaged over dp x sp in one go: all-reduce (stage 0)
+                                     or reduce-scatter to the owned shards (stage 1)
+    norm^2 = sum over pp and dp x sp of each rank's shard of squares, wte counted once (first stage)
     eng.clip_grad_norm(c, norm); eng.step(lr)     AdamW on the shard; stage 1 all-gathers
 
-Sums commute with averages, so the stage's gradient is exactly the one-process gradient of
-its parameters (tests/test_pp_train.py: within 1e-10 in float64), and so are the norm,
-the clipping and the update; both copies of wte get the same gradient and the same update.
+Sums commute with averages, so the stage's gradient is 1/(dp sp) sum_{d,s} sp g_{d,s}, exactly
+the one-process gradient of its parameters (tests/test_pp_train.py: within 1e-10 in float64,
+with and without sp), and so are the norm, the clipping and the update; both copies of wte
+get the same gradient and the same update.
 
 ZeRO stages 2 and 3 are refused (``check_layout``), as DeepSpeed allows only ZeRO-1 with
 pipeline parallelism: stage 2 keeps no full gradient, so it reduce-scatters during every
@@ -32,13 +48,11 @@ backward, that is once per micro-batch (m times the traffic) and in an order the
 interleaves across micro-batches and, with v chunks, across buckets; its tied-wte gradient
 would be a shard at different flat offsets on the first and last stage, so the pair could
 not simply be all-reduced. Stage 3 gathers each layer in forward and again in backward for
-every micro-batch. Sequence parallelism (sp > 1) is refused too: the stages exchange whole
-sequences (B/m, T, C), and the loss share and positions of an sp rank are not threaded
-through the stages.
+every micro-batch. A sparse FFN is refused too (its noise is drawn per layer call).
 
 Memory per rank: the stage's parameters (about P/pp, plus wte on the first and last), its
-gradient and AdamW state (stage 1: over dp), and the schedule's activations
-(parallel/schedules.py activation_bound).
+gradient and AdamW state (stage 1: over dp x sp), and the schedule's activations
+(parallel/schedules.py activation_bound), each T/sp tokens long under sp.
 """
 import math
 import time
@@ -54,7 +68,7 @@ from .zero import placeholder
 TIED = "transformer.wte.weight"
 
 
-def check_layout(n_layer, pp, schedule, micro_batches, virtual_stages, zero, sp, batch_per_replica, sparse_ffn=False):
+def check_layout(n_layer, pp, schedule, micro_batches, virtual_stages, zero, batch_per_replica, sparse_ffn=False):
     """Raise PipelineConfigError (one line, identical on every rank, before any message) if
     train.py cannot run this pipeline layout; pp = 1 needs micro_batches = v = 1."""
     if pp == 1:
@@ -70,9 +84,6 @@ def check_layout(n_layer, pp, schedule, micro_batches, virtual_stages, zero, sp,
                                   "gradients during every backward, once per micro-batch, and shard the tied wte "
                                   "at different offsets on the first and last stage; use --zero 1 (DeepSpeed "
                                   "likewise allows only ZeRO-1 with pipeline parallelism)")
-    if sp > 1:
-        raise PipelineConfigError(f"--pp {pp} with --sp {sp} is not supported: pipeline stages exchange whole "
-                                  "sequences (B/m, T, C); use --sp 1 or --pp 1")
     if sparse_ffn:
         raise PipelineConfigError(f"--pp {pp} with a sparse FFN (--ffn-sparsity) is not supported: its noise is "
                                   "drawn once per layer call, and the pipeline calls each layer once per "
@@ -98,13 +109,15 @@ def build_stage(mesh, model, virtual_stages=1):
 class PipelineStep:
     """One training or evaluation step of a pipeline stage under data parallelism.
 
-    engine   the ZeroEngine (stage 0 or 1) over mesh.dp_comm that owns ``stage``'s parameters
-    pipe     the PipelineEngine over mesh.pp_comm (schedule, micro-batches, virtual stages)
+    engine   the ZeroEngine (stage 0 or 1) over the stage's dp (x sp) group that owns ``stage``'s
+             parameters
+    pipe     the PipelineEngine over mesh.pp_comm (schedule, micro-batches, virtual stages, and
+             ``seq``: the SequenceParallel of the stage's sp group, or None)
     ``tracer`` (parallel/trace.py), when set, also records the dp reduction."""
 
-    def __init__(self, mesh, model_cfg, stage, engine, schedule, micro_batches, virtual_stages=1):
+    def __init__(self, mesh, model_cfg, stage, engine, schedule, micro_batches, virtual_stages=1, seq=None):
         self.mesh, self.stage, self.engine = mesh, stage, engine
-        self.pipe = PipelineEngine(mesh.pp_comm, model_cfg, stage, schedule, micro_batches, virtual_stages)
+        self.pipe = PipelineEngine(mesh.pp_comm, model_cfg, stage, schedule, micro_batches, virtual_stages, seq)
         self.skip = TIED if stage.tied and not stage.is_first else None     # wte counted on the first stage
 
     @property
@@ -119,7 +132,7 @@ class PipelineStep:
         """The micro-batches of x, y (B/dp, T) forward and backward; gradients accumulate
         (scaled by ``scale``: 1/k for k accumulated batches). With ``last``, the tied wte
         gradients are summed over the first and last stage and every gradient is averaged
-        over dp. Returns this replica's mean loss (a float, on every rank of the pp group)."""
+        over dp (x sp). Returns this replica's mean loss (a float, on every rank of the pp group)."""
         eng = self.engine
         eng.buckets.enabled = False                  # ZeroEngine.backward(sync=False), per micro-batch
         loss = self.pipe.step_grads(x, y, scale=scale, sync_tied=last)
@@ -133,7 +146,7 @@ class PipelineStep:
 
     def grad_norm(self):
         """Global L2 norm of the whole model's averaged gradient: the squares of each rank's
-        shard (the last stage leaving out its copy of wte), summed over dp and over pp."""
+        shard (the last stage leaving out its copy of wte), summed over dp (x sp) and over pp."""
         eng, total = self.engine, 0.0
         for dt, g in eng.grad_shards.items():
             lo, hi = eng.ranges[dt]
@@ -143,7 +156,7 @@ class PipelineStep:
                 pieces = [(lo, min(hi, off)), (max(lo, off + n), hi)]      # [lo, hi) minus wte's range
             total += sum(grad_norm_sq(g[a - lo:b - lo]) for a, b in pieces if b > a)
         sq = np.array([total], dtype=np.float64)
-        eng.comm.all_reduce(sq)                      # over dp: the stage's gradient
+        eng.comm.all_reduce(sq)                      # over dp (x sp): the stage's gradient
         self.mesh.pp_comm.all_reduce(sq)             # over pp: the model's
         return math.sqrt(float(sq[0]))
 

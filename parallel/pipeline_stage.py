@@ -94,15 +94,20 @@ class PipelineStage(Module):
     def virtual_stage(self, c):
         return c * self.pp + self.rank
 
-    def forward_chunk(self, c, x, targets=None):
+    def forward_chunk(self, c, x, targets=None, pos=None, loss_fn=None):
         """Local chunk c: token ids (B, T) on virtual stage 0, else activations (B, T, C);
-        returns (B, T, C), or the mean cross-entropy on the last virtual stage."""
+        returns (B, T, C), or the mean cross-entropy on the last virtual stage. Under
+        sequence parallelism T is this rank's T/sp tokens: ``pos`` (T/sp,) their global
+        positions (virtual stage 0), ``loss_fn(logits (B, T/sp, V))`` this rank's share of the
+        loss in place of the mean (the last virtual stage; parallel/sequence.py)."""
         s = self.virtual_stage(c)
         if s == 0:
-            x = GPT.embed(self, x)                             # (B, T) -> (B, T, C)
+            x = GPT.embed(self, x, pos=pos)                    # (B, T) -> (B, T, C)
         lo, hi = self.ranges[c]
         for i in range(lo, hi):
             x = self.layers[i](x)                              # (B, T, C)
         if s == self.pp * self.v - 1:
+            if loss_fn is not None:
+                return loss_fn(GPT.head(self, x)[0])           # (B, T, V) -> scalar share
             return GPT.head(self, x, targets)[1]               # scalar loss
         return x

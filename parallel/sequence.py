@@ -19,7 +19,8 @@ and Jacobs et al. 2023):
                   process's would.
 
 Every rank of an sp group must pass the same (B, T) batch; data-parallel replicas pass
-different batches. Dropout draws differ from one process (each rank masks its own
+different batches. With pipeline parallelism, PipelineEngine(..., seq=this) shards each
+micro-batch with shard_batch and takes the last stage's loss from ``loss`` (parallel/pipeline.py). Dropout draws differ from one process (each rank masks its own
 tokens); the equivalence tests use dropout 0.
 """
 from collections import namedtuple
@@ -102,7 +103,8 @@ class SequenceParallel:
 
     # -- forward, loss, backward --------------------------------------------------------------
     def embed(self, s):
-        """Token plus position embeddings of the local tokens: (B, T/N, C) (a pipeline's first stage)."""
+        """Token plus position embeddings of the local tokens: (B, T/N, C). (A pipeline's first
+        stage does the same with s.pos in PipelineStage.forward_chunk.)"""
         return self.model.embed(backend.to_device(s.idx), pos=backend.to_device(s.pos))
 
     def loss(self, logits, s):

@@ -1,9 +1,12 @@
-"""Run a script under mpiexec from pytest: run_mpi(n, script, *args, timeout=..., env=...).
+"""Run a script under mpiexec from pytest: run_mpi(n, script, *args, timeout=..., env=...);
+read what train.py logged with --metrics: metrics(path), losses(path); check a launch that
+bad input stopped: assert_bad_input(proc, words, out_dir); train.py --help: train_help().
 
 mpiexec is the one installed next to the running Python (the venv's MPICH wheel), falling
 back to the one on PATH; the repository root is put on PYTHONPATH so workers import the
 project without installing it. Returns the subprocess.CompletedProcess (text output).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "mpi_workers")
+TRAIN = os.path.join(ROOT, "train.py")
 
 
 def mpiexec():
@@ -39,3 +43,29 @@ def run_mpi(n, script, *args, timeout=120, env=None):
 def describe(proc):
     """The tail of a finished process's output, for assertion messages."""
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+def metrics(path):
+    """{step: row} of a train.py --metrics file (one JSON object per line)."""
+    with open(path) as f:
+        return {row["step"]: row for row in map(json.loads, f)}
+
+
+def losses(path):
+    """{step: (loss, val_loss or None)} of a train.py --metrics file."""
+    return {step: (row["loss"], row.get("val_loss")) for step, row in metrics(path).items()}
+
+
+def assert_bad_input(proc, words, out_dir):
+    """train.py stopped by bad input, as the design asks: exit code 2, one line "error: ..."
+    containing ``words`` on stderr (rank 0's; every rank exits alike), nothing on stdout and
+    nothing written to ``out_dir``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, describe(proc)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], describe(proc)
+    assert proc.stdout == "" and not os.path.exists(out_dir), describe(proc)
+
+
+def train_help():
+    """What ``python train.py --help`` prints."""
+    return subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, cwd=ROOT).stdout

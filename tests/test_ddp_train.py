@@ -1,29 +1,14 @@
 """train.py under mpiexec: --dp N --zero S computes what one process computes (float64, the
 logged losses, through a consolidated checkpoint resumed at another N and stage), and bad
 layouts stop every rank with exit code 2 and one line from rank 0."""
-import json
-import os
 
 import pytest
 
-from mpi_util import ROOT, describe, run_mpi
+from mpi_util import TRAIN, assert_bad_input, describe, losses, run_mpi
 
-TRAIN = os.path.join(ROOT, "train.py")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
         "--eval-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2", "--dtype", "float64",
         "--max-steps", "4", "--eval-interval", "2", "--ckpt-interval", "2", "--keep", "0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "squares.txt"
-    path.write_text("".join(f"{i} squared is {i * i}.\n" for i in range(3000)), encoding="utf-8")
-    return str(path)
-
-
-def losses(path):
-    with open(path) as f:
-        return {row["step"]: (row["loss"], row.get("val_loss")) for row in map(json.loads, f)}
 
 
 def close(a, b, tol=1e-10):
@@ -40,6 +25,8 @@ def test_dp_and_every_stage_match_one_process_and_resume_across_layouts(corpus, 
                        "--out-dir", tmp_path / tag, "--metrics", tmp_path / f"{tag}.jsonl")
         assert proc.returncode == 0, describe(proc)
         assert proc.stdout.count("step     4 | loss") == 1, "only rank 0 logs"
+        pids = next(ln for ln in proc.stdout.splitlines() if ln.startswith("pids: ")).split()[1:]
+        assert [p.split("=")[0] for p in pids[1::2]] == [str(r) for r in range(n)], pids   # "rank r=PID"
         got = losses(tmp_path / f"{tag}.jsonl")
         assert sorted(got) == [1, 2, 3, 4]
         for step in ref:
@@ -82,7 +69,4 @@ def test_sparse_model_under_dp_and_zero_matches_one_process(corpus, tmp_path):
 ])
 def test_bad_layout_exits_2_on_every_rank_with_one_line(corpus, tmp_path, n, args, words):
     proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, *args, "--out-dir", tmp_path / "out", timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, describe(proc)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], describe(proc)
-    assert proc.stdout == "" and not os.path.exists(tmp_path / "out")
+    assert_bad_input(proc, words, tmp_path / "out")

@@ -1,36 +1,20 @@
 """train.py --sp N --sp-attention {ring,ulysses}, alone and with --dp 2 and ZeRO 1-3, computes
 what one process computes: 5 steps in float64, the logged losses and validation losses within
 1e-10 relative (tests/mpi_workers/sp_train_cli.py runs every case in ONE 4-rank launch), also
-after resuming a dp x sp checkpoint at other layouts; a block_size the split cannot divide stops every rank with exit code 2 and one line."""
+after resuming a dp x sp checkpoint at other layouts; a block_size the split cannot divide
+stops every rank with exit code 2 and one line. (sp with pp: tests/test_pp_train.py.)"""
 import json
 import os
 import re
-import subprocess
-import sys
 
-import pytest
+from mpi_util import TRAIN, assert_bad_input, describe, losses, run_mpi, train_help
 
-from mpi_util import ROOT, describe, run_mpi
-
-TRAIN = os.path.join(ROOT, "train.py")
 TINY = ["--n-layer", "2", "--n-head", "3", "--n-embd", "24", "--block-size", "32", "--batch-size", "8",
         "--eval-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2", "--dtype", "float64",
         "--max-steps", "5", "--eval-interval", "2", "--ckpt-interval", "0", "--keep", "0"]
 CASES = ["sp2-ring-z0", "sp2-ulysses-z0", "sp2-ring-z3", "sp2-ulysses-z1", "sp4-ring-z0", "sp4-ulysses-z3",
          "dp2sp2-ring-z1", "dp2sp2-ulysses-z3", "dp2sp2-ring-z3", "dp2sp2-ulysses-z2-ga2"]
 RESUMED = ["resume-dp2-z1", "resume-sp2-ulysses-z2"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "squares.txt"
-    path.write_text("".join(f"{i} squared is {i * i}.\n" for i in range(3000)), encoding="utf-8")
-    return str(path)
-
-
-def losses(path):
-    with open(path) as f:
-        return {row["step"]: (row["loss"], row.get("val_loss")) for row in map(json.loads, f)}
 
 
 def rel_err(got, ref):
@@ -67,13 +51,10 @@ def test_sp_alone_and_with_dp_and_zero_match_one_process(corpus, tmp_path):
 def test_bad_block_size_exits_2_on_every_rank_with_one_line(corpus, tmp_path):
     proc = run_mpi(4, TRAIN, "--data", corpus, *TINY, "--dp", "2", "--sp", "2", "--block-size", "30",
                    "--out-dir", tmp_path / "out", timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, describe(proc)
-    assert len(lines) == 1 and "sequence length 30 is not divisible into 2 x sp = 4 chunks" in lines[0], describe(proc)
-    assert proc.stdout == "" and not os.path.exists(tmp_path / "out")
+    assert_bad_input(proc, "sequence length 30 is not divisible into 2 x sp = 4 chunks", tmp_path / "out")
 
 
 def test_help_documents_sp_flags():
-    out = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+    out = train_help()
     assert re.search(r"--sp INT\s+sequence-parallel ranks", out), out
     assert "--sp-attention {ring,ulysses}" in out and "mpiexec -n 4 python train.py --sp" in out, out

@@ -39,13 +39,6 @@ def snapshot(directory):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "squares.txt"
-    path.write_text("".join(f"{i} squared is {i * i}.\n" for i in range(3000)), encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus):
     """An uninterrupted run of STEPS steps, checkpoints at KSTEP and STEPS, with dropout."""
     d = tmp_path_factory.mktemp("run")
