@@ -1,5 +1,5 @@
 """Pipeline parallelism (parallel/pipeline.py): the B/W split of engine/autograd.py against a
-plain backward, then one mpiexec launch per layout (pp = 2, pp = 4, pp = 2 x dp = 2) running
+plain backward, then one mpiexec launch per layout (pp = 2, pp = 4, pp = 2 x dp = 2, pp = 4 x dp = 2) running
 every schedule for 5 float64 AdamW steps against one process within 1e-10, and the bad
 layouts (one line, the same on every rank) — tests/mpi_workers/pipeline_equiv.py."""
 import numpy as np
@@ -55,7 +55,7 @@ def test_layout_checks():
     check_config(8, 2, "interleaved", 4, 2, batch_size=8)
 
 
-@pytest.mark.parametrize("pp,dp", [(2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("pp,dp", [(2, 1), (4, 1), (2, 2), (4, 2)])
 def test_every_schedule_equals_one_process(pp, dp):
     proc = run_mpi(pp * dp, "pipeline_equiv.py", pp, dp, timeout=180)
     assert proc.returncode == 0, describe(proc)
