@@ -19,11 +19,14 @@ block of the output. Here (and in ring.py / recursive_doubling.py) the block is 
 straight from the input and copied afterwards, instead of being copied first and sent
 from the output as MPICH does: on the development machine that was never slower and up
 to 2x faster between 128 KiB and 4 MiB (the peer's single-copy CMA read of the block
-does not follow a fresh write of it). Above 4 MiB the machine has two states that come
-and go between launches: in one, copying first is 15-20% faster at 8-16 MiB (paired in
-one launch at N=2: 16 MiB 1208 against 1398 us); in the other, copying first (and
-MPI_Allgather, which does) is 2-5x slower (16 MiB 2818 against 1328 us, 4 MiB 1202
-against 229 us). Sending from the input is kept at every size: the better bet.
+does not follow a fresh write of it). Above that the machine has two states that come and
+go between launches, and the answer depends on them: in raw paired tests copying first was
+15-20% faster at 8-16 MiB in one state and 2-5x slower in the other (16 MiB: 1208 against
+1398 us; 2818 against 1328 us). In bench.collectives at N=2 (busbw against MPI_Allgather,
+which copies first), at 16-64 MiB sending from the input gave 0.65-0.99 (median 0.84, four
+runs) and copying first 0.70-1.05 (median 0.96, three runs); at 4-8 MiB sending from the
+input gave 0.85-3.04 and copying first 0.81-1.19. So Movement.all_gather copies first from
+16 MiB up (collectives/movement.py _COPY_FIRST_BYTES); this fast path stops at 1 MiB anyway.
 
 The loops send exactly the messages, with the same tags, that recursive_doubling.py and
 rabenseifner.py send for these cases (below the segmenting threshold), so ranks on
