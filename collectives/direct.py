@@ -24,7 +24,7 @@ go between launches, and the answer depends on them: in raw paired tests copying
 15-20% faster at 8-16 MiB in one state and 2-5x slower in the other (16 MiB: 1208 against
 1398 us; 2818 against 1328 us). In bench.collectives at N=2 (busbw against MPI_Allgather,
 which copies first), at 16-64 MiB sending from the input gave 0.65-0.99 (median 0.84, four
-runs) and copying first 0.70-1.05 (median 0.96, three runs); at 4-8 MiB sending from the
+runs) and copying first 0.70-1.05 (median 0.94, four runs); at 4-8 MiB sending from the
 input gave 0.85-3.04 and copying first 0.81-1.19. So Movement.all_gather copies first from
 16 MiB up (collectives/movement.py _COPY_FIRST_BYTES); this fast path stops at 1 MiB anyway.
 
