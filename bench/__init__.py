@@ -1,2 +1,12 @@
-"""bench: benchmarks that run their baseline in the same launch and report ratios.
-train_step.py: one GPT training step, this engine against PyTorch eager."""
+"""bench: benchmarks that run their baseline in the same launch and report ratios (the
+README's Benchmarks table lists each command). --json files are written atomically
+(engine/io.py atomic_write_json): a crash leaves the previous file, never half of one.
+
+    collectives.py   hand-written collectives against the MPI library's own (OSU / nccl-tests style)
+    train_step.py    one GPT training step against PyTorch eager; nanoGPT's char-level run
+    scaling.py       DP weak-scaling efficiency and each ZeRO stage's step time
+    zero_memory.py   per-rank model-state bytes against the ZeRO formulas
+    long_context.py  memory per rank and ring overlap under sequence parallelism
+    pipeline.py      bubble and activation memory per pipeline schedule, against theory
+    sparse_decode.py, sparse_quality.py   the sparse layers' decoding speed and quality
+"""

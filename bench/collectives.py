@@ -27,7 +27,6 @@ bandwidth of this machine measured with all ranks running at once. --json writes
 busbw_GBps, ...); --plot draws busbw against size, one line per algorithm and the library.
 """
 import argparse
-import json
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from mpi4py import MPI
 
 from bench.collectives_setup import BUSBW, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
 from collectives import Communicator, cost
+from engine.io import atomic_write_json
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
 
@@ -200,8 +200,7 @@ def main(argv=None):
         if n == 2:
             print("\n" + "\n".join(goal_summary(rows)))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            atomic_write_json(args.json, {"meta": meta, "rows": rows})
         if args.plot:
             plot(args.plot, rows, meta)
 

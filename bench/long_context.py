@@ -28,7 +28,6 @@ group sleep in a non-spinning barrier so they do not steal the cores):
 memory against length, one line per sp, with the budget.
 """
 import argparse
-import json
 import sys
 import time
 import tracemalloc
@@ -37,6 +36,7 @@ import numpy as np
 
 from collectives import Communicator
 from engine.flat import FlatParameters
+from engine.io import atomic_write_json
 from engine.optim import AdamW
 from models.gpt import GPT, GPTConfig
 from parallel.ring_attention import RingAttention, RingShift, block_forward
@@ -216,8 +216,7 @@ def main(argv=None):
         meta = {"mode": a.mode, "budget_bytes": budget, "ranks": world.size, "n_layer": a.n_layer,
                 "n_embd": a.n_embd, "n_head": a.n_head, "batch": a.batch, "dtype": "float32"}
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows, "max_seq_len": maxlen, "ring_steps": steps}, f, indent=1)
+            atomic_write_json(a.json, {"meta": meta, "rows": rows, "max_seq_len": maxlen, "ring_steps": steps})
         if a.plot:
             plot(a.plot, rows, budget, maxlen)
     return 0

@@ -29,7 +29,6 @@ peak_activation_bytes, simulated. The plot draws each schedule as a timeline lik
 papers' figures (simulated P=4 and M=8 on top, the real P-rank runs below).
 """
 import argparse
-import json
 import sys
 import time
 import tracemalloc
@@ -37,6 +36,7 @@ import tracemalloc
 import numpy as np
 
 from collectives import Communicator
+from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel.pipeline import PipelineConfigError, PipelineEngine, PipelineStage, check_config
 from parallel.schedules import COMPUTE, SCHEDULES, bubble_of, bubble_theory, build, held, simulate
@@ -187,8 +187,7 @@ def main(argv=None):
     if comm.rank == 0:
         report(rows, measured_costs, float(comm_s[0]), P, args)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            atomic_write_json(args.json, rows)
         if args.plot:
             plot(args.plot, traces, P, max(Ms), tf1, tbw, tf, tb, tw, v)
     if args.trace:

@@ -21,7 +21,6 @@ JSON keys: efficiency, t1_ms, ms_per_step {stage: ms}, comm_fraction {stage: f},
 stage_vs_stage0 {stage: ratio}, ranks, blas_threads.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from mpi4py import MPI
 from bench.train_step import DEFAULT_DATA, MODEL, TRAIN, blas_threads
 from collectives import Communicator
 from engine.data import Batcher, DataError, load_dataset
+from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel.zero import ZeroEngine
 
@@ -140,8 +140,7 @@ def main(argv=None):
               "comm_fraction": {str(s): frac[s] for s in range(4)},
               "stage_vs_stage0": {str(s): med[s] / med[0] for s in range(4)}}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
     return 0
 
 

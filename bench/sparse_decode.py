@@ -24,7 +24,6 @@ the bytes of weights read, so the speed-up follows the bytes each variant reads 
 """
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import time
 import numpy as np
 
 from engine.autograd import no_grad
+from engine.io import atomic_write_json
 from models.generate import KVCache, next_logits
 from models.gpt import GPT, GPTConfig
 
@@ -118,8 +118,7 @@ def main(argv=None):
     print("unbatched greedy decoding, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.json, rows)
     return 0
 
 

@@ -14,13 +14,11 @@ on the same --eval-batches validation batches (seed 1), in evaluation mode (the 
 hard argmax mask, as in decoding). Goal: sparse within 2% of dense.
 """
 import argparse
-import json
 import sys
 import time
 
-import numpy as np
-
 from engine.data import Batcher, DataError, load_dataset
+from engine.io import atomic_write_json
 from engine.optim import cosine_lr
 from models.gpt import GPTConfig
 
@@ -78,8 +76,7 @@ def main(argv=None):
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.4f}"
         print(f"{r['variant']:<10} {r['val_loss']:>9.4f} {ratio:>8} {r['ms_per_iter']:>8.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.json, rows)
     return 0
 
 

@@ -21,8 +21,6 @@ so drift in machine load (other users) hits both; ms/step is the median over mea
 processes competing for the cores).
 """
 import argparse
-import json
-import math
 import os
 import statistics
 import sys
@@ -33,6 +31,7 @@ import numpy as np
 from engine.autograd import no_grad
 from engine.data import Batcher, DataError, load_dataset
 from engine.flat import FlatParameters
+from engine.io import atomic_write_json
 from engine.optim import AdamW, clip_grad_norm_, cosine_lr
 from models.gpt import GPT, GPTConfig
 
@@ -275,8 +274,7 @@ def main(argv=None):
         return profile(args, cfg, data, args.profile)
     result = train(args, cfg, data) if args.train_iters else compare(args, cfg, data)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
     return 0
 
 

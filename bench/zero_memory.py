@@ -22,7 +22,6 @@ formula_bytes, layer_bytes, step_peak_bytes, traced_resident_bytes, within_goal.
 """
 import argparse
 import gc
-import json
 import sys
 import tracemalloc
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from bench.train_step import MODEL
 from collectives import Communicator
+from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel.zero import ZeroEngine
 
@@ -93,8 +93,7 @@ def main(argv=None):
               f"{r['step_peak_bytes'] * mib:13.2f} | "
               f"{'ok' if r['within_goal'] else 'MISSED'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_json(args.json, rows)
     return 0 if all(r["within_goal"] for r in rows) else 1
 
 
