@@ -91,7 +91,7 @@ from engine.optim import cosine_lr
 from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPT, GPTConfig
 from parallel.checkpoint import check_params, load_sharded, open_checkpoint, save_sharded
-from parallel.layout import eval_loss, forward_loss, sequence_parallel
+from parallel.layout import ModelStep, sequence_parallel
 from parallel.pipeline_layout import PipelineConfigError, PipelineStep, build_stage
 from parallel.pipeline_layout import check_layout as check_pipeline
 from parallel.schedules import SCHEDULES
@@ -265,6 +265,7 @@ class Run:
         self.step, self.resumed_from, self.last_ckpt = 0, None, None
         self.seq = None                     # SequenceParallel when sp > 1 (parallel/layout.py)
         self.pipe = None                    # PipelineStep when pp > 1 (parallel/pipeline_layout.py)
+        self.stepper = None                 # run.pipe, or a ModelStep (parallel/layout.py): one interface
         self.tracer = None                  # parallel.trace.Tracer during the --trace step
         self.discard_old = cfg.overwrite and not cfg.resume   # --overwrite: old checkpoints go at the first save
 
@@ -333,6 +334,7 @@ def prepare(argv):
     if stage is not None:                                 # parallel/pipeline_layout.py: pp x dp (x sp), ZeRO 0-1
         run.pipe = PipelineStep(mesh, model_cfg, stage, engine, par.schedule, par.micro_batches, par.virtual_stages,
                                 seq=seq)
+    run.stepper = run.pipe if run.pipe is not None else ModelStep(engine, seq)
     if ckpt is not None:
         restore(run, ckpt)
     return run
@@ -403,8 +405,7 @@ def evaluate(run):
     batcher = Batcher(run.data.val, cfg.batch_size, run.model_cfg.block_size, seed=cfg.seed + 1)
     run.model.eval()
     with no_grad():                                        # pp > 1: forward only through the stages
-        losses = [eval_loss(run.dp, run.seq, run.local(x), run.local(y)) if run.pipe is None
-                  else run.pipe.eval_loss(run.local(x), run.local(y))
+        losses = [run.stepper.eval_loss(run.local(x), run.local(y))
                   for x, y in (batcher.next() for _ in range(cfg.eval_iters))]
     run.model.train()
     return float(run.mesh.dp_comm.all_reduce(np.array([np.mean(losses)]), op="avg")[0])
@@ -417,32 +418,19 @@ def train_step(run, lr):
     before the update."""
     cfg, eng, tr = run.cfg, run.dp, run.tracer
     eng.zero_grad()
-    total, bad = 0.0, None
+    total = 0.0
     with np.errstate(over="ignore", invalid="ignore"):      # divergence is reported once, below
         for k in range(cfg.grad_accum):
             x, y = run.batcher.next()                                   # (B, T), (B, T): the global batch
-            last = k == cfg.grad_accum - 1
-            if run.pipe is not None:                        # pp > 1: the micro-batches through the stages
-                value = run.pipe.forward_backward(run.local(x), run.local(y), scale=1.0 / cfg.grad_accum, last=last)
-                total += value
-                continue
-            t0 = time.perf_counter()
-            loss, value = forward_loss(eng, run.seq, run.local(x), run.local(y))   # (B/dp, T); sp: T/sp each
-            if not math.isfinite(value) and run.world == 1:
-                raise Diverged(f"loss is {value} at step {run.step}; stopping before the update")
-            bad = value if bad is None and not math.isfinite(value) else bad
-            total += value
-            t1 = time.perf_counter()
-            eng.backward(loss if cfg.grad_accum == 1 else loss * (1.0 / cfg.grad_accum), sync=last)
-            if tr is not None:                              # the whole model's F, B (B ends with the dp reduce)
-                tr.add("F", k, 0, t0, t1)
-                tr.add("B", k, 0, t1, time.perf_counter())
+            # (B/dp, T) on this rank; sp: T/sp tokens each; pp: micro-batches through the stages
+            total += run.stepper.forward_backward(run.local(x), run.local(y), scale=1.0 / cfg.grad_accum,
+                                                  last=k == cfg.grad_accum - 1)
         if run.world > 1:
             total = float(run.mesh.dp_comm.all_reduce(np.array([total]), op="avg")[0])
-            if not math.isfinite(total):
-                raise Diverged(f"loss is {total} at step {run.step}; stopping before the update")
+        if not math.isfinite(total):
+            raise Diverged(f"loss is {total / cfg.grad_accum} at step {run.step}; stopping before the update")
         t0 = time.perf_counter()
-        norm = eng.clip_grad_norm(cfg.grad_clip) if run.pipe is None else run.pipe.clip_grad_norm(cfg.grad_clip)
+        norm = run.stepper.clip_grad_norm(cfg.grad_clip)
         if not math.isfinite(norm):
             raise Diverged(f"gradient norm is {norm} at step {run.step}; stopping before the update")
         eng.step(lr)
@@ -454,9 +442,7 @@ def train_step(run, lr):
 
 def start_trace(run):
     """Record this step's actions on every rank (parallel/trace.py; a barrier aligns the clocks)."""
-    run.tracer = Tracer().start(run.mesh.world)
-    if run.pipe is not None:
-        run.pipe.tracer = run.tracer
+    run.tracer = run.stepper.tracer = Tracer().start(run.mesh.world)
 
 
 def write_trace(run):
@@ -465,9 +451,7 @@ def write_trace(run):
     labels = [f"rank {r} (" + ", ".join(f"{a} {c}" for a, c in mesh.coords_of(r).items() if mesh.shape[a] > 1)
               + ")" if run.world > 1 else "rank 0" for r in range(run.world)]
     write_chrome_trace(run.cfg.trace, run.tracer, mesh.world, labels)
-    run.tracer = None
-    if run.pipe is not None:
-        run.pipe.tracer = None
+    run.tracer = run.stepper.tracer = None
 
 
 def train(run, tracer):

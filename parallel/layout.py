@@ -28,12 +28,17 @@ model's own forward is used.
     eng.backward(loss)
     val = eval_loss(eng, seq, x, y)                      # the replica batch's mean loss
 
+train.py does not call these directly: it drives a ModelStep (below), or with pp > 1 a
+PipelineStep, which share one interface (forward_backward, clip_grad_norm, eval_loss).
+
 With pipeline parallelism (pp > 1) the same holds stage by stage: grad_comm is the dp x sp
 group of this rank's pp stage, its ZeroEngine owns only the stage's parameters, and the
 SequenceParallel installed here is handed to the PipelineEngine, which shards every
 micro-batch (B/dp/m, T) -> (B/dp/m, T/sp) and takes each rank's loss share, scaled by sp,
 on the last stage (parallel/pipeline_layout.py); forward_loss and eval_loss are then unused.
 """
+import time
+
 from .sequence import SequenceParallel
 
 
@@ -72,3 +77,42 @@ def eval_loss(engine, seq, x, y):
     if seq is None:
         return engine(x, y)[1].item()
     return engine.forward_with(seq.evaluate, x, y)
+
+
+class ModelStep:
+    """One training or evaluation step of the whole local model (pp = 1) under dp / ZeRO and
+    sp. The same interface as parallel/pipeline_layout.py's PipelineStep, so train.py runs
+    either without asking which:
+
+        value = step.forward_backward(x, y, scale=1/k, last=...)   # x, y (B/dp, T); a float
+        norm = step.clip_grad_norm(max_norm)
+        value = step.eval_loss(x, y)                                # under no_grad
+        step.tracer = Tracer()                                      # records F and B (parallel/trace.py)
+
+    engine: the ZeroEngine; seq: the SequenceParallel, or None when sp = 1."""
+
+    def __init__(self, engine, seq=None):
+        self.engine, self.seq, self.tracer = engine, seq, None
+        self._k = 0                                  # index of the accumulated batch (trace rows)
+
+    def forward_backward(self, x, y, scale=1.0, last=True):
+        """Forward and backward of x, y (B/dp, T), the loss scaled by ``scale`` (1/k for k
+        accumulated batches); with ``last`` the gradients are reduced over dp (x sp) during
+        this backward. Returns this replica's one-process mean loss."""
+        t0 = time.perf_counter()
+        loss, value = forward_loss(self.engine, self.seq, x, y)       # sp: tokens (B/dp, T/sp)
+        t1 = time.perf_counter()
+        self.engine.backward(loss if scale == 1.0 else loss * scale, sync=last)
+        if self.tracer is not None:                  # the whole model's F, B (B ends with the dp reduce)
+            self.tracer.add("F", self._k, 0, t0, t1)
+            self.tracer.add("B", self._k, 0, t1, time.perf_counter())
+        self._k = 0 if last else self._k + 1
+        return value
+
+    def clip_grad_norm(self, max_norm):
+        """Clip the averaged gradient by its global norm (<= 0: no-op); returns the norm."""
+        return self.engine.clip_grad_norm(max_norm)
+
+    def eval_loss(self, x, y):
+        """This replica's one-process mean loss of x, y (B/dp, T) (call under no_grad)."""
+        return eval_loss(self.engine, self.seq, x, y)

@@ -107,7 +107,8 @@ def build_stage(mesh, model, virtual_stages=1):
 
 
 class PipelineStep:
-    """One training or evaluation step of a pipeline stage under data parallelism.
+    """One training or evaluation step of a pipeline stage under data parallelism (the
+    interface of parallel/layout.py ModelStep, its pp = 1 counterpart).
 
     engine   the ZeroEngine (stage 0 or 1) over the stage's dp (x sp) group that owns ``stage``'s
              parameters
