@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io import CheckpointError, atomic_write_json, load_safetensors, save_safetensors, sha256_file
+from .io import CheckpointError, atomic_write_json, fsync_dir, load_safetensors, save_safetensors, sha256_file
 
 FORMAT = "mpi-transformer-engine/checkpoint"
 FORMAT_VERSION = 1
@@ -50,14 +50,6 @@ class Checkpoint:
     @property
     def step(self):
         return self.manifest["step"]
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(out_dir):
@@ -104,7 +96,7 @@ def commit(out_dir, tmp, step, keep=None):
     """Publish a fully written (every file fsynced) temporary directory: fsync it, rename it
     to ``step_<step>`` (atomic on POSIX; an existing one is replaced whole), move ``latest``
     and prune to the newest ``keep``. Returns the step directory."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     name = f"step_{step}"
     final = os.path.join(out_dir, name)
     old = None
@@ -112,7 +104,7 @@ def commit(out_dir, tmp, step, keep=None):
         old = os.path.join(out_dir, f".old-{name}-{os.getpid()}")
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     atomic_write_json(os.path.join(out_dir, "latest"), {"step": step, "dir": name})
     if old:
         shutil.rmtree(old, ignore_errors=True)

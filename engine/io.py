@@ -68,17 +68,17 @@ def atomic_open(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(d)
+    with contextlib.suppress(OSError):     # best effort: not every platform can open a directory
+        fsync_dir(d)
 
 
-def _fsync_dir(d):
-    """Make the rename itself durable (best effort: not every platform can open a dir)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def fsync_dir(path):
+    """fsync a directory, making the creations and renames in it durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path, data):
