@@ -103,7 +103,7 @@ def load_json(path):
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {_one_line(e)}") from None
+        raise CheckpointError(f"{path}: not valid JSON: {one_line(e)}") from None
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -115,7 +115,8 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def _one_line(e):
+def one_line(e):
+    """An exception's message on one line (errors are reported as one line)."""
     return " ".join(str(e).split())
 
 
@@ -179,7 +180,7 @@ def _parse_header(path, f, file_size):
     except CheckpointError as e:
         fail(str(e))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"header is not valid JSON: {_one_line(e)}")
+        fail(f"header is not valid JSON: {one_line(e)}")
     if not isinstance(header, dict):
         fail("header is not a JSON object")
     metadata = header.pop("__metadata__", None)

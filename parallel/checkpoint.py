@@ -55,7 +55,7 @@ import numpy as np
 from engine.backend import to_numpy
 from engine.checkpoint import begin_write, commit, file_info, read_manifest, resolve, verify_file
 from engine.flat import padded_size, shard_range
-from engine.io import CheckpointError, atomic_write_json, save_safetensors
+from engine.io import CheckpointError, atomic_write_json, one_line, save_safetensors
 
 from .checkpoint_layout import (KEYS, _check_sizes, _np_dtype, check_layout, check_params,  # noqa: F401
                                 read_params, read_range, saved_index, shard_file, stages_of)
@@ -86,10 +86,6 @@ def agree(comm, error):
         raise CheckpointError(errors[0])
 
 
-def _one_line(e):
-    return " ".join(str(e).split())
-
-
 # -- save ------------------------------------------------------------------------------------
 def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None, keep=None, group=None,
                  stage=None):
@@ -110,7 +106,7 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
         try:
             tmp = begin_write(out_dir, step)
         except OSError as e:
-            err = f"cannot create a checkpoint in {out_dir}: {_one_line(e)}"
+            err = f"cannot create a checkpoint in {out_dir}: {one_line(e)}"
     tmp, err = exchange(group, [tmp, err])[0]                 # rank 0's answer, to all
     if err:
         raise CheckpointError(err)
@@ -132,7 +128,7 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
         save_safetensors(fpath, tensors, metadata={"format": FORMAT, "rank": str(r), "world": str(N)})
         info = dict(file=shard_file(r, N, stage), ranges=ranges, steps=steps, **file_info(fpath))
     except (OSError, ValueError, TypeError, KeyError) as e:
-        info = {"error": f"rank {r}: cannot write {fpath}: {type(e).__name__}: {_one_line(e)}"}
+        info = {"error": f"rank {r}: cannot write {fpath}: {type(e).__name__}: {one_line(e)}"}
     layout = None if r else dict(                             # the stage's flat layout, from its rank 0
         world=N, align=flat.align,
         buffers={dt: {"numel": int(flat.numel[dt]), "padded": padded_size(flat.numel[dt], N, flat.align)}
@@ -162,7 +158,7 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
                     manifest, format=FORMAT, format_version=FORMAT_VERSION, step=step, **layout))
                 path = commit(out_dir, tmp, step, keep)
         except OSError as e:
-            err = f"cannot write the checkpoint {tmp}: {_one_line(e)}"
+            err = f"cannot write the checkpoint {tmp}: {one_line(e)}"
         if err is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     path, err = exchange(group, [path, err])[0]
@@ -204,9 +200,9 @@ def open_checkpoint(path, comm=None, verify=True):
         for s in shards[r::N] if verify else ():
             verify_file(os.path.join(opened.path, s["file"]), s, f"checkpoint {opened.path}")
     except CheckpointError as e:
-        err = _one_line(e)
+        err = one_line(e)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        err = f"checkpoint {opened.path}: malformed manifest ({type(e).__name__}: {_one_line(e)})"
+        err = f"checkpoint {opened.path}: malformed manifest ({type(e).__name__}: {one_line(e)})"
     agree(comm, err)
     return opened
 
@@ -235,9 +231,9 @@ def load_sharded(path, comm, flat, verify=True, group=None, stage=None):
             state["optim"][dt] = {"m": got["exp_avg"], "v": got["exp_avg_sq"],
                                   "step": int(stages_of(manifest)[0]["optim"][dt]["step"])}
     except CheckpointError as e:
-        err = _one_line(e)
+        err = one_line(e)
     except (KeyError, TypeError, ValueError, OSError) as e:      # a manifest valid JSON but not ours
-        err = f"checkpoint {path}: malformed ({type(e).__name__}: {_one_line(e)})"
+        err = f"checkpoint {path}: malformed ({type(e).__name__}: {one_line(e)})"
     agree(comm if group is None else group, err)
     views = stages_of(manifest)
     same = len(views) == (1 if stage is None else stage[1])  # saved at this layout: its per-rank state

@@ -25,17 +25,13 @@ import numpy as np
 from engine.backend import bfloat16
 from engine.checkpoint import verify_file
 from engine.flat import dtype_name, padded_size, shard_range
-from engine.io import CheckpointError, load_safetensors
+from engine.io import CheckpointError, load_safetensors, one_line
 
 KEYS = (("params", "params"), ("m", "exp_avg"), ("v", "exp_avg_sq"))   # shard_state key, tensor prefix
 
 
 def _np_dtype(name):
     return np.dtype(bfloat16()) if name == "bfloat16" else np.dtype(name)
-
-
-def _one_line(e):
-    return " ".join(str(e).split())
 
 
 def shard_file(rank, world, stage=None):
@@ -110,7 +106,7 @@ def saved_index(manifest, step_dir):
             raise ValueError(f"optimizer step counts differ between stages: {steps}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         where = f"checkpoint {step_dir}"
-        raise CheckpointError(f"{where}: malformed manifest ({type(e).__name__}: {_one_line(e)})") from None
+        raise CheckpointError(f"{where}: malformed manifest ({type(e).__name__}: {one_line(e)})") from None
     return saved
 
 
