@@ -8,7 +8,7 @@ Read in this order:
     transport.py           algorithms as generators of steps; blocking and non-blocking handles
     ops.py, buffers.py     reductions and dtypes; layouts, blocks, device staging
     segments.py            one exchange-and-reduce step, pipelined in segments
-    direct.py              the short-message fast path (plans of plain MPI_Sendrecv loops)
+    direct.py              the blocking fast path (plans of plain MPI_Sendrecv loops)
     ring.py                ring reduce-scatter / all-gather / all-reduce (bandwidth-optimal, pipelined)
     recursive_doubling.py  all-reduce / all-gather in log N steps (+ the fold for any N)
     rabenseifner.py        recursive-halving reduce-scatter, Rabenseifner all-reduce

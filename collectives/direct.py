@@ -1,11 +1,13 @@
-"""The short-message fast path: direct, blocking forms of the latency-optimal algorithms.
+"""The fast path: direct, blocking forms of the latency-optimal algorithms.
 
 A short collective costs a few microseconds of MPI time, so every Python statement on the
 way counts. For the common case (a blocking call on contiguous NumPy arrays, a
 power-of-two rank count, algo="auto" having picked recursive doubling or halving, no
 debug or trace flag) the Communicator hands the call to this module, which runs the
 algorithm as a plain loop of MPI_Sendrecv: no generator, handle, scratch pool or fold.
-Anything else returns None and takes the general path.
+Reductions take it up to MAX_BYTES (above, the general path pipelines them in segments);
+an all-gather, which has nothing to pipeline, at every size. Anything else returns None
+and takes the general path.
 
 Plans. A training loop reduces the same buffers every step, so the first call on given
 (input, output, op) checks everything and records a plan: the flat views, a scratch
@@ -14,19 +16,28 @@ collectives, MPI_Allreduce_init, do explicitly). A repeat call only checks that 
 arrays are the same objects with the same dtype. A plan keeps its arrays alive; each
 communicator keeps at most PLANS of them, dropping the oldest.
 
-Sending from the input. An out-of-place all-gather must also copy its input into its own
-block of the output. Here (and in ring.py / recursive_doubling.py) the block is sent
-straight from the input and copied afterwards, instead of being copied first and sent
-from the output as MPICH does: on the development machine that was never slower and up
-to 2x faster between 128 KiB and 4 MiB (the peer's single-copy CMA read of the block
-does not follow a fresh write of it). Above that the machine has two states that come and
-go between launches, and the answer depends on them: in raw paired tests copying first was
-15-20% faster at 8-16 MiB in one state and 2-5x slower in the other (16 MiB: 1208 against
-1398 us; 2818 against 1328 us). In bench.collectives at N=2 (busbw against MPI_Allgather,
-which copies first), at 16-64 MiB sending from the input gave 0.65-0.99 (median 0.84, four
-runs) and copying first 0.70-1.05 (median 0.94, four runs); at 4-8 MiB sending from the
-input gave 0.85-3.04 and copying first 0.81-1.19. So Movement.all_gather copies first from
-16 MiB up (collectives/movement.py _COPY_FIRST_BYTES); this fast path stops at 1 MiB anyway.
+Placing the own block. An out-of-place all-gather must also copy its input into its own
+block of the output, and the block can travel from either place:
+
+    input first   step 1 sends the block straight from the input, then it is copied
+    copy first    the block is copied into the output, step 1 sends it from there (MPICH)
+
+The messages are identical, so each rank may choose alone. Which is faster depends on
+the machine, and on the development machine (2 vCPUs of a shared AMD EPYC) on a state
+that comes and goes between launches and even between consecutive calls: MPICH's wheel
+moves messages between processes through shared-memory cells, copied in by the sender
+and out by the receiver (its single-copy CMA path is off by default), and in one state
+that transfer is 3-5x slower than in the other. Time against MPI_Allgather (which copies
+first) at N=2, one launch each: with input first from 1 to 8 MiB gathered, 1.9-4.3x
+faster in launches where the library was slow, 0.7-0.85x at 4-8 MiB where it was fast;
+copying first ran level with the library in both (it is the library's algorithm), and
+up to 1 MiB input first won in every launch (1.2-4.3x). So below PLACE_TRIAL_BYTES the
+block goes input first, and from it up a plan runs TRIALS consecutive calls with each
+placement, timed, and keeps the one with the lower median (the first call of each set,
+which follows the other placement, left out): a per-rank choice by measurement where the
+cost model cannot tell the two apart. The general path (collectives/movement.py, for
+non-blocking, traced, checked or ring all-gathers) sends from the input below 16 MiB and
+copies first above.
 
 The loops send exactly the messages, with the same tags, that recursive_doubling.py and
 rabenseifner.py send for these cases (below the segmenting threshold), so ranks on
@@ -37,10 +48,15 @@ either path interoperate. Read the generator versions for the algorithms:
     all-gather      exchange the blocks of my group of d ranks for the partner group's
     reduce-scatter  (d = N/2 ... 1) send the half the partner keeps, reduce the half I keep
 """
+from statistics import median
+from time import perf_counter
+
 import numpy as np
 from .ops import AVG, OPS, finish
 
-MAX_BYTES = 1 << 20          # larger messages take the general path (pooled, segmented)
+MAX_BYTES = 1 << 20          # larger reductions take the general path (pooled, segmented)
+PLACE_TRIAL_BYTES = 2 << 20  # all-gathers from this size time both placements (see above)
+TRIALS = 4                   # calls timed per placement
 PLANS = 16
 _OP = OPS.get
 _ndarray = np.ndarray
@@ -50,7 +66,8 @@ class Plan:
     """steps: (peer, send bytes, recv bytes, reduce args or None) for one Sendrecv each, or
     (None, dst bytes, src bytes, None) for a local copy; bytes are memoryviews (the cheapest
     message spec for mpi4py, and the cheapest copy)."""
-    __slots__ = ("x", "out", "op", "dtype", "steps", "ufunc", "avg", "result", "final")
+    __slots__ = ("x", "out", "op", "dtype", "steps", "ufunc", "avg", "result", "final",
+                 "placements", "times")
 
 
 def _flat(a):
@@ -67,9 +84,9 @@ def _disjoint(a, b):
     return (a if ba is None else ba) is not (b if bb is None else bb) or not np.may_share_memory(a, b)
 
 
-def _usable(c, x, out, name, nbytes, algo):
+def _usable(c, x, out, name, nbytes, algo, limit=MAX_BYTES):
     return (type(x) is _ndarray and x.dtype in c._dtypes and x.flags.c_contiguous and x.size
-            and nbytes <= MAX_BYTES and c._choices.get((name, nbytes)) == algo
+            and (limit is None or nbytes <= limit) and c._choices.get((name, nbytes)) == algo
             and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
                                  and _disjoint(x, out))))
 
@@ -138,7 +155,8 @@ def all_gather(c, x, out):
     """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
     plan = _find(c, "ag", x, out, None)
     if plan is None:
-        if type(out) is not _ndarray or not _usable(c, x, out, "all_gather", out.nbytes, "recursive_doubling") \
+        if type(out) is not _ndarray or \
+                not _usable(c, x, out, "all_gather", out.nbytes, "recursive_doubling", None) \
                 or out.size != x.size * c.size:
             return None
         rank, k, buf = c.rank, x.size, _flat(out)
@@ -148,13 +166,33 @@ def all_gather(c, x, out):
             steps.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]), None))
             d *= 2
         place = (None, _bytes(buf[rank * k:(rank + 1) * k]), _bytes(_flat(x)), None)
-        if steps:                  # step 1 sends the own block from the input; then it is placed
+        copy_first = [place] + steps
+        if steps:                  # input first: step 1 sends the own block from the input
             steps[0] = (steps[0][0], _bytes(_flat(x)), steps[0][2], None)
         steps.insert(1, place)
         plan.steps, plan.ufunc, plan.avg, plan.final = steps, None, False, None
         plan.result = out
+        plan.placements = (steps, copy_first) if c.size > 1 and out.nbytes >= PLACE_TRIAL_BYTES else None
+        plan.times = ([], [])
         plan = _remember(c, (id(x), id(out), None, "ag"), plan, x, out, None)
+    if plan.placements is not None:
+        return _run_trial(c, plan)
     return _run(c, plan)
+
+
+def _run_trial(c, plan):
+    """Run an all-gather plan TRIALS times input first, then TRIALS times copy first, timed;
+    then keep the faster (by median, each set's first call left out) for every later call."""
+    times = plan.times
+    which = len(times[0]) == TRIALS
+    plan.steps = plan.placements[which]
+    t0 = perf_counter()
+    result = _run(c, plan)
+    times[which].append(perf_counter() - t0)
+    if len(times[1]) == TRIALS:
+        plan.steps = plan.placements[median(times[1][1:]) < median(times[0][1:])]
+        plan.placements = None
+    return result
 
 
 def reduce_scatter(c, x, op, out):

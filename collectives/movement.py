@@ -16,9 +16,10 @@ ALL_GATHER = {"ring": ring.all_gather, "recursive_doubling": recursive_doubling.
               "bruck": bruck.all_gather}
 
 
-# An out-of-place all-gather sends its own block straight from the input below this size
-# and, from it up, copies the block into the output first and sends from there, as MPICH
-# does. Why both, and why 16 MiB: collectives/direct.py, "Sending from the input".
+# On this general path an out-of-place all-gather sends its own block straight from the
+# input below this size and, from it up, copies the block into the output first and sends
+# from there, as MPICH does. Why both: collectives/direct.py, "Placing the own block"
+# (its fast path, which blocking auto all-gathers take, chooses by measurement instead).
 _COPY_FIRST_BYTES = 16 << 20
 
 

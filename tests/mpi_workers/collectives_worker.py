@@ -8,7 +8,7 @@ in place and out of place. Integers, max and min must match MPI exactly; float s
 products within the rounding bound of two (N-1)-step reductions in any order,
 2 (N-1) u sum_i |x_i| (products: 2 N u |prod x_i|). The MPI oracle itself is checked against
 the exact reduction of all ranks' inputs (gathered, computed in float64 / int64).
-The segmenting threshold is lowered so the pipelined path runs on this small data.
+The segmenting and placement-trial thresholds are lowered so those paths run on this small data.
 
 Up to 4 ranks every (count, dtype, op) combination runs; above, where 2 cores are heavily
 oversubscribed and every message costs a scheduler time slice, a pairwise covering set
@@ -23,10 +23,11 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from collectives import Communicator, cost, segments
+from collectives import Communicator, cost, direct, segments
 from engine.backend import bfloat16
 
 segments.SEGMENT_MIN, segments.SEGMENT_BYTES = 4096, 1024   # pipeline blocks >= 4 KiB in 1 KiB pieces
+direct.PLACE_TRIAL_BYTES = 4096     # all-gathers >= 4 KiB try both placements of the own block
 
 comm = Communicator()
 N, R = comm.size, comm.rank
