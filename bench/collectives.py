@@ -16,7 +16,8 @@ nccl-tests PERFORMANCE.md): algbw = bytes / time and
 the per-link bandwidth an optimal algorithm needs, comparable with the hardware's.
 Every algorithm of an op, algo="auto" and the library's own (algo="mpi", called directly
 through mpi4py, the call a user would make instead) run in the same launch, interleaved
-round by round so background load hits them alike; time_us is the median over rounds of
+round by round (in reversed order every other round, so that no algorithm always runs
+right after another) so background load hits them alike; time_us is the median over rounds of
 each round's mean (rank-averaged), and vs_mpi the busbw ratio to the library at that size.
 
 Beside each measurement: the time the alpha-beta-gamma model (collectives/cost.py)
@@ -70,9 +71,11 @@ def sweep(comm, op, algos, sizes, args):
         per_call = world.allreduce((time.perf_counter() - t0) / len(fns) / max(2, iters // 10), op=MPI.MAX)
         iters = int(max(args.min_iters, min(iters, args.round_seconds / per_call)))   # same on every rank
         per_round = {algo: [] for algo in algos}
-        for _ in range(args.rounds):
-            for algo, fn in fns.items():
-                per_round[algo].append(time_batch(world, fn, iters))
+        order = list(fns)
+        for _ in range(args.rounds):               # ABBA: every algorithm runs early and late alike
+            for algo in order:
+                per_round[algo].append(time_batch(world, fns[algo], iters))
+            order.reverse()
         for algo in algos:
             mine = float(np.median(per_round[algo]))
             lo, hi = world.allreduce(mine, op=MPI.MIN), world.allreduce(mine, op=MPI.MAX)
