@@ -156,24 +156,26 @@ def all_gather(c, x, out):
     plan = _find(c, "ag", x, out, None)
     if plan is None:
         if type(out) is not _ndarray or \
-                not _usable(c, x, out, "all_gather", out.nbytes, "recursive_doubling", None) \
+                not _usable(c, x, out, "all_gather", out.nbytes, "recursive_doubling", limit=None) \
                 or out.size != x.size * c.size:
             return None
         rank, k, buf = c.rank, x.size, _flat(out)
-        plan, steps, d = Plan(), [], 1
+        plan, exchanges, d = Plan(), [], 1
         while d < c.size:          # exchange my group's d blocks for the partner group's
             mine, theirs = (rank & ~(d - 1)) * k, ((rank ^ d) & ~(d - 1)) * k
-            steps.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]), None))
+            exchanges.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]), None))
             d *= 2
         place = (None, _bytes(buf[rank * k:(rank + 1) * k]), _bytes(_flat(x)), None)
-        copy_first = [place] + steps
-        if steps:                  # input first: step 1 sends the own block from the input
-            steps[0] = (steps[0][0], _bytes(_flat(x)), steps[0][2], None)
-        steps.insert(1, place)
-        plan.steps, plan.ufunc, plan.avg, plan.final = steps, None, False, None
+        copy_first = [place] + exchanges            # place, then step 1 sends from the output
+        input_first = copy_first                    # (N = 1: the copy is all there is)
+        if exchanges:                               # step 1 sends from the input, then place
+            peer, _, recv, _ = exchanges[0]
+            input_first = [(peer, _bytes(_flat(x)), recv, None), place] + exchanges[1:]
+        plan.steps, plan.ufunc, plan.avg, plan.final = input_first, None, False, None
         plan.result = out
-        plan.placements = (steps, copy_first) if c.size > 1 and out.nbytes >= PLACE_TRIAL_BYTES else None
-        plan.times = ([], [])
+        plan.placements = None
+        if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
+            plan.placements, plan.times = (input_first, copy_first), ([], [])
         plan = _remember(c, (id(x), id(out), None, "ag"), plan, x, out, None)
     if plan.placements is not None:
         return _run_trial(c, plan)
