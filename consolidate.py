@@ -1,4 +1,4 @@
-"""Consolidate a sharded checkpoint (parallel/checkpoint.py) into one file, on one process.
+"""Consolidate a sharded checkpoint (parallel/checkpoint/sharded.py) into one file, on one process.
 
     python consolidate.py out model.safetensors          # latest checkpoint of out/ -> one file
     python consolidate.py out/step_300 gpt2-dir --hf     # a Hugging Face GPT-2 directory

@@ -7,7 +7,7 @@
 
 The checkpoint's manifest carries the model config and the tokenizer (byte, char or ids),
 so the text is encoded and decoded exactly as in training. --ckpt reads train.py's sharded
-checkpoints (parallel/checkpoint.py ``consolidate``: the shards of any rank count are
+checkpoints (parallel/checkpoint/sharded.py ``consolidate``: the shards of any rank count are
 assembled on this one process), the single-file checkpoints of engine/checkpoint.py, and
 consolidate.py's .safetensors file (its metadata holds the manifest). Decoding uses the model's KV
 cache (models/gpt.py ``generate``): temperature 0 is greedy, ``--top-k`` keeps the k most

@@ -21,25 +21,25 @@ One source of truth: the dataclasses ``GPTConfig`` (models/gpt.py), ``ParallelCo
 type from the annotation, help from the field metadata); ``--config FILE.toml`` supplies
 the same fields (flat keys, or tables [model] [parallel] [train]); flags override it.
 
-Data parallelism (parallel/zero.py): ``--batch-size`` is the GLOBAL batch, as on one
+Data parallelism (parallel/data/zero.py): ``--batch-size`` is the GLOBAL batch, as on one
 process: every rank draws the same windows from one seeded Batcher and takes its slice of
 batch_size / dp sequences, the gradients are averaged over the dp ranks, so N ranks compute
 what one process computes (tests/test_zero.py). Only rank 0 prints and writes metrics;
-checkpoints are sharded (parallel/checkpoint.py: each rank writes the parameters and AdamW
+checkpoints are sharded (parallel/checkpoint/sharded.py: each rank writes the parameters and AdamW
 state it owns, rank 0 the manifest; resumable at any dp, pp and stage, ``python consolidate.py``
 makes one file). Rank 0's log line gives totals: tokens/s over all ranks, the largest per-rank peak
 memory, MFU against N times the measured per-process peak. ``--comm-timeout`` (default 300 s
 when there are several ranks) arms the collectives' watchdog (collectives/debug.py): a rank
 that stops arriving is named and the job aborted instead of hanging.
 
-Sequence parallelism (parallel/layout.py, parallel/sequence.py): ``--sp N`` splits each
+Sequence parallelism (parallel/layout.py, parallel/sequence/model.py): ``--sp N`` splits each
 window of block_size tokens over N ranks (``--sp-attention ring``: K/V blocks travel a ring,
 zigzag split, block_size divisible by 2N; ``ulysses``: all-to-all to head sharding, block_size
 divisible by N, any head count); dp * sp ranks in all. The ZeroEngine then runs over the
 dp x sp group (gradients summed over sp, averaged over dp; ZeRO shards over all dp * sp
 ranks), so the losses equal one process's (tests/test_sp_train.py).
 
-Pipeline parallelism (parallel/pipeline_layout.py, parallel/pipeline.py): ``--pp P`` cuts the
+Pipeline parallelism (parallel/pipeline_layout.py, parallel/pipeline/executor.py): ``--pp P`` cuts the
 layers into P stages (embedding on the first, final LayerNorm, tied head and loss on the last)
 and each replica's batch_size / dp sequences into ``--micro-batches M`` (default P), run by
 ``--schedule``: gpipe (Huang et al. 2019), 1f1b and interleaved with ``--virtual-stages V``
@@ -94,10 +94,10 @@ from parallel.checkpoint import check_params, load_sharded, open_checkpoint, sav
 from parallel.layout import ModelStep, sequence_parallel
 from parallel.pipeline_layout import PipelineConfigError, PipelineStep, build_stage
 from parallel.pipeline_layout import check_layout as check_pipeline
-from parallel.schedules import SCHEDULES
+from parallel.pipeline.schedules import SCHEDULES
 from parallel.trace import Tracer, write_chrome_trace
 from parallel.sequence import SequenceParallelError, check_config
-from parallel.zero import ZeroEngine
+from parallel.data import ZeroEngine
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
 
@@ -254,7 +254,7 @@ def env_world():
 
 class Run:
     """Everything a training run holds: configs, data, model, the data-parallel engine
-    (``dp``: parallel/zero.py, also for one process), its flat buffers and optimizers."""
+    (``dp``: parallel/data/zero.py, also for one process), its flat buffers and optimizers."""
 
     def __init__(self, model_cfg, par, cfg, data, model, mesh, engine, batcher):
         self.model_cfg, self.par, self.cfg, self.data = model_cfg, par, cfg, data
@@ -342,7 +342,7 @@ def prepare(argv):
 
 def restore(run, ckpt):
     """Parameters, AdamW moments, batcher and dropout generator from a sharded checkpoint
-    (parallel/checkpoint.py) saved at any dp, pp and ZeRO stage: each rank reads the saved shards
+    (parallel/checkpoint/sharded.py) saved at any dp, pp and ZeRO stage: each rank reads the saved shards
     overlapping its own range (another layout: each parameter by name from the stage that saved
     it). A collective; a bad shard fails every rank alike."""
     where, eng = f"checkpoint {ckpt.path}", run.dp
@@ -370,7 +370,7 @@ def pipeline_layout(run):
 
 def save(run, rec):
     """Every rank writes its shard of parameters and AdamW state, rank 0 the manifest, into
-    out_dir/step_<N>, published atomically once all are fsynced (parallel/checkpoint.py);
+    out_dir/step_<N>, published atomically once all are fsynced (parallel/checkpoint/sharded.py);
     every rank returns its path. ENGINE_TEST_KILL_AT_STEP=k (tests only) SIGKILLs rank
     ENGINE_TEST_KILL_RANK (default: the last) right after the step-k checkpoint."""
     cfg, eng = run.cfg, run.dp

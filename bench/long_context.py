@@ -19,7 +19,7 @@ group sleep in a non-spinning barrier so they do not steal the cores):
    bisection to a multiple of --unit tokens.
 3. Ring attention forward at fixed sizes (the baseline for the overlap claim is the same
    work split in two): the whole ring (transfer of the next K/V block posted before the
-   current block's compute, parallel/ring_attention.py) against compute alone (the same
+   current block's compute, parallel/sequence/ring_attention.py) against compute alone (the same
    blocks, no transfers) and communication alone (the same N-1 transfers, no compute), per
    ring step; overlap is good when ring ~ max(compute, comm) (goal <= 1.1x).
 
@@ -39,9 +39,9 @@ from engine.flat import FlatParameters
 from engine.io import atomic_write_json
 from engine.optim import AdamW
 from models.gpt import GPT, GPTConfig
-from parallel.ring_attention import RingAttention, RingShift, block_forward
+from parallel.sequence.ring_attention import RingAttention, RingShift, block_forward
 from parallel.sequence import SequenceParallel, SequenceParallelError, check_config, layout_for
-from parallel.sequence_layout import local_segments
+from parallel.sequence.split import local_segments
 
 
 def parse_bytes(s):

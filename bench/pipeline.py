@@ -16,7 +16,7 @@ chosen so that matmuls dominate, as in the papers' models, where t_F ~ t_B ~ t_W
 n_embd 128 the elementwise work (GELU, LayerNorm, softmax) made t_F 1.55x t_W (8.8 against 5.6 ms), and ZB-H1's
 advantage, which is t_W moved into the bubble, shrank accordingly (its theory column
 follows the measured t's either way). Rows with simulated=true replay the schedule's lists with
-parallel/schedules.py's simulator for larger P, with per-action costs measured here at P:
+parallel/pipeline/schedules.py's simulator for larger P, with per-action costs measured here at P:
 a stage of the same model over p ranks costs (P/p) x the measured F, B, W of a stage (so the
 model is the same and only the cut changes), plus the measured one-way time of an activation
 message. Peak activation bytes: real rows, tracemalloc's bytes held at the end of each
@@ -39,7 +39,7 @@ from collectives import Communicator
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel.pipeline import PipelineConfigError, PipelineEngine, PipelineStage, check_config
-from parallel.schedules import COMPUTE, SCHEDULES, bubble_of, bubble_theory, build, held, simulate
+from parallel.pipeline.schedules import COMPUTE, SCHEDULES, bubble_of, bubble_theory, build, held, simulate
 from parallel.trace import KINDS, gather_events
 
 COLORS = {"F": "#4c78a8", "B": "#59a14f", "W": "#b07aa1"}

@@ -33,7 +33,7 @@ from collectives import Communicator
 from engine.data import Batcher, DataError, load_dataset
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
-from parallel.zero import ZeroEngine
+from parallel.data import ZeroEngine
 
 
 class Trainer:

@@ -5,7 +5,7 @@
 Rajbhandari et al. 2019 (arXiv 1910.02054, section 5), float32 AdamW, P parameters, N ranks:
 plain DP 16P bytes per rank (4 params + 4 grads + 8 moments); stage 1 8P + 8P/N; stage 2
 4P + 12P/N; stage 3 16P/N, plus the parameters gathered for the layer computing (and the
-next one, prefetched) and, here, the root (tied embeddings, ln_f: see parallel/fsdp.py).
+next one, prefetched) and, here, the root (tied embeddings, ln_f: see parallel/data/fsdp.py).
 
 For each stage the benchmark builds the baby GPT of bench/train_step.py (float32, vocab 65)
 on the N ranks, runs two training steps, and measures per rank:
@@ -31,7 +31,7 @@ from bench.train_step import MODEL
 from collectives import Communicator
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
-from parallel.zero import ZeroEngine
+from parallel.data import ZeroEngine
 
 FORMULA = {0: lambda P, N: 16 * P, 1: lambda P, N: 8 * P + 8 * P / N,
            2: lambda P, N: 4 * P + 12 * P / N, 3: lambda P, N: 16 * P / N}

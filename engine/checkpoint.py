@@ -19,7 +19,7 @@ checkpoint. Nothing is pickled: tensors are safetensors (engine/io.py), the rest
 The directory protocol (``begin_write`` -> write and fsync files -> ``commit``), the
 ``latest`` pointer (``resolve``), pruning and file verification (``file_info``,
 ``verify_file``) are shared with the sharded, multi-rank checkpoints of
-parallel/checkpoint.py, which only add who writes which file.
+parallel/checkpoint/sharded.py, which only add who writes which file.
 
 ``load_checkpoint`` verifies the format version, every file's size and sha256, and (via
 ``check_shapes``) the tensor names and shapes against the model, raising engine.io's

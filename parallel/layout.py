@@ -1,7 +1,7 @@
 """How train.py composes data parallelism / ZeRO with sequence parallelism in one step (and,
 per pipeline stage, with pipeline parallelism: parallel/pipeline_layout.py).
 
-Sequence parallelism (parallel/sequence.py: ring attention, Liu et al. 2023; Ulysses,
+Sequence parallelism (parallel/sequence/model.py: ring attention, Liu et al. 2023; Ulysses,
 Jacobs et al. 2023) splits every sequence of a dp replica's batch over the sp ranks, so
 rank (d, s) of the dp x sp grid holds rows [d B/dp, (d+1) B/dp) and tokens T/sp of them:
 

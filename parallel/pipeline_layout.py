@@ -5,7 +5,7 @@ Mesh(dp, pp, sp) (collectives/mesh.py: world rank = (pp_rank * dp + dp_rank) * s
 gives every rank a pp group (the stages of its replica at its sp coordinate), a dp group
 and an sp group (the ranks of its stage). Every rank builds the whole GPT from the seed, so
 its parameters are one process's; it keeps the layers of its stage
-(parallel/pipeline_stage.py) and releases the others' arrays. A ZeroEngine over the stage's
+(parallel/pipeline/stage.py) and releases the others' arrays. A ZeroEngine over the stage's
 dp x sp group (parallel/layout.py grad_comm: mesh.dp_comm when sp = 1) owns the stage's
 parameters (its own flat buffer: each stage has its own layout), a PipelineEngine runs the
 micro-batches (Huang et al. 2019 GPipe; Narayanan et al. 2021 1F1B and interleaved; Qi et
@@ -52,7 +52,7 @@ every micro-batch. A sparse FFN is refused too (its noise is drawn per layer cal
 
 Memory per rank: the stage's parameters (about P/pp, plus wte on the first and last), its
 gradient and AdamW state (stage 1: over dp x sp), and the schedule's activations
-(parallel/schedules.py activation_bound), each T/sp tokens long under sp.
+(parallel/pipeline/schedules.py activation_bound), each T/sp tokens long under sp.
 """
 import math
 import time
@@ -62,8 +62,8 @@ import numpy as np
 from engine.optim import grad_norm_sq
 
 from .pipeline import PipelineEngine
-from .pipeline_stage import PipelineConfigError, PipelineStage, check_config
-from .zero import placeholder
+from .pipeline.stage import PipelineConfigError, PipelineStage, check_config
+from .data.zero import placeholder
 
 TIED = "transformer.wte.weight"
 

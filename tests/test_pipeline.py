@@ -1,4 +1,4 @@
-"""Pipeline parallelism (parallel/pipeline.py): the B/W split of engine/autograd.py against a
+"""Pipeline parallelism (parallel/pipeline/executor.py): the B/W split of engine/autograd.py against a
 plain backward, then one mpiexec launch per layout (pp = 2, pp = 4, pp = 2 x dp = 2, pp = 4 x dp = 2) running
 every schedule for 5 float64 AdamW steps against one process within 1e-10, and the bad
 layouts (one line, the same on every rank) — tests/mpi_workers/pipeline_equiv.py."""
@@ -8,7 +8,7 @@ import pytest
 from engine.autograd import Tensor, run_deferred
 from models.gpt import GPT, GPTConfig
 from mpi_util import describe, run_mpi
-from parallel.pipeline_stage import PipelineConfigError, check_config, layer_ranges
+from parallel.pipeline.stage import PipelineConfigError, check_config, layer_ranges
 
 
 def test_split_backward_equals_plain_backward():

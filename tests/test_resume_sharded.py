@@ -1,4 +1,4 @@
-"""train.py end to end with sharded checkpoints (parallel/checkpoint.py): a rank killed with
+"""train.py end to end with sharded checkpoints (parallel/checkpoint/sharded.py): a rank killed with
 SIGKILL right after its step-k checkpoint (ENGINE_TEST_KILL_AT_STEP, read in train.py's
 save()), resumed at the same rank count, reproduces the uninterrupted run's losses bitwise
 (dropout on: every rank's generator is restored); resumed at other rank counts and stages

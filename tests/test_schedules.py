@@ -1,10 +1,10 @@
-"""Pipeline schedules as data (parallel/schedules.py), tested on the lists alone: every forward
+"""Pipeline schedules as data (parallel/pipeline/schedules.py), tested on the lists alone: every forward
 before its backward (and W after B), each action exactly once, sends matched by receives,
 no deadlock when replayed with the executor's semantics, activations held within the
 schedule's promise, and the replayed bubble equal to the papers' formula at unit costs."""
 import pytest
 
-from parallel.schedules import (COMPUTE, SCHEDULES, Action, Deadlock, activation_bound, bubble_of,
+from parallel.pipeline.schedules import (COMPUTE, SCHEDULES, Action, Deadlock, activation_bound, bubble_of,
                                 bubble_theory, build, held, simulate)
 
 GRID = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 8, 12, 16)]

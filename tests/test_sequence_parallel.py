@@ -1,4 +1,4 @@
-"""Sequence parallelism (parallel/ring_attention.py, ulysses.py, sequence.py) equals one process.
+"""Sequence parallelism (parallel/sequence/ring_attention.py, ulysses.py, sequence.py) equals one process.
 
 - layouts (no MPI): zigzag and contiguous segments cover every position once; bad lengths fail;
 - attention: ring and Ulysses, causal and not, both layouts, 1/3/4 heads, output and q/k/v
@@ -15,7 +15,7 @@ import pytest
 
 from mpi_util import describe, run_mpi
 from parallel.sequence import SequenceParallelError, check_config
-from parallel.sequence_layout import check_split, positions, segments, shard
+from parallel.sequence.split import check_split, positions, segments, shard
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

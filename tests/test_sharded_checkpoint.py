@@ -1,4 +1,4 @@
-"""parallel/checkpoint.py: sharded checkpoints saved at N ranks load at any other N (exactly),
+"""parallel/checkpoint/sharded.py: sharded checkpoints saved at N ranks load at any other N (exactly),
 damaged ones are refused on every rank with one line, a rank killed mid-save leaves nothing
 half-written, and consolidate.py's output opens in our GPT and in Hugging Face GPT-2.
 One launch of 4 ranks (tests/mpi_workers/ckpt_worker.py) runs the resharding cases."""

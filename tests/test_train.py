@@ -104,7 +104,7 @@ def _corrupt_copy(src, dst, how):
     shutil.copytree(src, dst)
     step = os.path.join(dst, f"step_{STEPS}")
     if how == "flip":
-        path = os.path.join(step, "shard-0-of-1.safetensors")      # parallel/checkpoint.py's shard
+        path = os.path.join(step, "shard-0-of-1.safetensors")      # parallel/checkpoint/sharded.py's shard
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) - 3)
             b = f.read(1)

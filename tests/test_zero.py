@@ -1,4 +1,4 @@
-"""ZeRO / DDP (parallel/zero.py, parallel/data.py, parallel/fsdp.py): the main test of the
+"""ZeRO / DDP (parallel/data/zero.py, parallel/data/buckets.py, parallel/data/fsdp.py): the main test of the
 issue, plus faults. One mpiexec launch per rank count N = 1..4 runs every stage 0..3 in
 float64 and float32 (tests/mpi_workers/zero_equiv.py) against the single-process step."""
 import time

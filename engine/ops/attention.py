@@ -14,7 +14,7 @@ recomputes P = exp(S - LSE) and, with D_i = rowsum(dO_i * O_i),
 
 Causal masks compare GLOBAL positions, query q_offset + i sees key k_offset + j iff
 q_offset + i >= k_offset + j, so a rank holding one chunk of a sequence (ring attention,
-parallel/sequence.py) calls the same kernels; blocks entirely in a row's future are skipped,
+parallel/sequence/model.py) calls the same kernels; blocks entirely in a row's future are skipped,
 and a row that sees no key at all gets O = 0 and LSE = -inf. Partial results over disjoint
 key sets combine with ``merge_attention`` (the LSE rule, as in picotron's ring attention):
     LSE = log(e^LSE1 + e^LSE2),   O = e^(LSE1 - LSE) O1 + e^(LSE2 - LSE) O2.

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-import parallel.checkpoint as pc
+import parallel.checkpoint.sharded as pc
 from collectives import Communicator
 from engine.flat import FlatParameters, shard_range
 from models.gpt import GPT, GPTConfig

@@ -1,4 +1,4 @@
-"""Sharded checkpoints (parallel/checkpoint.py) saved at one rank count and loaded at others.
+"""Sharded checkpoints (parallel/checkpoint/sharded.py) saved at one rank count and loaded at others.
 
     mpiexec -n 4 python tests/mpi_workers/ckpt_worker.py DIR
 

@@ -14,9 +14,9 @@ import numpy as np
 
 from collectives import Communicator
 from engine.autograd import Tensor
-from parallel.ring_attention import ring_attention
-from parallel.sequence_layout import shard
-from parallel.ulysses import ulysses_attention
+from parallel.sequence.ring_attention import ring_attention
+from parallel.sequence.split import shard
+from parallel.sequence.ulysses import ulysses_attention
 
 world = Communicator()
 W, R = world.size, world.rank

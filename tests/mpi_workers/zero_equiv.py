@@ -25,7 +25,7 @@ from engine.data import Batcher
 from engine.flat import FlatParameters
 from engine.optim import AdamW, clip_grad_norm_
 from models.gpt import GPT, GPTConfig
-from parallel.zero import ZeroEngine
+from parallel.data import ZeroEngine
 
 TOL = {"float64": 1e-10, "float32": 1e-5}
 CFG = GPTConfig(block_size=16, vocab_size=41, n_layer=2, n_head=2, n_embd=14)   # 5894 parameters: N=3, 4 pad

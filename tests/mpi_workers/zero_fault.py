@@ -17,7 +17,7 @@ import numpy as np
 
 from collectives import Communicator
 from models.gpt import GPT, GPTConfig
-from parallel.zero import ZeroEngine
+from parallel.data import ZeroEngine
 
 mode, stage = sys.argv[1], int(sys.argv[2])
 comm = Communicator()

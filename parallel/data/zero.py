@@ -11,9 +11,9 @@ float32 in place of its 2 + 2 + 12 bytes of mixed precision):
     1      full    full   shard      8P + 8P/N         reduce-scatter grads, all-gather params
     2      full    shard  shard      4P + 12P/N        bucketed reduce-scatter in backward; all-gather
     3      shard   shard  shard      16P/N + layers    per-layer all-gather in forward and again in
-                                                       backward (parallel/fsdp.py); reduce-scatter
+                                                       backward (parallel/data/fsdp.py); reduce-scatter
 
-Step, any stage:  grads averaged over ``comm`` (parallel/data.py) -> global grad norm (sum
+Step, any stage:  grads averaged over ``comm`` (parallel/data/buckets.py) -> global grad norm (sum
 of squares of each rank's shard, all-reduced) -> clip -> AdamW on the owned shard (the
 update is elementwise, so on a shard it equals the full update bit for bit) -> stages 1-2
 all-gather the updated shards into the replicated parameters. Stage 0 keeps the full AdamW
@@ -35,7 +35,7 @@ from engine.backend import get_array_module
 from engine.flat import FlatParameters, copy_into, shard_range
 from engine.optim import AdamW, clip_grad_norm_, grad_norm_sq
 
-from .data import GradBuckets
+from .buckets import GradBuckets
 
 STAGES = (0, 1, 2, 3)
 
@@ -53,7 +53,7 @@ class ZeroEngine:
              into ``self.flat`` (padded to comm.size shards); same layout on every rank
     comm     the Communicator gradients are averaged and state is sharded over (dp, or dp x sp)
     stage    0..3; layers: stage 3's sub-Modules gathered one at a time, each taking one tensor
-             and returning one (parallel/fsdp.py; None: ``model.blocks``, else its children);
+             and returning one (parallel/data/fsdp.py; None: ``model.blocks``, else its children);
              parameters outside them form the root, gathered for the whole step
     AdamW hyper-parameters as engine/optim.py; bucket_bytes: gradient bucket size."""
 
@@ -174,7 +174,7 @@ class ZeroEngine:
     # -- state ----------------------------------------------------------------------------
     def shard_state(self):
         """{'params': {dt: owned 1-D slice}, 'optim': {dt: {'m', 'v', 'step'}}}: views, this
-        rank's shard_range of the padded buffers (see contract: parallel/checkpoint.py)."""
+        rank's shard_range of the padded buffers (see contract: parallel/checkpoint/sharded.py)."""
         params, optim = {}, {}
         for dt, opt in self.optim.items():
             lo, hi = self.ranges[dt]

@@ -1,4 +1,4 @@
-"""Where each tensor of a sharded checkpoint lives (parallel/checkpoint.py writes them):
+"""Where each tensor of a sharded checkpoint lives (parallel/checkpoint/sharded.py writes them):
 the manifest's flat layouts, their checks against a model, and reading any range of any
 layout BY PARAMETER NAME.
 

@@ -40,7 +40,7 @@ the same one-line CheckpointError on every rank, so all of them exit alike.
 Loading verifies the manifest, the layout against the model (names, dtypes, shapes: another
 model configuration or dtype is refused), and the size and sha256 of every shard it reads;
 a parameter whose place in the flat buffer differs (another pipeline stage, another
-parameter order) is read by name from wherever it was saved (parallel/checkpoint_layout.py:
+parameter order) is read by name from wherever it was saved (parallel/checkpoint/reshard.py:
 the layouts, their checks, the reading). ``consolidate`` assembles the full parameters
 (host, no MPI); the entry point consolidate.py writes them as one safetensors file or a
 Hugging Face directory.
@@ -57,7 +57,7 @@ from engine.checkpoint import begin_write, commit, file_info, read_manifest, res
 from engine.flat import padded_size, shard_range
 from engine.io import CheckpointError, atomic_write_json, one_line, save_safetensors
 
-from .checkpoint_layout import (KEYS, _check_sizes, _np_dtype, check_layout, check_params,  # noqa: F401
+from .reshard import (KEYS, _check_sizes, _np_dtype, check_layout, check_params,  # noqa: F401
                                 read_params, read_range, saved_index, shard_file, stages_of)
 
 FORMAT = "mpi-transformer-engine/sharded-checkpoint"

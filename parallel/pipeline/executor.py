@@ -1,7 +1,7 @@
-"""Pipeline parallelism: one executor that runs any schedule's action list (parallel/schedules.py).
+"""Pipeline parallelism: one executor that runs any schedule's action list (parallel/pipeline/schedules.py).
 
 The batch of B sequences is cut into m micro-batches of B/m; each pp rank holds a stage
-(parallel/pipeline_stage.py) and executes its list of actions in order:
+(parallel/pipeline/stage.py) and executes its list of actions in order:
 
     recv_f   irecv the activation (B/m, T, C) from the previous stage      tag (i, chunk, fwd)
     F        forward of micro-batch i through local chunk c; the input is a leaf that
@@ -25,7 +25,7 @@ flat buffer), meaning the gradient of the mean loss over the batch, exactly as
 compose outside (parallel/pipeline_layout.py: how train.py does it). ``eval_loss`` runs
 the micro-batches forward only, for validation.
 
-Sequence parallelism (``seq``: a parallel/sequence.py SequenceParallel over this stage's sp
+Sequence parallelism (``seq``: a parallel/sequence/model.py SequenceParallel over this stage's sp
 group, whose sharded attention, ring (Liu et al. 2023) or Ulysses (Jacobs et al. 2023), is
 installed in the blocks the stage shares): every micro-batch is sharded along its tokens
 before the step, so a stage sees (B/m, T/sp) token ids with their global positions (virtual
@@ -51,9 +51,9 @@ from engine import backend
 from engine.autograd import Tensor, run_deferred
 from engine.optim import clip_grad_norm_, grad_norm_sq
 
-from .pipeline_stage import PipelineConfigError, PipelineStage, check_config, layer_ranges   # noqa: F401
+from .stage import PipelineConfigError, PipelineStage, check_config, layer_ranges   # noqa: F401
 from .schedules import build
-from .trace import Tracer, write_chrome_trace
+from ..trace import Tracer, write_chrome_trace
 
 FWD, BWD = 0, 1
 

@@ -1,7 +1,7 @@
 """Pipeline schedules as data: pure functions returning each rank's ordered list of actions.
 
 A schedule for p ranks and m micro-batches is ``lists[r]``, the actions rank r executes in
-order (parallel/pipeline.py runs any such list; nothing else differs between schedules):
+order (parallel/pipeline/executor.py runs any such list; nothing else differs between schedules):
 
     F(i, c)       forward of micro-batch i through model chunk c of this rank
     B(i, c)       backward: the gradient w.r.t. the chunk's input (and, unless the schedule
@@ -142,7 +142,7 @@ def _with_comm(orders, p, v):
 
 def build(name, p, m, v=1):
     """Each rank's action list for schedule ``name`` with p ranks, m micro-batches, v chunks
-    per rank (interleaved only; 1 otherwise). Arguments are checked by parallel/pipeline.py."""
+    per rank (interleaved only; 1 otherwise). Arguments are checked by parallel/pipeline/executor.py."""
     if name == "gpipe":
         orders = _gpipe(p, m)
     elif name == "1f1b":

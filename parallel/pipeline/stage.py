@@ -10,7 +10,7 @@ of rank r being virtual stage s = c pp + r of pp v:
 The embedding lives on virtual stage 0, the final LayerNorm, the tied output layer and the
 loss on the last one. Tied embeddings (Press & Wolf 2017): with pp > 1 the first and the
 last rank each hold a copy of wte; both start equal (every rank builds the same GPT from one
-seed) and stay equal because parallel/pipeline.py all-reduces wte's gradient between them
+seed) and stay equal because parallel/pipeline/executor.py all-reduces wte's gradient between them
 before the update. Parameter names are the full model's (``transformer.h.3.ln_1.weight``),
 so a stage's state_dict is a slice of the one-process checkpoint.
 """
@@ -99,7 +99,7 @@ class PipelineStage(Module):
         returns (B, T, C), or the mean cross-entropy on the last virtual stage. Under
         sequence parallelism T is this rank's T/sp tokens: ``pos`` (T/sp,) their global
         positions (virtual stage 0), ``loss_fn(logits (B, T/sp, V))`` this rank's share of the
-        loss in place of the mean (the last virtual stage; parallel/sequence.py)."""
+        loss in place of the mean (the last virtual stage; parallel/sequence/model.py)."""
         s = self.virtual_stage(c)
         if s == 0:
             x = GPT.embed(self, x, pos=pos)                    # (B, T) -> (B, T, C)

@@ -6,7 +6,7 @@ tensor and returning one) is one unit:
 
     forward,  layer i:   wait all-gather(i) | start all-gather(i+1) | compute | free(i)
     backward, layer i:   wait all-gather(i) | start all-gather(i-1) | recompute, backward | free(i)
-                         -> its gradients go to the reduce-scatter buckets (parallel/data.py)
+                         -> its gradients go to the reduce-scatter buckets (parallel/data/buckets.py)
 
 Gather of a contiguous range [lo, hi) of the flat buffer: rank k contributes its shard's
 overlap with it (uneven all-gather counts, count_k = |[lo, hi) & [k S, (k+1) S)|), whose
@@ -33,7 +33,7 @@ import time
 from engine.autograd import Function, Tensor, no_grad
 from engine.backend import get_array_module
 
-from .data import overlap_counts
+from .buckets import overlap_counts
 from .zero import placeholder
 
 

@@ -34,7 +34,7 @@ from engine.autograd import Function
 from engine.backend import get_array_module
 from engine.ops.attention import attention_backward, attention_forward
 
-from .sequence_layout import positions
+from .split import positions
 
 
 def head_counts(H, N):

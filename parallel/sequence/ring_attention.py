@@ -12,7 +12,7 @@ rank src = (r - s) mod N:
              wait; KV <- KV'                               O = e^(LSE_old-LSE) O + e^(LSE_s-LSE) O_s
 
 The causal mask compares global positions (the kernel's q_offset / k_offset), segment by
-segment, so any layout of parallel/sequence_layout.py works; pairs of segments lying
+segment, so any layout of parallel/sequence/split.py works; pairs of segments lying
 wholly in a query's future are skipped. With the zigzag layout every rank computes the
 same number of visible tiles at every step (two chunk-pairs of T/2N x T/2N after step 0).
 
@@ -37,7 +37,7 @@ from engine.autograd import Function
 from engine.backend import get_array_module
 from engine.ops.attention import attention_backward, attention_forward, merge_attention
 
-from .sequence_layout import local_segments
+from .split import local_segments
 
 TAG_FWD, TAG_KV, TAG_DKV = 71, 72, 73
 
@@ -97,7 +97,7 @@ def block_backward(q, kv, o, lse, do, qsegs, ksegs, causal, scale, block_size, d
 
 class RingAttention(Function):
     """softmax(scale Q K^T + mask) V over a sequence sharded on `comm` (sp ring).
-    q, k, v (B, H, T/N, D) local, in `layout` (parallel/sequence_layout.py) -> (B, H, T/N, D)."""
+    q, k, v (B, H, T/N, D) local, in `layout` (parallel/sequence/split.py) -> (B, H, T/N, D)."""
 
     def forward(self, q, k, v, comm=None, causal=True, layout="zigzag", scale=None, block_size=256):
         xp = get_array_module(q)

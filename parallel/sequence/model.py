@@ -20,7 +20,7 @@ and Jacobs et al. 2023):
 
 Every rank of an sp group must pass the same (B, T) batch; data-parallel replicas pass
 different batches. With pipeline parallelism, PipelineEngine(..., seq=this) shards each
-micro-batch with shard_batch and takes the last stage's loss from ``loss`` (parallel/pipeline.py). Dropout draws differ from one process (each rank masks its own
+micro-batch with shard_batch and takes the last stage's loss from ``loss`` (parallel/pipeline/executor.py). Dropout draws differ from one process (each rank masks its own
 tokens); the equivalence tests use dropout 0.
 """
 from collections import namedtuple
@@ -31,7 +31,7 @@ from engine import backend, ops
 from engine.autograd import no_grad
 
 from .ring_attention import ring_attention
-from .sequence_layout import SequenceParallelError, check_split, positions, shard
+from .split import SequenceParallelError, check_split, positions, shard
 from .ulysses import ulysses_attention
 
 MODES = ("ring", "ulysses")

@@ -15,7 +15,7 @@ backward goes on computing the earlier layers while it travels. ``finish()`` wai
 them all, in launch order. Every rank builds the same graph, so hooks fire, and
 collectives start, in the same order everywhere.
 
-Three modes (the ZeRO stage picks one, parallel/zero.py):
+Three modes (the ZeRO stage picks one, parallel/data/zero.py):
 
     "all_reduce"      DDP, stage 0. Grads accumulate in the full flat buffer; a bucket is
                       all-reduced (avg) in place. Cost per step: 2 (N-1)/N * 4P bytes sent.
@@ -62,7 +62,7 @@ class GradBuckets:
     flat: the FlatParameters (same layout on every rank); comm: the gradient Communicator;
     shards: {dt: 1-D gradient shard} for mode "scatter_copy" (this rank's [r S, (r+1) S)).
     ``enabled`` off: hooks do nothing (micro-batches that only accumulate, stages 0-1);
-    ``paused``: hooks ignored (a nested recompute backward, parallel/fsdp.py)."""
+    ``paused``: hooks ignored (a nested recompute backward, parallel/data/fsdp.py)."""
 
     def __init__(self, flat, comm, mode="all_reduce", bucket_bytes=1 << 20, shards=None):
         if mode not in MODES:

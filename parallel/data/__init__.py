@@ -1,0 +1,9 @@
+"""Data parallelism: gradient buckets reduced during backward (DDP), the ZeroEngine (ZeRO
+stages 0-3, Rajbhandari et al. 2019) and stage 3's per-layer gathers (FSDP).
+
+    buckets.py   GradBuckets: flat gradient ranges all-reduced / reduce-scattered as backward fills them
+    zero.py      ZeroEngine: the data-parallel engine of every run (one process included)
+    fsdp.py      ShardedLayers: ZeRO-3, each layer gathered before its forward and backward
+"""
+from .buckets import GradBuckets, overlap_counts  # noqa: F401
+from .zero import STAGES, ZeroEngine  # noqa: F401
