@@ -23,6 +23,13 @@ import numpy as np
 from .backend import get_array_module, to_numpy
 
 
+def placeholder(shape, dtype, xp=np):
+    """A read-only array of ``shape`` backed by one element: the parameter (or buffer) is not
+    held on this rank right now (ZeRO-3 between gathers, another pipeline stage's layers).
+    Shapes stay truthful, writes fail loudly."""
+    return xp.broadcast_to(xp.zeros((), dtype=dtype), shape)
+
+
 def padded_size(numel, world=1, align=1):
     """The smallest multiple of world * align that holds numel elements."""
     if world < 1 or align < 1 or numel < 0:

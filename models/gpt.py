@@ -36,6 +36,7 @@ import numpy as np
 
 from engine import backend, ops
 from engine.autograd import Function, Tensor
+from engine.random import SITES, CounterRNG
 from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from engine.ops.attention import Attention as _Attention, attention_forward
 
@@ -102,20 +103,13 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.qkv_modules ({self.qkv_modules}) must divide n_embd ({self.n_embd})")
 
 
-class _DropoutRNG:
-    """The one noise generator every layer draws from (dropout masks, the sparse FFN's
-    hard-mask coin and Gumbel noise), so that assigning ``model.dropout_rng`` (restoring a
-    checkpoint) reaches all of them."""
-
-    def __init__(self, seed):
-        # numpy Generator on the CPU, cupy RandomState on the GPU (what ops.dropout takes)
-        self.rng = backend.xp().random.RandomState(seed) if backend.device() == "gpu" \
-            else np.random.default_rng(seed)
-        self.shard = 0          # this rank's slice of the global batch (sparse-FFN noise, models/sparse_ffn.py)
-
-
-def _dropout(x, p, box, training):
-    return ops.dropout(x, p, box.rng, training=training) if p > 0 and training else x
+def _dropout(x, p, noise, layer, site, training):
+    """Dropout whose mask is the counter-based draw at (layer, site) for x's global rows and
+    tokens (engine/random.py), so every layout and every recomputation masks alike."""
+    if p == 0 or not training:
+        return x
+    u = noise.uniform(layer, SITES[site], x.shape, dtype=x.dtype, like=x.data)   # (B, T, C)
+    return ops.dropout(x, p, u=u)
 
 
 def _layer_norm(dim, bias):
@@ -160,7 +154,7 @@ class CausalSelfAttention(Module):
     the attention proper (ring attention does); None uses engine.ops.attention, fused with the
     head split and merge (HeadsAttention)."""
 
-    def __init__(self, config, rng, dropout_rng=None, attention_fn=None):
+    def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
         super().__init__()
         C = config.n_embd
         self.n_head, self.dropout = config.n_head, config.dropout
@@ -170,7 +164,7 @@ class CausalSelfAttention(Module):
             self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng)   # q, k, v in one matmul
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng)
         self.attention_fn = attention_fn
-        self._dropout_rng = dropout_rng
+        self.noise, self.layer = noise, layer
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.shape
@@ -194,38 +188,38 @@ class CausalSelfAttention(Module):
             else:
                 y = self.attention_fn(q, k, v)                 # (B, nh, T, hs)
             y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, C))   # (B, T, nh, hs) -> (B, T, C)
-        return _dropout(self.c_proj(y), self.dropout, self._dropout_rng, self.training)
+        return _dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
 
 
 class MLP(Module):
-    def __init__(self, config, rng, dropout_rng=None):
+    def __init__(self, config, rng, noise=None, layer=0):
         super().__init__()
         C = config.n_embd
         self.dropout = config.dropout
         self.c_fc = Linear(C, 4 * C, bias=config.bias, rng=rng)
         self.c_proj = Linear(4 * C, C, bias=config.bias, rng=rng)
-        self._dropout_rng = dropout_rng
+        self.noise, self.layer = noise, layer
 
     def forward(self, x):
         h = ops.gelu(self.c_fc(x))                             # (B, T, 4C)
-        return _dropout(self.c_proj(h), self.dropout, self._dropout_rng, self.training)   # (B, T, C)
+        return _dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
 
 
 class Block(Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
-    def __init__(self, config, rng, dropout_rng=None, attention_fn=None):
+    def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
         super().__init__()
         self.ln_1 = _layer_norm(config.n_embd, config.bias)
-        self.attn = CausalSelfAttention(config, rng, dropout_rng, attention_fn)
+        self.attn = CausalSelfAttention(config, rng, noise, layer, attention_fn)
         self.ln_2 = _layer_norm(config.n_embd, config.bias)
         if config.ffn_sparsity:                                # Jaszczur et al. 2021: sparse FFN
             self.mlp = SparseFFN(config.n_embd, 4 * config.n_embd, N=config.ffn_sparsity,
                                  d_lowrank=config.ffn_lowrank, temperature=config.ffn_temperature,
                                  hard_prob=config.ffn_hard_prob, bias=config.bias, rng=rng,
-                                 noise_box=dropout_rng, dropout=config.dropout)
+                                 noise=noise, layer=layer, dropout=config.dropout)
         else:
-            self.mlp = MLP(config, rng, dropout_rng)
+            self.mlp = MLP(config, rng, noise, layer)
 
     def forward(self, x, kv_cache=None):
         x = x + self.attn(self.ln_1(x), kv_cache)              # (B, T, C)
@@ -236,17 +230,52 @@ class Transformer(Module):
     """Container whose attribute name gives the Hugging Face prefix ``transformer.``:
     wte, wpe, h (the blocks), ln_f, registered in Hugging Face's order."""
 
-    def __init__(self, config, rng, dropout_rng):
+    def __init__(self, config, rng, noise):
         super().__init__()
         self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng)    # (V, C), also the output layer
         self.wpe = Embedding(config.block_size, config.n_embd, rng=rng)    # (block_size, C)
-        self.h = ModuleList([Block(config, rng, dropout_rng) for _ in range(config.n_layer)])
+        self.h = ModuleList([Block(config, rng, noise, i) for i in range(config.n_layer)])
         self.ln_f = _layer_norm(config.n_embd, config.bias)
+
+
+def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
+    """Token plus position embeddings, with dropout: idx (B, T) ints -> (B, T, C). pos: global
+    positions (T,) or (B, T), default 0..T-1 (a sequence-parallel rank passes its own). The
+    first pipeline stage calls this with the embeddings it holds."""
+    idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx)
+    if idx.ndim != 2:
+        raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
+    T = idx.shape[1]
+    if pos is None:
+        if T > config.block_size:
+            raise ValueError(f"sequence length {T} > block_size {config.block_size}")
+        pos = backend.xp().arange(T)                            # (T,)
+    else:
+        pos = backend.to_device(pos.data if isinstance(pos, Tensor) else pos)
+        if pos.shape not in ((T,), idx.shape):
+            raise ValueError(f"pos must have shape ({T},) or {idx.shape}, got {pos.shape}")
+        if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= config.block_size):
+            raise ValueError(f"positions must be in [0, {config.block_size}), "
+                             f"got [{int(pos.min())}, {int(pos.max())}]")
+    x = ops.embedding(idx, wte.weight) + ops.embedding(pos, wpe.weight)   # (B, T, C) + (T, C) or (B, T, C)
+    return _dropout(x, config.dropout, noise, -1, "embed", training)
+
+
+def head(ln_f, wte, x, targets=None):
+    """Final LayerNorm and the tied output layer: x (B, T, C) -> logits (B, T, V) = ln_f(x) wte^T;
+    the mean cross-entropy (ignoring -1) too if targets. The last pipeline stage calls this."""
+    x = ln_f(x)                                                 # (B, T, C)
+    logits = ops.linear(x, wte.weight)                          # (B, T, V): x @ wte.T
+    if targets is None:
+        return logits, None
+    targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets)
+    return logits, ops.cross_entropy(logits, targets)
 
 
 class GPT(Module):
     """GPT-2 language model. ``rng``: numpy Generator or seed for the init (None: seed 0);
-    the dropout generator (``model.dropout_rng``) is seeded from it."""
+    the noise generator (``model.noise``: dropout masks, the sparse FFN's coin and Gumbel
+    noise; counter-based, engine/random.py) is keyed by a number drawn from it."""
 
     def __init__(self, config, rng=None):
         super().__init__()
@@ -254,8 +283,8 @@ class GPT(Module):
             raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}")
         self.config = config
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
-        self._dropout_box = _DropoutRNG(int(rng.integers(2**63)))
-        self.transformer = Transformer(config, rng, self._dropout_box)
+        self.noise = CounterRNG(int(rng.integers(2**63)))
+        self.transformer = Transformer(config, rng, self.noise)
         scale = 1.0 / math.sqrt(2 * config.n_layer)            # GPT-2: residual projections scaled
         for block in self.transformer.h:
             block.attn.c_proj.weight.data *= scale
@@ -267,56 +296,14 @@ class GPT(Module):
         """The transformer blocks (a ModuleList), registered as transformer.h."""
         return self.transformer.h
 
-    @property
-    def dropout_rng(self):
-        """The generator dropout draws from (save its state to resume bitwise)."""
-        return self._dropout_box.rng
-
-    @dropout_rng.setter
-    def dropout_rng(self, rng):
-        self._dropout_box.rng = rng
-
-    @property
-    def batch_shard(self):
-        """Index of this rank's slice of the global batch (0 on one process). A data-parallel
-        rank sets its dp rank here so the sparse FFN's Gumbel noise for its rows is the noise
-        one process draws for them (models/sparse_ffn.py)."""
-        return self._dropout_box.shard
-
-    @batch_shard.setter
-    def batch_shard(self, index):
-        self._dropout_box.shard = int(index)
-
     def embed(self, idx, pos=None):
-        """Token plus position embeddings. idx (B, T) ints; pos: global positions (T,) or
-        (B, T), default 0..T-1 (a sequence-parallel rank passes its own)."""
-        idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx)
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
-        T = idx.shape[1]
-        if pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
-            pos = backend.xp().arange(T)                        # (T,)
-        else:
-            pos = backend.to_device(pos.data if isinstance(pos, Tensor) else pos)
-            if pos.shape not in ((T,), idx.shape):
-                raise ValueError(f"pos must have shape ({T},) or {idx.shape}, got {pos.shape}")
-            if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size):
-                raise ValueError(f"positions must be in [0, {self.config.block_size}), "
-                                 f"got [{int(pos.min())}, {int(pos.max())}]")
-        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
-        x = ops.embedding(idx, wte) + ops.embedding(pos, wpe)   # (B, T, C) + (T, C) or (B, T, C)
-        return _dropout(x, self.config.dropout, self._dropout_box, self.training)
+        """Token plus position embeddings (the function ``embed`` above) with this model's pieces."""
+        t = self.transformer
+        return embed(self.config, t.wte, t.wpe, idx, pos, self.noise, self.training)
 
     def head(self, x, targets=None):
         """Final LayerNorm and the tied output layer; loss (mean cross-entropy, ignore -1) if targets."""
-        x = self.transformer.ln_f(x)                           # (B, T, C)
-        logits = ops.linear(x, self.transformer.wte.weight)    # (B, T, V): x @ wte.T
-        if targets is None:
-            return logits, None
-        targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets)
-        return logits, ops.cross_entropy(logits, targets)
+        return head(self.transformer.ln_f, self.transformer.wte, x, targets)
 
     def forward(self, idx, targets=None, pos=None):
         x = self.embed(idx, pos)                               # (B, T, C)

@@ -23,12 +23,12 @@ W2 are contiguous d-vectors, d_ff/N of them, so a token reads d_ff/N rows of eac
 d_ff; the dense FFN is never computed. With many rows (a validation batch) the masked dense
 product is cheaper and gives the same numbers.
 
-Randomness (the coin and the Gumbel noise) comes from the model's one noise generator (the
-box models/gpt.py also gives dropout), so a seed reproduces a run, checkpoints save it and
-a recomputation rewinds it. Each call draws exactly two uniforms from it (a key and the
-coin) whatever the batch size; the noise is the key's own PCG64 stream, row-major over the
-global batch, and a data-parallel rank holding slice ``shard`` of it advances the stream to
-its rows, so N ranks draw the noise one process draws.
+Randomness (the coin and the Gumbel noise) comes from the model's counter-based generator
+(engine/random.py, the one dropout uses): the coin is one number per (step, accumulation
+pass, layer), the same for every row, rank and micro-batch, and the noise of unit j of token
+t of global row b is the draw at (layer, "ffn_gumbel", b, t, j). So any split of the batch or
+the tokens (dp, micro-batches, sp) draws the noise one process draws, and a recomputation
+draws it again without anything saved.
 
 Init: W2 as the dense MLP's c_proj (normal 0.02, scaled by GPT by 1/sqrt(2 n_layer)); W1
 normal(0, 0.02 sqrt(N)): with one unit of N active, the output's variance at init is then the
@@ -47,6 +47,7 @@ from engine import backend, ops
 from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.backend import get_array_module, to_device
 from engine.nn import Module, Parameter, _normal
+from engine.random import SITES
 
 
 def _glorot(rng, shape, dtype="float32"):
@@ -127,7 +128,6 @@ class SparseFFNFunction(Function):
             dx = dh @ w1
             dx += dlow @ c1
             dx = dx.reshape(self.x_shape)
-        self.saved = None
         return dx, dw1, dw2, db2, dc1, dc2, dcb
 
 
@@ -151,29 +151,19 @@ def gather_forward(x, w1, w2, b2, c1, c2, cb, N):
     return y.reshape(x.shape)
 
 
-def gumbel_noise(key, shard, shape, dtype):
-    """Gumbel(0, 1) noise for rows [shard * n, (shard + 1) * n) of the stream of ``key``, (n, ...)
-    shaped ``shape``: a host PCG64 stream advanced past the rows of the earlier shards."""
-    count = int(np.prod(shape))
-    bits = np.random.PCG64(key)
-    bits.advance(shard * count)                                        # one 64-bit draw per double
-    u = np.random.Generator(bits).random(count)
-    np.clip(u, 1e-6, 1.0 - 1e-6, out=u)                                # as Trax: no log(0)
-    return to_device((-np.log(-np.log(u))).astype(dtype).reshape(shape))
-
-
-def draw_uniforms(rng, k):
-    """k Python floats in [0, 1) from a NumPy Generator or a CuPy RandomState."""
-    u = rng.random(k) if hasattr(rng, "integers") else rng.random_sample(k)
-    return [float(v) for v in backend.to_numpy(u)]
+def gumbel_noise(u, dtype):
+    """Gumbel(0, 1) noise -log(-log u) of uniforms u (any shape), as ``dtype``."""
+    xp = get_array_module(u)
+    u = xp.clip(u, 1e-6, 1.0 - 1e-6)                                   # as Trax: no log(0)
+    return (-xp.log(-xp.log(u))).astype(dtype)
 
 
 class SparseFFN(Module):
-    """Drop-in for the GPT MLP: x (B, T, d) -> (B, T, d). ``noise_box`` holds the model's
-    generator (``.rng``) and this rank's batch slice (``.shard``), see models/gpt.py."""
+    """Drop-in for the GPT MLP: x (B, T, d) -> (B, T, d). ``noise``: the model's counter-based
+    generator (engine/random.py CounterRNG), ``layer`` this block's index (part of its keys)."""
 
     def __init__(self, d_model, d_ff, N=32, d_lowrank=64, temperature=0.1, hard_prob=0.3,
-                 bias=True, rng=None, noise_box=None, dropout=0.0, dtype="float32"):
+                 bias=True, rng=None, noise=None, layer=0, dropout=0.0, dtype="float32"):
         if d_ff % N:
             raise ValueError(f"d_ff ({d_ff}) must be divisible by the FFN sparsity N ({N})")
         rng = np.random.default_rng(0) if rng is None else rng
@@ -184,7 +174,7 @@ class SparseFFN(Module):
         self.c1 = Parameter(_glorot(rng, (d_lowrank, d_model), dtype))               # (r, d) controller down
         self.c2 = Parameter(_glorot(rng, (d_ff, d_lowrank), dtype))                  # (d_ff, r) controller up
         self.cb = Parameter(to_device(np.zeros(d_ff, dtype)), decay=False) if bias else None
-        self._noise_box = noise_box
+        self.noise, self.layer = noise, layer
 
     def _params(self):
         return self.w1, self.w2, self.b2, self.c1, self.c2, self.cb
@@ -196,12 +186,15 @@ class SparseFFN(Module):
                 data = [None if p is None else p.data for p in self._params()]
                 return Tensor(gather_forward(x.data, *data, N=self.N))
             return SparseFFNFunction.apply(x, *self._params(), N=self.N, hard=True)
-        box = self._noise_box
-        key, coin = draw_uniforms(box.rng, 2)                          # two draws per call, any batch size
-        hard, noise = coin < self.hard_prob, None
+        rng, layer = self.noise, self.layer
+        hard, noise = rng.scalar(layer, SITES["ffn_coin"]) < self.hard_prob, None
         if hard and self.temperature > 0:
-            shape = (n, self.w1.shape[0] // self.N, self.N)            # (n, nb, N)
-            noise = gumbel_noise(int(key * 2**53), getattr(box, "shard", 0), shape, x.dtype)
+            B, T = x.shape[0], (x.shape[1] if x.ndim == 3 else 1)
+            u = rng.uniform(layer, SITES["ffn_gumbel"], (B, T, self.w1.shape[0]), like=x.data)   # (B, T, d_ff)
+            noise = gumbel_noise(u, x.dtype).reshape(n, self.w1.shape[0] // self.N, self.N)     # (n, nb, N)
             noise *= self.temperature
         y = SparseFFNFunction.apply(x, *self._params(), N=self.N, hard=hard, noise=noise)
-        return ops.dropout(y, self.dropout, box.rng) if self.dropout > 0 else y
+        if self.dropout > 0:
+            y = ops.dropout(y, self.dropout, u=rng.uniform(layer, SITES["ffn_dropout"], y.shape, dtype=y.dtype,
+                                                           like=y.data))
+        return y

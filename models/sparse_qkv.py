@@ -69,7 +69,6 @@ class Multiplicative(Function):
         dxs = (g2 @ E.T).reshape(n, S, d)                              # (n, S, d)
         dx = xp.einsum("nsd,sd->nd", dxs, D).reshape(self.x_shape) if need[0] else None
         dD = xp.einsum("nsd,nd->sd", dxs, x2) if need[1] else None     # (S, d)
-        self.xs = None
         return (dx, dD, dE, db)[:len(need)]
 
 
@@ -130,7 +129,6 @@ class ConvQKV(Function):
                 for b in range(3):
                     dzp[:, a:a + T, b:b + S] += dP[:, :, :, a, b]
             dz = dzp[:, KT - 1:, 1:S + 1]                              # (B, T, S, M)
-        self.saved = None
         return (dz, *dws, *dbs)[:len(self.needs_input_grad)]
 
 

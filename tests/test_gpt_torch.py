@@ -206,27 +206,35 @@ def test_generate_sampling_top_k_and_temperature():
 
 
 def test_dropout_train_differs_from_eval_and_reproduces_from_seed():
+    """Dropout masks are counter-based (engine/random.py): fresh at every step, the same at the
+    same step and seed, and a half batch located at its global rows draws its rows' masks."""
     cfg = GPTConfig(**dict(SMALL, dropout=0.2))
     idx, targets = batch(cfg)
 
     def train_losses(seed, steps=2):
         model = GPT(cfg, rng=seed)
-        return [model(idx, targets)[1].item() for _ in range(steps)], model
+        out = []
+        for k in range(steps):
+            model.noise.set_step(k + 1)
+            out.append(model(idx, targets)[1].item())
+        return out, model
 
     (l1, l2), model = train_losses(4)
-    assert l1 != l2                                    # fresh masks each call
+    assert l1 != l2                                    # fresh masks each step
     assert train_losses(4)[0] == [l1, l2]              # same seed, same masks
+    assert train_losses(5)[0][0] != l1                 # another seed, other masks
     model.eval()
     with no_grad():
         e1, e2 = model(idx, targets)[1].item(), model(idx, targets)[1].item()
     assert e1 == e2 and e1 != l1                       # eval: no dropout
-
-    # Restoring the generator's state restores the masks.
     model.train()
-    state = model.dropout_rng.bit_generator.state
-    x = model(idx, targets)[1].item()
-    model.dropout_rng.bit_generator.state = state
-    assert model(idx, targets)[1].item() == x
+    model.noise.set_step(1)                            # the generator has no state beyond its step
+    assert model(idx, targets)[1].item() == l1
+    # rows [1, 3) alone, located at their global rows, give the logits those rows get in the whole batch
+    full = model(idx)[0].data
+    with model.noise.located(rows=np.arange(1, 3)):
+        half = model(idx[1:3])[0].data
+    np.testing.assert_allclose(half, full[1:3], rtol=1e-5, atol=1e-6)   # other masks would differ by O(1)
 
 
 @pytest.mark.parametrize("T", [16, 300])      # 300 > 256: the blockwise (multi-block) kernel

@@ -1,7 +1,7 @@
 """train.py end to end with sharded checkpoints (parallel/checkpoint/sharded.py): a rank killed with
-SIGKILL right after its step-k checkpoint (ENGINE_TEST_KILL_AT_STEP, read in train.py's
-save()), resumed at the same rank count, reproduces the uninterrupted run's losses bitwise
-(dropout on: every rank's generator is restored); resumed at other rank counts and stages
+SIGKILL right after its step-k checkpoint (tests/mpi_workers/train_killed.py injects the kill),
+resumed at the same rank count, reproduces the uninterrupted run's losses bitwise (dropout on:
+the masks are counter-based, engine/random.py, so the step alone restores them); resumed at other rank counts and stages
 (4 ranks stage 3 -> 2 ranks stage 1 -> 1 process) it matches one process within 1e-10
 (float64), as the invariant says."""
 import json
@@ -27,9 +27,9 @@ def corpus(tmp_path):
 
 
 def train(n, tmp_path, name, *args, kill_at=None):
-    env = {"ENGINE_TEST_KILL_AT_STEP": str(kill_at)} if kill_at else None
-    return run_mpi(n, TRAIN, "--data", corpus(tmp_path), *TINY, "--dp", n, "--out-dir", tmp_path / "out",
-                   "--metrics", tmp_path / f"{name}.jsonl", *args, timeout=180, env=env)
+    script = (TRAIN,) if not kill_at else ("train_killed.py", kill_at)
+    return run_mpi(n, *script, "--data", corpus(tmp_path), *TINY, "--dp", n, "--out-dir", tmp_path / "out",
+                   "--metrics", tmp_path / f"{name}.jsonl", *args, timeout=180)
 
 
 def killed(proc, step):

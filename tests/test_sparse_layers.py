@@ -89,30 +89,29 @@ def test_gather_reads_the_chosen_units_and_equals_the_masked_dense_product():
     assert np.isfinite(gather_forward(*(a[k] for k in NAMES), N=N)).all()
 
 
-def test_noise_of_a_batch_slice_is_that_slice_of_the_global_noise():
-    whole = gumbel_noise(1234, 0, (8, 3, 4), np.float64)
-    halves = [gumbel_noise(1234, i, (4, 3, 4), np.float64) for i in range(2)]
-    np.testing.assert_array_equal(np.concatenate(halves), whole)
-
-
-class Box:
-    def __init__(self, seed, shard=0):
-        self.rng, self.shard = np.random.default_rng(seed), shard
-
-
 def test_sparse_ffn_module_data_parallel_slices_reproduce_the_whole_batch():
-    """Two 'ranks' holding half the batch each, with the same generator state, get the rows one
-    process gets: same coin, and each its own stretch of the Gumbel noise."""
-    for seed in range(6):                                           # some hard, some soft steps
+    """Two 'ranks' holding half the batch each (rows), or half the tokens each (zigzag
+    positions), located there in the counter-based generator, get the outputs one process
+    gets: the same coin, and the Gumbel noise of their own rows and tokens."""
+    from engine.random import CounterRNG
+    hard_seen = set()
+    for seed in range(8):                                           # some hard, some soft steps
+        noise = CounterRNG(seed)
         layer = SparseFFN(d, d_ff, N=N, d_lowrank=r, hard_prob=0.5, rng=np.random.default_rng(0),
-                          noise_box=Box(seed), temperature=1.0)
-        x = np.random.default_rng(9).standard_normal((4, 3, d))
+                          noise=noise, layer=1, temperature=1.0)
+        hard_seen.add(noise.scalar(1, 3) < 0.5)
+        x = np.random.default_rng(9).standard_normal((4, 4, d))
         whole = layer(Tensor(x)).data
         parts = []
         for shard in range(2):
-            layer._noise_box = Box(seed, shard)
-            parts.append(layer(Tensor(x[2 * shard:2 * shard + 2])).data)
+            with noise.located(rows=[2 * shard, 2 * shard + 1]):
+                parts.append(layer(Tensor(x[2 * shard:2 * shard + 2])).data)
         np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-6, atol=1e-6)
+        for pos in ([0, 3], [1, 2]):                                # tokens split over two 'sp ranks'
+            with noise.located(pos=pos):
+                part = layer(Tensor(x[:, pos])).data
+            np.testing.assert_allclose(part, whole[:, pos], rtol=1e-6, atol=1e-6)
+    assert hard_seen == {True, False}
 
 
 # -- sparse QKV -------------------------------------------------------------------------------

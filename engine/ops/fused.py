@@ -212,14 +212,19 @@ def embedding(idx, weight):
 # -- dropout --------------------------------------------------------------------------------
 class Dropout(Function):
     """Inverted dropout (Srivastava et al. 2014): keep with probability 1 - p and scale by
-    1 / (1 - p), so evaluation is the identity. The scaled mask serves forward and backward."""
-    def forward(self, x, p=0.0, rng=None):
+    1 / (1 - p), so evaluation is the identity. The scaled mask serves forward and backward.
+    The uniforms come from ``u`` (an array of x's shape, e.g. engine/random.py's counter-based
+    draws) or are drawn from ``rng`` (a NumPy / CuPy Generator or RandomState)."""
+    def forward(self, x, p=0.0, rng=None, u=None):
         xp = get_array_module(x)
-        dtype = x.dtype if x.dtype.itemsize >= 4 else xp.float32
-        if hasattr(rng, "random_sample"):                             # a RandomState (CuPy's takes a dtype)
-            u = rng.random_sample(x.shape, dtype=dtype) if xp is not np else rng.random_sample(x.shape)
-        else:                                                         # a NumPy / CuPy Generator
-            u = rng.random(x.shape, dtype=dtype)
+        if u is None:
+            dtype = x.dtype if x.dtype.itemsize >= 4 else xp.float32
+            if hasattr(rng, "random_sample"):                         # a RandomState (CuPy's takes a dtype)
+                u = rng.random_sample(x.shape, dtype=dtype) if xp is not np else rng.random_sample(x.shape)
+            else:                                                     # a NumPy / CuPy Generator
+                u = rng.random(x.shape, dtype=dtype)
+        elif u.shape != x.shape:
+            raise ValueError(f"dropout: uniforms of shape {u.shape} for an input of shape {x.shape}")
         mask = (u >= p).astype(x.dtype)
         mask *= 1.0 / (1.0 - p) if p < 1 else 0.0
         self.mask = mask
@@ -229,7 +234,8 @@ class Dropout(Function):
         return (g * self.mask,)
 
 
-def dropout(x, p, rng, training=True):
+def dropout(x, p, rng=None, training=True, u=None):
+    """Dropout of x with probability p: uniforms ``u`` (x's shape) if given, else drawn from rng."""
     if p == 0 or not training:
         return x
-    return Dropout.apply(x, p=p, rng=rng)
+    return Dropout.apply(x, p=p, rng=rng, u=u)

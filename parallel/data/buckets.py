@@ -33,6 +33,8 @@ bucket [lo, hi) sends count_k = |[lo, hi) & [k S, (k+1) S)| elements to rank k; 
 blocks are consecutive in k, which is exactly the Communicator's uneven-block layout.
 Averaging: op "avg" over the gradient communicator (sum, then one division by N).
 """
+from contextlib import contextmanager
+
 from engine.backend import get_array_module
 from engine.flat import dtype_name
 
@@ -61,8 +63,9 @@ class GradBuckets:
 
     flat: the FlatParameters (same layout on every rank); comm: the gradient Communicator;
     shards: {dt: 1-D gradient shard} for mode "scatter_copy" (this rank's [r S, (r+1) S)).
-    ``enabled`` off: hooks do nothing (micro-batches that only accumulate, stages 0-1);
-    ``paused``: hooks ignored (a nested recompute backward, parallel/data/fsdp.py)."""
+    ``enable(False)``: hooks do nothing until ``enable()`` (backward passes that only
+    accumulate, stages 0-1: ZeroEngine.no_sync); ``hooks_paused()``: hooks ignored inside (a
+    nested recompute backward, parallel/data/fsdp.py)."""
 
     def __init__(self, flat, comm, mode="all_reduce", bucket_bytes=1 << 20, shards=None):
         if mode not in MODES:
@@ -70,7 +73,7 @@ class GradBuckets:
         if mode == "scatter_copy" and shards is None:
             raise ValueError("GradBuckets: mode 'scatter_copy' needs the gradient shards")
         self.flat, self.comm, self.mode, self.shards = flat, comm, mode, shards
-        self.enabled, self.paused = True, False
+        self._enabled, self._paused = True, False
         self.hook_launches = 0                      # buckets started from a hook (not by finish)
         self.buckets, self._of = [], {}
         self._names = {id(p): n for n, p in zip(flat.names, flat.params)}
@@ -96,9 +99,27 @@ class GradBuckets:
         for p in b.params:
             self._of[id(p)] = b
 
+    # -- switches ---------------------------------------------------------------------------
+    @property
+    def enabled(self):
+        return self._enabled
+
+    def enable(self, on=True):
+        """on: each bucket is reduced as soon as backward fills it; off: gradients only accumulate."""
+        self._enabled = bool(on)
+
+    @contextmanager
+    def hooks_paused(self):
+        """Hooks ignored inside: a nested backward whose gradients the outer one reports."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     # -- during backward ------------------------------------------------------------------
     def _on_grad(self, p):
-        if self.paused or not self.enabled:
+        if self._paused or not self._enabled:
             return
         b = self._of[id(p)]
         if self.mode == "scatter_copy":            # move the fresh gradient into the bucket
@@ -128,7 +149,7 @@ class GradBuckets:
     def finish(self):
         """Start the buckets whose parameters got no gradient (unused in this graph: their
         gradient is zero), wait for every bucket in launch order, reset for the next backward."""
-        if not self.enabled:
+        if not self._enabled:
             return
         for b in self.buckets:
             if b.handle is None:

@@ -20,7 +20,7 @@ parameters until backward, and "freed after forward" would be a fiction. PyTorch
 shrinks the storage under those references; NumPy cannot. So the forward of a layer runs
 unrecorded (one graph node, ``GatheredLayer``, that keeps only the layer's input), and its
 backward re-gathers the parameters and re-runs the layer's forward with recording (the
-dropout generator rewound so the recomputation draws the same masks). Cost: one more
+counter-based generator's cursor restored, so the recomputation draws the same masks). Cost: one more
 forward per layer per step; memory: the layers' inputs instead of all activations.
 
 Parameters outside every layer (for GPT: wte, tied to the output layer, wpe and ln_f)
@@ -33,8 +33,9 @@ import time
 from engine.autograd import Function, Tensor, no_grad
 from engine.backend import get_array_module
 
+from engine.flat import placeholder
+
 from .buckets import overlap_counts
-from .zero import placeholder
 
 
 def default_layers(model):
@@ -73,11 +74,10 @@ class GatheredLayer(Function):
         x = Tensor(self.x, requires_grad=self.needs_input_grad[0])
         later = owner.rng_state()
         owner.set_rng_state(self.rng_state)                    # the same dropout masks
-        owner.buckets.paused = True                            # the outer backward reports these grads
         try:
-            unit.inner(x).backward(g)
+            with owner.buckets.hooks_paused():                 # the outer backward reports these grads
+                unit.inner(x).backward(g)
         finally:
-            owner.buckets.paused = False
             owner.set_rng_state(later)
         grads = tuple(p.grad for p in unit.params)
         for p in unit.params:
@@ -159,11 +159,11 @@ class ShardedLayers:
             return
         self.start(unit)
         index = self.engine.flat.index
-        views, t0 = {}, time.perf_counter()
-        for dt, lo, buf, h in unit.handles:
-            h.wait()
-            views[dt, lo] = buf
-        self.engine.comm_wait += time.perf_counter() - t0
+        views = {}
+        with self.engine.timed_wait():
+            for dt, lo, buf, h in unit.handles:
+                h.wait()
+                views[dt, lo] = buf
         for p, name in ((p, self._name(p)) for p in unit.params):
             dt, off, n, shape = index[name]
             lo, buf = next((lo, b) for (d, lo), b in views.items() if d == dt and lo <= off < lo + b.size)
@@ -192,11 +192,12 @@ class ShardedLayers:
     def free_root(self):
         self.free(self.root)
 
-    # -- the dropout generator, rewound for the recomputation ------------------------------
+    # -- the noise generator's cursor, restored for the recomputation ------------------------
     def rng_state(self):
-        rng = getattr(self.engine.model, "dropout_rng", None)
-        return rng.bit_generator.state if hasattr(rng, "bit_generator") else None
+        """The model's counter-based generator's cursor (engine/random.py), or None."""
+        noise = getattr(self.engine.model, "noise", None)
+        return noise.state() if noise is not None else None
 
     def set_rng_state(self, state):
         if state is not None:
-            self.engine.model.dropout_rng.bit_generator.state = state
+            self.engine.model.noise.restore(state)

@@ -28,22 +28,18 @@ state and updates the full buffer on every rank (classic DDP).
 """
 import math
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from engine.backend import get_array_module
-from engine.flat import FlatParameters, copy_into, shard_range
+from engine.flat import FlatParameters, copy_into, placeholder, shard_range
 from engine.optim import AdamW, clip_grad_norm_, grad_norm_sq
 
 from .buckets import GradBuckets
+from .fsdp import ShardedLayers
 
 STAGES = (0, 1, 2, 3)
-
-
-def placeholder(shape, dtype, xp=np):
-    """A read-only array of ``shape`` backed by one element: the parameter (or buffer) is not
-    held on this rank right now. Shapes stay truthful, writes fail loudly."""
-    return xp.broadcast_to(xp.zeros((), dtype=dtype), shape)
 
 
 class ZeroEngine:
@@ -91,9 +87,9 @@ class ZeroEngine:
         self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 else None)
         self.layers = None
         if stage == 3:
-            from .fsdp import ShardedLayers
             self.layers = ShardedLayers(self, layers)
-        self.comm_wait = 0.0            # seconds blocked waiting on collectives (benchmarks read it)
+        self._wait_s = 0.0              # seconds blocked waiting on collectives (comm_wait)
+        self._sync = True               # False inside no_sync()
 
     # -- forward and backward -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -110,38 +106,82 @@ class ZeroEngine:
             self.layers.gather_root()
         return fn(*args, **kwargs)
 
-    def backward(self, out, grad=None, sync=True):
-        """out.backward(grad) with bucketed gradient reduction overlapping it.
+    @contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate gradients locally (stages 0-1), as PyTorch's
+        ``DistributedDataParallel.no_sync``: gradient accumulation, pipeline micro-batches.
+        The gradients are reduced by the first backward after it, or by ``finish_grads()``.
+        Stages 2-3 keep no full gradient, so they reduce every backward regardless."""
+        self._sync = False
+        self.buckets.enable(self.stage >= 2)
+        try:
+            yield self
+        finally:
+            self._sync = True
+            self.buckets.enable(True)
 
-        sync=False (stages 0-1): only accumulate locally; the gradients are reduced by the
-        next backward with sync=True (gradient accumulation, pipeline micro-batches). Stages
-        2-3 reduce every backward (full gradients are never kept). Waits for the reductions
-        unless ``sync`` is False; ``finish_grads()`` is the explicit wait."""
-        self.buckets.enabled = sync or self.stage >= 2
+    def backward(self, out, grad=None, sync=True):
+        """out.backward(grad) with bucketed gradient reduction overlapping it, then the wait.
+        sync=False (or inside ``no_sync()``), stages 0-1: only accumulate locally."""
+        sync = sync and self._sync
+        self.buckets.enable(sync or self.stage >= 2)
         out.backward(grad)
         if sync or self.stage >= 2:
             self.finish_grads()
+        self.buckets.enable(self._sync or self.stage >= 2)
 
     def finish_grads(self):
-        """Wait for every bucket in flight: the averaged gradient shard is then complete."""
+        """Reduce what is accumulated (buckets no backward started) and wait for every bucket
+        in flight: the averaged gradient shard is then complete."""
+        self.buckets.enable(True)
+        with self.timed_wait():
+            self.buckets.finish()
+        self.buckets.enable(self._sync or self.stage >= 2)
+
+    @contextmanager
+    def timed_wait(self):
+        """Time spent inside counts as waiting on communication (``comm_wait``)."""
         t0 = time.perf_counter()
-        self.buckets.finish()
-        self.buckets.enabled = True
-        self.comm_wait += time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            self._wait_s += time.perf_counter() - t0
+
+    @property
+    def comm_wait(self):
+        """Seconds this engine has spent blocked on collectives since it was built."""
+        return self._wait_s
 
     # -- the update -----------------------------------------------------------------------
-    def grad_norm(self):
-        """Global L2 norm of the averaged gradient: each rank's shard, summed over comm."""
-        local = sum(grad_norm_sq(g) for g in self.grad_shards.values())
-        t0 = time.perf_counter()
-        total = self.comm.all_reduce(np.array([local], dtype=np.float64))
-        self.comm_wait += time.perf_counter() - t0
-        return math.sqrt(float(total[0]))
+    def local_grad_norm_sq(self, exclude=()):
+        """Sum of squares of this rank's gradient shard, leaving out the parameters named in
+        ``exclude`` (a tied copy that another engine counts already)."""
+        total = 0.0
+        for dt, g in self.grad_shards.items():
+            lo, hi = self.ranges[dt]
+            pieces = [(lo, hi)]                                 # [lo, hi) minus the excluded ranges
+            for name in exclude:
+                d, off, n, _ = self.flat.index[name]
+                if d == dt:
+                    pieces = [(a, min(b, off)) for a, b in pieces] + [(max(a, off + n), b) for a, b in pieces]
+            total += sum(grad_norm_sq(g[a - lo:b - lo]) for a, b in pieces if b > a)
+        return total
+
+    def grad_norm(self, exclude=(), also=None):
+        """Global L2 norm of the averaged gradient: each rank's shard's squares (minus
+        ``exclude``), summed over comm, and over ``also`` too (a Communicator: the pipeline
+        stages, whose engines each hold part of the model)."""
+        sq = np.array([self.local_grad_norm_sq(exclude)], dtype=np.float64)
+        with self.timed_wait():
+            self.comm.all_reduce(sq)
+            if also is not None and also.size > 1:
+                also.all_reduce(sq)
+        return math.sqrt(float(sq[0]))
 
     def clip_grad_norm(self, max_norm, norm=None):
         """Clip the averaged gradient to max_norm (no-op for max_norm <= 0); returns the norm.
-        ``norm``: the global norm when computed elsewhere (a pipeline stage's engine holds only
-        part of the model: parallel/pipeline_layout.py)."""
+        ``norm``: the global norm when computed elsewhere (``grad_norm(exclude, also)`` for a
+        pipeline stage, parallel/step.py)."""
         norm = self.grad_norm() if norm is None else norm
         if max_norm and max_norm > 0:
             targets = list(self.flat.grad.values()) if self.stage == 0 else list(self.grad_shards.values())
@@ -158,9 +198,8 @@ class ZeroEngine:
             self.layers.free_root()
 
     def _gather_into(self, shard, full):
-        t0 = time.perf_counter()
-        self.comm.all_gather(shard, out=full)                 # in place: shard is full's own block
-        self.comm_wait += time.perf_counter() - t0
+        with self.timed_wait():
+            self.comm.all_gather(shard, out=full)             # in place: shard is full's own block
 
     def zero_grad(self):
         if self.stage <= 1:

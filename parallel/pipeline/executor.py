@@ -56,6 +56,7 @@ from .schedules import build
 from ..trace import Tracer, write_chrome_trace
 
 FWD, BWD = 0, 1
+SPLIT = object()                        # PipelineEngine(tie_comm=SPLIT): make the tied pair here
 
 
 class PipelineEngine:
@@ -66,9 +67,13 @@ class PipelineEngine:
     schedule       'gpipe' | '1f1b' | 'interleaved' | 'zb-h1'
     micro_batches  m; virtual_stages v (interleaved only)
     seq            None, or the SequenceParallel of this stage's sp group (tokens sharded)
+    tie_comm       the first and last stage's pair for the tied wte gradient (Mesh.pp_ends(),
+                   None on the stages between); left out, it is split from comm here (a
+                   PipelineEngine used on its own)
     Bad layouts raise PipelineConfigError, identically on every rank, before any message."""
 
-    def __init__(self, comm, model_cfg, stage, schedule="1f1b", micro_batches=1, virtual_stages=1, seq=None):
+    def __init__(self, comm, model_cfg, stage, schedule="1f1b", micro_batches=1, virtual_stages=1, seq=None,
+                 tie_comm=SPLIT):
         comm = getattr(comm, "pp_comm", comm)
         check_config(model_cfg.n_layer, comm.size, schedule, micro_batches, virtual_stages)
         if stage.pp != comm.size or stage.rank != comm.rank or stage.v != virtual_stages:
@@ -81,19 +86,23 @@ class PipelineEngine:
         self.actions = build(schedule, self.p, self.m, self.v)[self.rank]
         self.split = any(a.kind == "W" for a in self.actions)
         self.last_stage = self.p * self.v - 1
-        self.tie_comm = comm.split(0 if stage.tied else None, label="pp tied wte") if self.p > 1 else None
+        if tie_comm is SPLIT:
+            tie_comm = comm.split(0 if stage.tied else None, label="pp tied wte") if self.p > 1 else None
+        self.tie_comm = tie_comm if stage.tied else None
         self.tracer = None              # a parallel.trace.Tracer records every action when set
         self.on_compute = None          # callable(action) after each F/B/W (benchmarks sample memory)
         self.peak_held = 0              # most (micro-batch, chunk) activations alive at once, last step
 
     # -- one step ---------------------------------------------------------------------------
-    def step_grads(self, x, y, scale=1.0, sync_tied=True):
+    def step_grads(self, x, y, scale=1.0, sync_tied=True, rows=None):
         """Forward and backward of the batch x, y (B, T) token ids (this data-parallel
         replica's rows) through the pipeline. Accumulates scale * d(mean loss)/d(param) into
         the stage's parameters; returns the mean loss (a float, on every pp rank).
         scale: 1/k when k calls accumulate one optimizer step (train.py --grad-accum), with
-        sync_tied=False on all but the last, so the tied wte gradients are summed once."""
-        self._begin(x, y)
+        sync_tied=False on all but the last, so the tied wte gradients are summed once.
+        rows: the global batch rows (B,) of x (default 0..B-1), where the layers' counter-based
+        noise is drawn (engine/random.py): micro-batch i draws at its own rows."""
+        self._begin(x, y, rows)
         self._scale = scale
         self._recv, self._stash, self._wait_w, self._grad_in, self._sends = {}, {}, {}, {}, []
         held = 0
@@ -120,7 +129,7 @@ class PipelineEngine:
             self.tracer.add("sync", 0, 0, t0, time.perf_counter())
         return loss
 
-    def _begin(self, x, y):
+    def _begin(self, x, y, rows=None):
         """Cut x, y (B, T) into the m micro-batches (B/m, T) (checked: B divisible by m); under
         sequence parallelism shard each along its tokens (SequenceParallel.shard_batch):
         (B/m, T/sp) ids and targets, (T/sp,) global positions, and the loss share function
@@ -128,13 +137,16 @@ class PipelineEngine:
         B, T = x.shape
         check_config(self.cfg.n_layer, self.p, self.schedule, self.m, self.v, batch_size=B)
         b = B // self.m
+        rows = np.arange(B) if rows is None else np.asarray(rows)
+        self._rows = [rows[i * b:(i + 1) * b] for i in range(self.m)]    # (B/m,) global rows each
         self._x = [x[i * b:(i + 1) * b] for i in range(self.m)]          # (B/m, T) each
         self._y = [y[i * b:(i + 1) * b] for i in range(self.m)]
-        self._pos, self._loss_fn = [None] * self.m, [None] * self.m
+        self._pos, self._loss_fn, self._noise_pos = [None] * self.m, [None] * self.m, [None] * self.m
         if self.seq is not None:
             shards = [self.seq.shard_batch(xi, yi) for xi, yi in zip(self._x, self._y)]
             self._x, self._y = [s.idx for s in shards], [s.targets for s in shards]   # (B/m, T/sp) each
             self._pos = [backend.to_device(s.pos) for s in shards]                  # (T/sp,) each
+            self._noise_pos = [s.pos for s in shards]
             self._loss_fn = [functools.partial(self.seq.loss, s=s) for s in shards]
             T //= self.seq.comm.size
         self._shape = (b, T, self.cfg.n_embd)                            # activation (B/m, T[/sp], C)
@@ -145,7 +157,8 @@ class PipelineEngine:
         """Local chunk c on micro-batch i: the positions (first stage) and the targets or loss
         share (last stage) are micro-batch i's."""
         targets = backend.to_device(self._y[i]) if self.stage.virtual_stage(c) == self.last_stage else None
-        return self.stage.forward_chunk(c, inp, targets, pos=self._pos[i], loss_fn=self._loss_fn[i])
+        with self.stage.noise.located(self._rows[i], self._noise_pos[i]):   # noise drawn at global (row, token)
+            return self.stage.forward_chunk(c, inp, targets, pos=self._pos[i], loss_fn=self._loss_fn[i])
 
     def _share_loss(self):
         """The last stage's mean loss (under sp: its shares summed over the sp group), broadcast

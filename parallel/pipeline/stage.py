@@ -15,7 +15,7 @@ before the update. Parameter names are the full model's (``transformer.h.3.ln_1.
 so a stage's state_dict is a slice of the one-process checkpoint.
 """
 from engine.nn import Module
-from models.gpt import GPT
+from models.gpt import GPT, embed, head
 
 from .schedules import SCHEDULES
 
@@ -68,7 +68,7 @@ class PipelineStage(Module):
             raise TypeError(f"PipelineStage needs a GPT, got {type(model).__name__}")
         v = virtual_stages
         self.config, self.rank, self.pp, self.v = model.config, rank, pp, v
-        self._dropout_box = model._dropout_box                 # GPT.embed's dropout draws from it
+        self.noise = model.noise                               # the counter-based generator the layers share
         self.ranges = [layer_ranges(model.config.n_layer, pp, v)[c * pp + rank] for c in range(v)]
         self.is_first = rank == 0                              # holds virtual stage 0 (chunk 0)
         self.is_last = rank == pp - 1                          # holds the last virtual stage (chunk v-1)
@@ -100,14 +100,14 @@ class PipelineStage(Module):
         sequence parallelism T is this rank's T/sp tokens: ``pos`` (T/sp,) their global
         positions (virtual stage 0), ``loss_fn(logits (B, T/sp, V))`` this rank's share of the
         loss in place of the mean (the last virtual stage; parallel/sequence/model.py)."""
-        s = self.virtual_stage(c)
-        if s == 0:
-            x = GPT.embed(self, x, pos=pos)                    # (B, T) -> (B, T, C)
+        s, t = self.virtual_stage(c), self.transformer
+        if s == 0:                                             # (B, T) -> (B, T, C)
+            x = embed(self.config, t.wte, t.wpe, x, pos, self.noise, self.training)
         lo, hi = self.ranges[c]
         for i in range(lo, hi):
             x = self.layers[i](x)                              # (B, T, C)
         if s == self.pp * self.v - 1:
             if loss_fn is not None:
-                return loss_fn(GPT.head(self, x)[0])           # (B, T, V) -> scalar share
-            return GPT.head(self, x, targets)[1]               # scalar loss
+                return loss_fn(head(t.ln_f, t.wte, x)[0])      # (B, T, V) -> scalar share
+            return head(t.ln_f, t.wte, x, targets)[1]          # scalar loss
         return x

@@ -1,0 +1,108 @@
+"""The parallel layout as one dataclass, and every check that a layout fits the model and
+the batch.
+
+``ParallelConfig`` generates train.py's layout flags (engine/config.py: field ``dp`` ->
+``--dp``); ``check_layout`` raises ``LayoutError`` with one line, the same on every rank
+(it depends only on the configuration), before any message moves. parallel/step.py
+composes what passed.
+
+    ranks = dp * pp * sp                 (collectives/mesh.py lays them out; tp is reserved)
+    batch_size % dp == 0                 every replica takes B/dp rows of the global batch
+    pp > 1: (B/dp) % micro_batches == 0, n_layer >= pp, interleaved: n_layer % (pp v) == 0
+            and micro_batches % pp == 0; ZeRO 0-1 only (DeepSpeed likewise)
+    sp > 1: block_size % sp == 0 (ulysses) or % 2 sp == 0 (ring: zigzag); no sparse QKV
+"""
+import math
+from dataclasses import dataclass, field
+
+from .pipeline.schedules import SCHEDULES
+from .pipeline.stage import PipelineConfigError, check_config as check_pipeline
+from .sequence import SequenceParallelError, check_config as check_sequence
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run (one line; callers exit with code 2)."""
+
+
+def _f(default, help, **meta):
+    return field(default=default, metadata=dict(help=help, **meta))
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout: dp * pp * sp must equal the number of MPI ranks."""
+    dp: int = _f(1, "data-parallel replicas (the global batch is split among them)")
+    zero: int = _f(0, "ZeRO stage over the dp (x sp) ranks: 0 DDP, 1 optimizer state, 2 + gradients, "
+                      "3 + parameters",
+                   choices=(0, 1, 2, 3))
+    pp: int = _f(1, "pipeline stages: the layers are cut into pp stages, each batch into micro-batches "
+                    "(ZeRO stage 0 or 1 over dp x sp)")
+    micro_batches: int = _f(0, "micro-batches per batch in the pipeline (0: pp); batch_size / dp must divide by it",
+                            metavar="M")
+    schedule: str = _f("1f1b", "pipeline schedule: gpipe (all forwards, then all backwards), 1f1b, interleaved "
+                               "(--virtual-stages chunks per rank), zb-h1 (zero bubble: backward split in B and W)",
+                       choices=SCHEDULES)
+    virtual_stages: int = _f(1, "model chunks per pp rank (the interleaved schedule; n_layer must divide by pp * v)",
+                             metavar="V")
+    sp: int = _f(1, "sequence-parallel ranks: each sequence's block_size tokens are split over them "
+                    "(block_size must divide by sp for ulysses, by 2 sp for ring); ZeRO then shards over dp*sp")
+    sp_attention: str = _f("ring", "attention across the sp ranks: ring (K/V blocks pass around a ring, zigzag "
+                                   "split) or ulysses (all-to-all to head sharding; any head count)",
+                           choices=("ring", "ulysses"))
+    bucket_mb: float = _f(1.0, "gradient bucket size in MiB (each bucket is reduced as soon as backward fills it)")
+    comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
+                                    "when there are several ranks (0: no watchdog)")
+
+    @property
+    def world(self):
+        return self.dp * self.pp * self.sp
+
+
+def need(ok, msg):
+    if not ok:
+        raise LayoutError(msg)
+
+
+def check_layout(par, model, batch_size):
+    """Raise LayoutError unless ``par`` can train ``model`` (a GPTConfig, or a dict of its
+    fields) on global batches of ``batch_size`` sequences. Fills par.micro_batches = pp when 0."""
+    get = model.get if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
+    for name in ("dp", "pp", "sp"):
+        v = getattr(par, name)
+        need(isinstance(v, int) and v >= 1, f"{name} must be >= 1, got {v}")
+    need(par.micro_batches >= 0, f"micro_batches must be >= 0, got {par.micro_batches}")
+    need(par.virtual_stages >= 1, f"virtual_stages must be >= 1, got {par.virtual_stages}")
+    need(batch_size % par.dp == 0, f"batch_size {batch_size} is not divisible by dp {par.dp}: each "
+         "data-parallel rank takes an equal slice of the global batch")
+    need(par.bucket_mb > 0 and math.isfinite(par.bucket_mb), f"bucket_mb must be positive, got {par.bucket_mb}")
+    need(par.comm_timeout >= 0, f"comm_timeout must be >= 0, got {par.comm_timeout}")
+    block = get("block_size")
+    try:                                  # every window of block_size tokens is split over the sp ranks
+        check_sequence(par.sp, par.sp_attention, block, block_size=block)
+    except SequenceParallelError as e:
+        raise LayoutError(f"--sp {par.sp} --sp-attention {par.sp_attention} splits each window of --block-size "
+                          f"{block} tokens: {e}") from None
+    need(par.sp == 1 or not get("qkv_modules"), f"--sp {par.sp} with --qkv-modules {get('qkv_modules')}: the "
+         "sparse QKV layer convolves over neighbouring positions, which sequence shards split; use --sp 1")
+    if par.micro_batches == 0:            # default: one micro-batch per stage
+        par.micro_batches = par.pp
+    if par.pp == 1:
+        need(par.micro_batches == 1, f"--micro-batches {par.micro_batches} needs --pp > 1; without a pipeline, "
+             "accumulate gradients with --grad-accum (each step then draws that many batches)")
+        need(par.virtual_stages == 1, f"--virtual-stages {par.virtual_stages} needs --pp > 1 and "
+             "--schedule interleaved")
+        return
+    need(par.zero < 2, f"--zero {par.zero} with --pp {par.pp} is not supported: ZeRO-2/3 reduce-scatter the "
+         "gradients during every backward, once per micro-batch, and shard the tied wte at different offsets "
+         "on the first and last stage; use --zero 1 (DeepSpeed likewise allows only ZeRO-1 with pipeline "
+         "parallelism)")
+    batch_per_replica = batch_size // par.dp
+    try:
+        check_pipeline(get("n_layer"), par.pp, par.schedule, par.micro_batches, par.virtual_stages)
+        try:
+            check_pipeline(get("n_layer"), par.pp, par.schedule, par.micro_batches, par.virtual_stages,
+                           batch_size=batch_per_replica)
+        except PipelineConfigError as e:
+            raise PipelineConfigError(f"{e} (batch_size / dp = {batch_per_replica} sequences per replica)") from None
+    except PipelineConfigError as e:
+        raise LayoutError(str(e)) from None
