@@ -38,15 +38,15 @@ from mpi4py import MPI
 from engine import backend
 
 from . import cost
-from .buffers import as_array, balanced, staging
+from .buffers import as_array, staging
 from .debug import Checker, env_flags
+from .direct import DirectPath
 from .movement import Movement
-from .ops import check_dtype
+from .ops import ACCEPTED, check_dtype
 from .p2p import PointToPoint
 from .reductions import Reductions
-from .transport import ACTIVE, Handle, Pool, TracingTransport, Transport, run
+from .transport import ACTIVE, Calls, Handle, Pool, TracingTransport, Transport, run
 
-_CHECKED = set()          # dtypes already accepted by check_dtype
 _VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
 
 
@@ -59,18 +59,15 @@ class Communicator(Reductions, Movement, PointToPoint):
         self.label = label or ("world" if self.mpi == MPI.COMM_WORLD else f"comm{self.size}")
         self._coll = self.mpi.Dup()          # context of the collectives' own messages
         self._p2p = self.mpi.Dup()           # context of send/recv
-        self._tags = min(self._coll.Get_attr(MPI.TAG_UB) + 1, 1 << 20)
-        self._seq = 0
+        self._calls = Calls(min(self._coll.Get_attr(MPI.TAG_UB) + 1, 1 << 20))
         self._pool = Pool()
-        self._choices = {}                   # (collective, bytes) -> algorithm, for algo="auto"
+        self._choices = cost.Choices(self.size)          # algo="auto"
         debug, timeout, self._trace = env_flags()
         self._checker = Checker(self.mpi, self.label, timeout) if (debug or timeout) else None
         self._transport_cls = TracingTransport if self._trace else Transport
         # direct.py's fast path: power-of-two size, no per-call checks or trace to honour
-        self._lane = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
-        self._dtypes = _CHECKED
-        self._plans, self._last = {}, {}     # direct.py's plans, and the last one of each kind
-        self._balanced = balanced
+        fast = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
+        self._direct = DirectPath(self._coll, self.rank, self.size, self._calls, self._choices) if fast else None
         self._t = self._transport_cls(self._coll, self.rank, self.size, 0, True, None, np, self._pool)
 
     def __repr__(self):
@@ -86,21 +83,15 @@ class Communicator(Reductions, Movement, PointToPoint):
 
     def _begin(self, name, algo, nbytes, count, dtype, root=-1, op=None, xp=np, async_op=False):
         """Check arrival/consistency (debug), choose the algorithm, make the call's transport."""
-        seq = self._seq
-        self._seq = seq + 1
+        seq = self._calls.next()
         if self._checker is not None:
             self._checker.arrive(seq, name, count, dtype, root, op)
         if algo == "auto":
-            key = (name, nbytes)
-            algo = self._choices.get(key)
-            if algo is None:
-                if len(self._choices) > 4096:
-                    self._choices.clear()
-                algo = self._choices[key] = cost.choose(name, self.size, nbytes)
+            algo = self._choices.get(name, nbytes)
         elif algo not in _VALID[name]:
             raise ValueError(f"{name}: unknown algo {algo!r}; choose from auto, mpi, "
                              f"{', '.join(cost.algorithms(name))}")
-        tag = seq % self._tags
+        tag = seq % self._calls.bound
         if async_op or self._trace or ACTIVE:     # in-flight handles: never block in MPI alone
             t = self._transport_cls(self._coll, self.rank, self.size, tag, not (async_op or ACTIVE),
                                     f"{name}/{algo}", xp, self._pool)
@@ -124,8 +115,8 @@ class Communicator(Reductions, Movement, PointToPoint):
     def _arrays(x, out, what):
         """(xp, on_device, stage) for the call, after checking types and dtypes."""
         if type(x) is np.ndarray and (out is None or type(out) is np.ndarray):   # the common case
-            if x.dtype not in _CHECKED:
-                _CHECKED.add(check_dtype(x.dtype))
+            if x.dtype not in ACCEPTED:
+                check_dtype(x.dtype)
             if out is not None and out.dtype != x.dtype:
                 raise TypeError(f"{what}: out has dtype {out.dtype}, input has {x.dtype}")
             return np, False, False

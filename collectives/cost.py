@@ -131,6 +131,27 @@ def _choose(op, p, nbytes, abg):
     return min(costs, key=costs.get)
 
 
-def choose(op, p, nbytes):
-    """algo="auto": the algorithm the model predicts fastest."""
-    return _choose(op, p, nbytes, params())
+def choose(op, p, nbytes, alpha_beta_gamma=None):
+    """algo="auto": the algorithm the model predicts fastest (with params(), or the given ones)."""
+    return _choose(op, p, nbytes, tuple(alpha_beta_gamma or params()))
+
+
+class Choices:
+    """algo="auto" for one communicator of p ranks: choose() per (collective, bytes), remembered."""
+    LIMIT = 4096                          # remembered choices; beyond, start over
+
+    def __init__(self, p):
+        self.p, self.cache = p, {}
+
+    def get(self, op, nbytes):
+        key = (op, nbytes)
+        algo = self.cache.get(key)
+        if algo is None:
+            if len(self.cache) > self.LIMIT:
+                self.cache.clear()
+            algo = self.cache[key] = choose(op, self.p, nbytes)
+        return algo
+
+    def made(self, op, nbytes):
+        """The choice already made for (op, nbytes), or None."""
+        return self.cache.get((op, nbytes))

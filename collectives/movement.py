@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 from engine import backend
 
-from . import alltoall, barrier as barrier_mod, bruck, direct, library, recursive_doubling, ring, tree
+from . import alltoall, barrier as barrier_mod, bruck, library, recursive_doubling, ring, tree
 from .buffers import check_counts, complete, flat_in, flat_out, is_block_of, offsets, overlaps, uniform
 from .transport import ACTIVE, Completed, Handle
 
@@ -19,7 +19,8 @@ ALL_GATHER = {"ring": ring.all_gather, "recursive_doubling": recursive_doubling.
 # On this general path an out-of-place all-gather sends its own block straight from the
 # input below this size and, from it up, copies the block into the output first and sends
 # from there, as MPICH does. Why both: collectives/direct.py, "Placing the own block"
-# (its fast path, which blocking auto all-gathers take, chooses by measurement instead).
+# (its fast path, which blocking auto all-gathers take, chooses by measurement instead);
+# the measurements: bench/collectives.py.
 _COPY_FIRST_BYTES = 16 << 20
 
 
@@ -28,8 +29,9 @@ class Movement:
 
     def all_gather(self, x, out=None, counts=None, algo="auto", async_op=False):
         """Concatenate every rank's x (in rank order) on every rank."""
-        if self._lane and algo == "auto" and not async_op and out is not None and counts is None and not ACTIVE:
-            result = direct.all_gather(self, x, out)
+        if self._direct is not None and algo == "auto" and not async_op and out is not None and counts is None \
+                and not ACTIVE:
+            result = self._direct.all_gather(x, out)
             if result is not None:
                 return result
         xp, dev, stage = self._arrays(x, out, "all_gather")

@@ -90,9 +90,15 @@ def finish(op, buf, n):
 _SIXTEEN_BIT_FLOATS = ("float16", "bfloat16")
 
 
+ACCEPTED = set()      # dtypes check_dtype has accepted (a set lookup is the fast path's whole check)
+
+
 def check_dtype(dtype):
     """Refuse dtypes a reduction cannot handle, with one clear line."""
+    if dtype in ACCEPTED:
+        return dtype
     if dtype.kind in "iufc" or dtype.name == "bfloat16":
+        ACCEPTED.add(dtype)
         return dtype
     raise TypeError(f"collectives support numeric dtypes (float16, bfloat16, float32, float64, ints); got {dtype}")
 

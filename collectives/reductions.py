@@ -8,7 +8,7 @@ avg and copies temporaries back.
 """
 from functools import partial
 
-from . import direct, library, rabenseifner, recursive_doubling, ring, tree
+from . import library, rabenseifner, recursive_doubling, ring, tree
 from .buffers import balanced, check_counts, complete, flat_in, flat_out, is_block_of, offsets, overlaps
 from .ops import OPS, SUM, finish, reducer, resolve
 from .transport import ACTIVE, Completed
@@ -26,8 +26,8 @@ class Reductions:
 
     def all_reduce(self, x, op=SUM, out=None, algo="auto", async_op=False):
         """Reduce x over all ranks; every rank gets the result (in x, or in out)."""
-        if self._lane and algo == "auto" and not async_op and not ACTIVE:
-            result = direct.all_reduce(self, x, op, out)
+        if self._direct is not None and algo == "auto" and not async_op and not ACTIVE:
+            result = self._direct.all_reduce(x, op, out)
             if result is not None:
                 return result
         rop = _OP(op) or resolve(op)
@@ -55,8 +55,8 @@ class Reductions:
 
     def reduce_scatter(self, x, op=SUM, out=None, counts=None, algo="auto", async_op=False):
         """Reduce x (all blocks) over all ranks; this rank gets block `rank` of the result."""
-        if self._lane and algo == "auto" and not async_op and counts is None and not ACTIVE:
-            result = direct.reduce_scatter(self, x, op, out)
+        if self._direct is not None and algo == "auto" and not async_op and counts is None and not ACTIVE:
+            result = self._direct.reduce_scatter(x, op, out)
             if result is not None:
                 return result
         rop = _OP(op) or resolve(op)
