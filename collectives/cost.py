@@ -48,9 +48,13 @@ def params():
     global _params
     if _params is None:
         env = os.environ.get("ENGINE_COMM_COST")
-        _params = tuple(float(v) for v in env.split(",")) if env else DEFAULT
-        if len(_params) != 3:
-            raise ValueError(f"ENGINE_COMM_COST must be 'alpha,beta,gamma', got {env!r}")
+        try:
+            values = tuple(float(v) for v in env.split(",")) if env else DEFAULT
+        except ValueError:
+            values = ()
+        if len(values) != 3:
+            raise ValueError(f"ENGINE_COMM_COST must be 'alpha,beta,gamma' (three numbers), got {env!r}")
+        _params = values
     return _params
 
 

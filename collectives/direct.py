@@ -32,10 +32,12 @@ thresholds, and the command that repeats them, are in bench/collectives.py's doc
 
 The loops send exactly the messages, with the same tags, that recursive_doubling.py and
 rabenseifner.py send for these cases (below the segmenting threshold), so ranks on
-either path interoperate. Read the generator versions for the algorithms:
+either path interoperate. Reduction order is theirs too: the two partners of a recursive
+doubling step both compute (lower rank's partial) op (higher rank's partial), so every
+rank gets the same bits. Read the generator versions for the algorithms:
 
     step d = 1, 2, 4, ... N/2: partner = rank XOR d
-    all-reduce      exchange everything, out = received op mine
+    all-reduce      exchange everything, out = lower op higher
     all-gather      exchange the blocks of my group of d ranks for the partner group's
     reduce-scatter  (d = N/2 ... 1) send the half the partner keeps, reduce the half I keep
 
@@ -96,8 +98,11 @@ class DirectPath:
     # ---- plans -----------------------------------------------------------------------------
 
     def _usable(self, x, out, name, nbytes, algo, limit=MAX_BYTES):
+        """Whether a plan may be made: everything the general path would refuse (a read-only
+        output included) goes there, to be refused before any message moves."""
         return (type(x) is _ndarray and x.dtype in ACCEPTED and x.flags.c_contiguous and x.size
                 and (limit is None or nbytes <= limit) and self.choices.made(name, nbytes) == algo
+                and (out if out is not None else x).flags.writeable
                 and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
                                      and _disjoint(x, out))))
 
@@ -147,8 +152,9 @@ class DirectPath:
             buf = src if out is None or out is x else _flat(out)
             tmp = np.empty_like(buf)
             plan, steps, cur, d = Plan(), [], src, 1
-            while d < self.size:       # d = 1, 2, 4, ...: exchange with rank XOR d, buf = tmp op cur
-                steps.append((self.rank ^ d, _bytes(cur), _bytes(tmp), (tmp, cur, buf)))
+            while d < self.size:       # d = 1, 2, 4, ...: exchange with rank XOR d, buf = lower op higher
+                peer = self.rank ^ d
+                steps.append((peer, _bytes(cur), _bytes(tmp), (tmp, cur, buf) if peer < self.rank else (cur, tmp, buf)))
                 cur, d = buf, d * 2
             if self.size == 1 and buf is not src:
                 steps.append((None, _bytes(buf), _bytes(src), None))
