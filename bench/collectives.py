@@ -26,6 +26,24 @@ np.add sweep, least squares on relative error), and as the ceiling, the memory-c
 bandwidth of this machine measured with all ranks running at once. --json writes
 {"meta": ..., "rows": [...]} (rows: op, algo, ranks, bytes, time_us, algbw_GBps,
 busbw_GBps, ...); --plot draws busbw against size, one line per algorithm and the library.
+
+Measurements behind the fast path's all-gather placement (collectives/direct.py, "Placing
+the own block"), to rerun on your machine:
+
+    mpiexec -n 2 python -m bench.collectives --op all_gather --algo auto,recursive_doubling,mpi --sizes 1MB:8MB
+
+(recursive_doubling on the general path sends the own block straight from the input
+below 16 MiB, the library copies it first, auto takes the fast path, which times both.)
+On the development machine (2 vCPUs of a shared AMD EPYC, the MPICH wheel, N=2, one
+launch each) the outcome depended on a state that came and went between launches and even
+between consecutive calls: MPICH moves messages between processes through shared-memory
+cells, copied in by the sender and out by the receiver (its single-copy CMA path is off
+by default), and in one state that transfer was 3-5x slower than in the other. Against
+MPI_Allgather (which copies first), input first from 1 to 8 MiB gathered was 1.9-4.3x
+faster in launches where the library was slow and 0.7-0.85x at 4-8 MiB where it was fast;
+copying first ran level with the library in both (it is the library's algorithm), and up
+to 1 MiB input first won in every launch (1.2-4.3x). Hence direct.PLACE_TRIAL_BYTES (2 MiB):
+below it the block goes input first, from it up each plan times both placements.
 """
 import argparse
 import platform

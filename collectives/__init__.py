@@ -22,10 +22,10 @@ Read in this order:
     debug.py               ENGINE_COMM_DEBUG consistency check, ENGINE_COMM_TIMEOUT watchdog
 """
 from .communicator import Communicator
-from .debug import CollectiveMismatchError
+from .debug import CollectiveArgumentError, CollectiveMismatchError
 from .mesh import Mesh, MeshError
 from .ops import AVG, MAX, MIN, PROD, SUM, ReduceOp
 from .transport import Handle, wait_all
 
-__all__ = ["Communicator", "CollectiveMismatchError", "Mesh", "MeshError", "AVG", "MAX", "MIN", "PROD", "SUM",
+__all__ = ["Communicator", "CollectiveArgumentError", "CollectiveMismatchError", "Mesh", "MeshError", "AVG", "MAX", "MIN", "PROD", "SUM",
            "ReduceOp", "Handle", "wait_all"]

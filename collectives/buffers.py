@@ -64,10 +64,15 @@ def complete(op, buf, n, writebacks, result):
 
 
 def check_counts(counts, n, what):
-    counts = [int(c) for c in counts]
-    if len(counts) != n or any(c < 0 for c in counts):
-        raise ValueError(f"{what}: expected {n} non-negative counts, got {counts}")
-    return counts
+    """counts as a list of n non-negative ints (1.5 or True is refused, not truncated)."""
+    try:
+        counts = list(counts)
+        ints = [int(c) for c in counts]
+    except (TypeError, ValueError):
+        ints = None
+    if ints is None or len(ints) != n or any(c < 0 or c != v or isinstance(v, bool) for c, v in zip(ints, counts)):
+        raise ValueError(f"{what}: expected {n} non-negative integer counts, got {list(counts)!r}")
+    return ints
 
 
 _cuda_aware = None

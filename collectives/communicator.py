@@ -26,7 +26,10 @@ Arrays: NumPy or CuPy, any shape (flattened in C order), any layout (non-contigu
 arrays go through a contiguous copy, buffers.py). Non-blocking (async_op=True) returns a
 Handle; progress is made in handle.test()/wait() (transport.py), and the arrays must not
 be touched until wait() returns. All ranks must call collectives in the same order with
-the same counts, dtype, op, root and algo (checked with ENGINE_COMM_DEBUG=1, debug.py).
+the same counts (and counts= lists), dtype, op, root and algo; ENGINE_COMM_DEBUG=1 checks
+all of them before every call (debug.py). Arguments are checked on every rank before any
+message moves; a rank refusing its own raises, and under ENGINE_COMM_DEBUG=1 every other
+rank raises CollectiveArgumentError too, instead of waiting for it.
 
 The methods live by concept: reductions.py (all_reduce, reduce_scatter, reduce),
 movement.py (all_gather, broadcast, all_to_all, barrier), p2p.py (send, recv, ...);
@@ -38,15 +41,15 @@ from mpi4py import MPI
 from engine import backend
 
 from . import cost
-from .buffers import as_array, balanced, staging
-from .debug import Checker, env_flags
+from .buffers import as_array, staging
+from .debug import Checker, counts_digest, env_flags
+from .direct import DirectPath
 from .movement import Movement
-from .ops import check_dtype
+from .ops import ACCEPTED, check_dtype
 from .p2p import PointToPoint
 from .reductions import Reductions
-from .transport import ACTIVE, Handle, Pool, TracingTransport, Transport, run
+from .transport import ACTIVE, Calls, Handle, Pool, TracingTransport, Transport, run
 
-_CHECKED = set()          # dtypes already accepted by check_dtype
 _VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
 
 
@@ -59,18 +62,15 @@ class Communicator(Reductions, Movement, PointToPoint):
         self.label = label or ("world" if self.mpi == MPI.COMM_WORLD else f"comm{self.size}")
         self._coll = self.mpi.Dup()          # context of the collectives' own messages
         self._p2p = self.mpi.Dup()           # context of send/recv
-        self._tags = min(self._coll.Get_attr(MPI.TAG_UB) + 1, 1 << 20)
-        self._seq = 0
+        self._calls = Calls(min(self._coll.Get_attr(MPI.TAG_UB) + 1, 1 << 20))
         self._pool = Pool()
-        self._choices = {}                   # (collective, bytes) -> algorithm, for algo="auto"
+        self._choices = cost.Choices(self.size)          # algo="auto"
         debug, timeout, self._trace = env_flags()
         self._checker = Checker(self.mpi, self.label, timeout) if (debug or timeout) else None
         self._transport_cls = TracingTransport if self._trace else Transport
         # direct.py's fast path: power-of-two size, no per-call checks or trace to honour
-        self._lane = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
-        self._dtypes = _CHECKED
-        self._plans, self._last = {}, {}     # direct.py's plans, and the last one of each kind
-        self._balanced = balanced
+        fast = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
+        self._direct = DirectPath(self._coll, self.rank, self.size, self._calls, self._choices) if fast else None
         self._t = self._transport_cls(self._coll, self.rank, self.size, 0, True, None, np, self._pool)
 
     def __repr__(self):
@@ -84,30 +84,42 @@ class Communicator(Reductions, Movement, PointToPoint):
 
     # ---- the machinery every collective goes through -------------------------------------
 
-    def _begin(self, name, algo, nbytes, count, dtype, root=-1, op=None, xp=np, async_op=False):
-        """Check arrival/consistency (debug), choose the algorithm, make the call's transport."""
-        seq = self._seq
-        self._seq = seq + 1
-        if self._checker is not None:
-            self._checker.arrive(seq, name, count, dtype, root, op)
+    def _algo(self, name, algo, nbytes):
+        """The algorithm the call runs: algo, or auto's choice; refuses unknown names."""
         if algo == "auto":
-            key = (name, nbytes)
-            algo = self._choices.get(key)
-            if algo is None:
-                if len(self._choices) > 4096:
-                    self._choices.clear()
-                algo = self._choices[key] = cost.choose(name, self.size, nbytes)
-        elif algo not in _VALID[name]:
+            return self._choices.get(name, nbytes)
+        if algo not in _VALID[name]:
             raise ValueError(f"{name}: unknown algo {algo!r}; choose from auto, mpi, "
                              f"{', '.join(cost.algorithms(name))}")
-        tag = seq % self._tags
+        return algo
+
+    def _root(self, name, root):
+        """Refuse a root that is not a rank of this communicator (every rank checks the same)."""
+        if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise ValueError(f"{name}: root must be a rank 0..{self.size - 1}, got {root!r}")
+        return int(root)
+
+    def _refused(self, name, error):
+        """This rank refuses its arguments to collective `name`. Under ENGINE_COMM_DEBUG /
+        ENGINE_COMM_TIMEOUT the other ranks are told (they raise CollectiveArgumentError and
+        all stay in step); returns the error for the caller to raise."""
+        if self._checker is not None:
+            self._checker.refuse(self._calls.next(), name)
+        return error
+
+    def _begin(self, name, algo, count, dtype, root=-1, op=None, xp=np, async_op=False, blocks=None):
+        """Number the call, check arrival/consistency (debug), make the call's transport."""
+        seq = self._calls.next()
+        if self._checker is not None:
+            self._checker.arrive(seq, name, count, dtype, root, op, algo, counts_digest(blocks))
+        tag = seq % self._calls.bound
         if async_op or self._trace or ACTIVE:     # in-flight handles: never block in MPI alone
             t = self._transport_cls(self._coll, self.rank, self.size, tag, not (async_op or ACTIVE),
                                     f"{name}/{algo}", xp, self._pool)
         else:
             t = self._t
             t.tag, t.xp = tag, xp
-        return algo, t
+        return t
 
     def _go(self, gen, t, done, async_op):
         if async_op:
@@ -121,13 +133,15 @@ class Communicator(Reductions, Movement, PointToPoint):
             t.release()
 
     @staticmethod
-    def _arrays(x, out, what):
-        """(xp, on_device, stage) for the call, after checking types and dtypes."""
+    def _arrays(x, out, what, writes_x=False):
+        """(xp, on_device, stage) for the call, after checking types, dtypes and that the
+        arrays written (out, or x when writes_x) are writeable."""
         if type(x) is np.ndarray and (out is None or type(out) is np.ndarray):   # the common case
-            if x.dtype not in _CHECKED:
-                _CHECKED.add(check_dtype(x.dtype))
+            if x.dtype not in ACCEPTED:
+                check_dtype(x.dtype)
             if out is not None and out.dtype != x.dtype:
                 raise TypeError(f"{what}: out has dtype {out.dtype}, input has {x.dtype}")
+            _writeable(out if out is not None else x if writes_x else None, what)
             return np, False, False
         as_array(x, f"{what} input")
         check_dtype(x.dtype)
@@ -135,6 +149,12 @@ class Communicator(Reductions, Movement, PointToPoint):
             as_array(out, f"{what} output")
             if out.dtype != x.dtype:
                 raise TypeError(f"{what}: out has dtype {out.dtype}, input has {x.dtype}")
+        _writeable(out if out is not None else x if writes_x else None, what)
         dev, stage = staging(x, out)
         xp = backend.get_array_module(x) if dev and not stage else np
         return xp, dev, stage
+
+
+def _writeable(a, what):
+    if a is not None and not getattr(a.flags, "writeable", True):
+        raise ValueError(f"{what}: the array it writes is read-only")

@@ -48,9 +48,13 @@ def params():
     global _params
     if _params is None:
         env = os.environ.get("ENGINE_COMM_COST")
-        _params = tuple(float(v) for v in env.split(",")) if env else DEFAULT
-        if len(_params) != 3:
-            raise ValueError(f"ENGINE_COMM_COST must be 'alpha,beta,gamma', got {env!r}")
+        try:
+            values = tuple(float(v) for v in env.split(",")) if env else DEFAULT
+        except ValueError:
+            values = ()
+        if len(values) != 3:
+            raise ValueError(f"ENGINE_COMM_COST must be 'alpha,beta,gamma' (three numbers), got {env!r}")
+        _params = values
     return _params
 
 
@@ -131,6 +135,27 @@ def _choose(op, p, nbytes, abg):
     return min(costs, key=costs.get)
 
 
-def choose(op, p, nbytes):
-    """algo="auto": the algorithm the model predicts fastest."""
-    return _choose(op, p, nbytes, params())
+def choose(op, p, nbytes, alpha_beta_gamma=None):
+    """algo="auto": the algorithm the model predicts fastest (with params(), or the given ones)."""
+    return _choose(op, p, nbytes, tuple(alpha_beta_gamma or params()))
+
+
+class Choices:
+    """algo="auto" for one communicator of p ranks: choose() per (collective, bytes), remembered."""
+    LIMIT = 4096                          # remembered choices; beyond, start over
+
+    def __init__(self, p):
+        self.p, self.cache = p, {}
+
+    def get(self, op, nbytes):
+        key = (op, nbytes)
+        algo = self.cache.get(key)
+        if algo is None:
+            if len(self.cache) > self.LIMIT:
+                self.cache.clear()
+            algo = self.cache[key] = choose(op, self.p, nbytes)
+        return algo
+
+    def made(self, op, nbytes):
+        """The choice already made for (op, nbytes), or None."""
+        return self.cache.get((op, nbytes))

@@ -5,8 +5,12 @@ rank never reaches does not fail: it hangs or returns garbage. Two opt-in guards
 that into an error that names the ranks (read when a Communicator is created):
 
   ENGINE_COMM_DEBUG=1      before every collective all ranks exchange a signature
-                           (call number, op, count, dtype, root, reduction) and every rank
-                           raises CollectiveMismatchError naming the ranks that differ.
+                           (call number, op, count, dtype, root, reduction, algorithm,
+                           block counts) and every rank raises CollectiveMismatchError
+                           naming the ranks that differ. A rank whose own arguments are
+                           refused (a wrong out size, a read-only output ...) still takes
+                           part, flagged: it raises its error, every other rank
+                           CollectiveArgumentError naming it, and all stay in step.
   ENGINE_COMM_TIMEOUT=T    the same handshake, polled against a deadline of T seconds:
                            a rank that has not arrived by then is named on stderr and the
                            job is aborted (MPI_Abort), instead of hanging forever.
@@ -20,6 +24,7 @@ only when a flag is set. A rank that arrives but dies inside the collective is n
 import os
 import sys
 import time
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -32,30 +37,49 @@ ABORT_GRACE = 1.0      # seconds between the watchdog's message and MPI_Abort (M
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier")
 _TAG = 7
-_FIELDS = 6   # seq, collective, count, dtype, root, reduction
+_FIELDS = 9   # seq, collective, count, dtype, root, reduction, algorithm, block counts, refused
+ALGORITHMS = ("mpi", "ring", "recursive_doubling", "rabenseifner", "tree", "recursive_halving", "bruck",
+              "pairwise", "dissemination")
 
 
 class CollectiveMismatchError(RuntimeError):
-    """Ranks called different collectives (or with a different count, dtype, root or op)."""
+    """Ranks called different collectives (or with a different count, dtype, root, op or algo)."""
+
+
+class CollectiveArgumentError(CollectiveMismatchError):
+    """Another rank refused its arguments to this collective (it raised the reason itself)."""
+
+
+def counts_digest(counts):
+    """A number naming a list of block counts in a signature (0: the default blocks)."""
+    return 0 if counts is None else zlib.crc32(np.asarray(counts, np.int64).tobytes()) + 1
 
 
 def env_flags():
     """(debug, timeout_seconds or None, trace) from the environment."""
     debug = os.environ.get("ENGINE_COMM_DEBUG", "0").strip() not in ("", "0")
     t = os.environ.get("ENGINE_COMM_TIMEOUT", "").strip()
-    timeout = float(t) if t else None
+    try:
+        timeout = float(t) if t else None
+    except ValueError:
+        raise ValueError(f"ENGINE_COMM_TIMEOUT must be a number of seconds, got {t!r}") from None
     trace = os.environ.get("ENGINE_TRACE", "0").strip() not in ("", "0")
     return debug, (timeout if timeout and timeout > 0 else None), trace
 
 
 def _describe(sig):
-    seq, coll, count, dtype, root, red = (int(v) for v in sig)
+    seq, coll, count, dtype, root, red, algo, blocks, refused = (int(v) for v in sig)
     name = COLLECTIVES[coll] if 0 <= coll < len(COLLECTIVES) else f"collective#{coll}"
+    if refused:
+        return f"call #{seq} {name} with arguments it refused"
     args = [] if name == "barrier" else [f"count={count}", f"dtype={ops.dtype_name(dtype)}"]
     if root >= 0:
         args.append(f"root={root}")
     if red >= 0:
         args.append(f"op={ops.NAMES[red]}")
+    if blocks:
+        args.append(f"counts=#{blocks - 1:08x}")
+    args.append(f"algo={ALGORITHMS[algo]}")
     return f"call #{seq} {name}({', '.join(args)})"
 
 
@@ -81,11 +105,32 @@ class Checker:
             text += f" (world {_ranks(self.world_ranks[r] for r in ranks)})"
         return text
 
-    def arrive(self, seq, collective, count, dtype, root=-1, op=None):
+    def arrive(self, seq, collective, count, dtype, root=-1, op=None, algo="mpi", blocks=0):
         """Exchange signatures with every rank; raise on mismatch, abort on timeout."""
         sig = self.sigs[self.rank]
         sig[:] = (seq, COLLECTIVES.index(collective), count, ops.dtype_code(dtype), root,
-                  -1 if op is None else ops.NAMES.index(op.name))
+                  -1 if op is None else ops.NAMES.index(op.name), ALGORITHMS.index(algo), blocks, 0)
+        self._exchange(sig)
+        self._compare()
+
+    def refuse(self, seq, collective):
+        """Arrive at call `seq` flagged as refusing its arguments (the caller then raises its
+        error); every other rank raises CollectiveArgumentError."""
+        sig = self.sigs[self.rank]
+        sig[:] = (seq, COLLECTIVES.index(collective), -1, 0, -1, -1, 0, 0, 1)
+        self._exchange(sig)
+
+    def agree(self, seq, collective, error):
+        """A second handshake inside call `seq`, for arguments checked after its first messages
+        (all_to_all's received counts): raise if any rank, this one included, refused."""
+        sig = self.sigs[self.rank]
+        sig[:] = (seq, COLLECTIVES.index(collective), -1, 0, -1, -1, 0, 0, 1 if error else 0)
+        self._exchange(sig)
+        if error is not None:
+            raise error
+        self._compare()
+
+    def _exchange(self, sig):
         peers = [k for k in range(self.size) if k != self.rank]
         recvs = [self.comm.Irecv([self.sigs[k], MPI.INT64_T], k, _TAG) for k in peers]
         sends = [self.comm.Isend([sig, MPI.INT64_T], k, _TAG) for k in peers]
@@ -94,7 +139,6 @@ class Checker:
         else:
             self._poll(recvs, peers, sig)
         MPI.Request.Waitall(sends)
-        self._compare()
 
     def _poll(self, recvs, peers, sig):
         """Wait for the signatures, moving in-flight collectives along, until the deadline."""
@@ -117,6 +161,11 @@ class Checker:
         rows = [tuple(int(v) for v in s) for s in self.sigs]
         if all(row == rows[0] for row in rows):
             return
+        refused = [k for k, row in enumerate(rows) if row[-1]]
+        if refused:
+            raise CollectiveArgumentError(
+                f"{self._names(refused)} refused its arguments to {_describe(rows[refused[0]])} on "
+                f"communicator '{self.label}' (size {self.size}); see its error. Every rank stops this call")
         groups = {}
         for k, row in enumerate(rows):
             groups.setdefault(row, []).append(k)

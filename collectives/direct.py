@@ -3,7 +3,7 @@
 A short collective costs a few microseconds of MPI time, so every Python statement on the
 way counts. For the common case (a blocking call on contiguous NumPy arrays, a
 power-of-two rank count, algo="auto" having picked recursive doubling or halving, no
-debug or trace flag) the Communicator hands the call to this module, which runs the
+debug or trace flag) the Communicator hands the call to its DirectPath, which runs the
 algorithm as a plain loop of MPI_Sendrecv: no generator, handle, scratch pool or fold.
 Reductions take it up to MAX_BYTES (above, the general path pipelines them in segments);
 an all-gather, which has nothing to pipeline, at every size. Anything else returns None
@@ -14,7 +14,7 @@ Plans. A training loop reduces the same buffers every step, so the first call on
 buffer and the ready-made message specs of every step (what MPI-4's persistent
 collectives, MPI_Allreduce_init, do explicitly). A repeat call only checks that the
 arrays are the same objects with the same dtype. A plan keeps its arrays alive; each
-communicator keeps at most PLANS of them, dropping the oldest.
+DirectPath keeps at most PLANS of them, dropping the oldest.
 
 Placing the own block. An out-of-place all-gather must also copy its input into its own
 block of the output, and the block can travel from either place:
@@ -22,37 +22,35 @@ block of the output, and the block can travel from either place:
     input first   step 1 sends the block straight from the input, then it is copied
     copy first    the block is copied into the output, step 1 sends it from there (MPICH)
 
-The messages are identical, so each rank may choose alone. Which is faster depends on
-the machine, and on the development machine (2 vCPUs of a shared AMD EPYC) on a state
-that comes and goes between launches and even between consecutive calls: MPICH's wheel
-moves messages between processes through shared-memory cells, copied in by the sender
-and out by the receiver (its single-copy CMA path is off by default), and in one state
-that transfer is 3-5x slower than in the other. Time against MPI_Allgather (which copies
-first) at N=2, one launch each: with input first from 1 to 8 MiB gathered, 1.9-4.3x
-faster in launches where the library was slow, 0.7-0.85x at 4-8 MiB where it was fast;
-copying first ran level with the library in both (it is the library's algorithm), and
-up to 1 MiB input first won in every launch (1.2-4.3x). So below PLACE_TRIAL_BYTES the
-block goes input first, and from it up a plan runs TRIALS consecutive calls with each
-placement, timed, and keeps the one with the lower median (the first call of each set,
-which follows the other placement, left out): a per-rank choice by measurement where the
-cost model cannot tell the two apart. The general path (collectives/movement.py, for
-non-blocking, traced, checked or ring all-gathers) sends from the input below 16 MiB and
-copies first above.
+The messages are identical, so each rank may choose alone, and which is faster depends
+on the machine and its state (how the MPI library moves messages between processes),
+which the cost model cannot see. So below PLACE_TRIAL_BYTES the block goes input first,
+and from it up a plan runs TRIALS consecutive calls with each placement, timed, and keeps
+the one with the lower median (the first call of each set, which follows the other
+placement, left out): a per-rank choice by measurement. The measurements behind these
+thresholds, and the command that repeats them, are in bench/collectives.py's docstring.
 
 The loops send exactly the messages, with the same tags, that recursive_doubling.py and
 rabenseifner.py send for these cases (below the segmenting threshold), so ranks on
-either path interoperate. Read the generator versions for the algorithms:
+either path interoperate. Reduction order is theirs too: the two partners of a recursive
+doubling step both compute (lower rank's partial) op (higher rank's partial), so every
+rank gets the same bits. Read the generator versions for the algorithms:
 
     step d = 1, 2, 4, ... N/2: partner = rank XOR d
-    all-reduce      exchange everything, out = received op mine
+    all-reduce      exchange everything, out = lower op higher
     all-gather      exchange the blocks of my group of d ranks for the partner group's
     reduce-scatter  (d = N/2 ... 1) send the half the partner keeps, reduce the half I keep
+
+Cost: that of recursive_doubling.py and rabenseifner.py for a power of two (no fold);
+plus, for a first call, building the plan.
 """
 from statistics import median
 from time import perf_counter
 
 import numpy as np
-from .ops import AVG, OPS, finish
+
+from .buffers import balanced
+from .ops import ACCEPTED, AVG, OPS, finish
 
 MAX_BYTES = 1 << 20          # larger reductions take the general path (pooled, segmented)
 PLACE_TRIAL_BYTES = 2 << 20  # all-gathers from this size time both placements (see above)
@@ -84,148 +82,161 @@ def _disjoint(a, b):
     return (a if ba is None else ba) is not (b if bb is None else bb) or not np.may_share_memory(a, b)
 
 
-def _usable(c, x, out, name, nbytes, algo, limit=MAX_BYTES):
-    return (type(x) is _ndarray and x.dtype in c._dtypes and x.flags.c_contiguous and x.size
-            and (limit is None or nbytes <= limit) and c._choices.get((name, nbytes)) == algo
-            and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
-                                 and _disjoint(x, out))))
+class DirectPath:
+    """The fast path of one Communicator (which creates it only where it applies: a
+    power-of-two size, no debug checks, no trace).
 
+    mpi: the MPI communicator of the collectives' messages; calls: the Communicator's call
+    counter (transport.Calls), shared so both paths number calls alike; choices: its
+    algo="auto" choices (cost.Choices): a plan is made only where auto chose this algorithm."""
 
-def _remember(c, key, plan, x, out, op):
-    plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
-    if len(c._plans) >= PLANS:
-        del c._plans[next(iter(c._plans))]
-    c._plans[key] = c._last[key[-1]] = plan
-    return plan
+    def __init__(self, mpi, rank, size, calls, choices):
+        self.mpi, self.rank, self.size = mpi, rank, size
+        self.calls, self.choices = calls, choices
+        self.plans, self.last = {}, {}       # plans by arrays and op, and the last one of each kind
 
+    # ---- plans -----------------------------------------------------------------------------
 
-def _find(c, kind, x, out, op):
-    """The plan for these arrays: the last one of its kind, else by identity (None if none)."""
-    plan = c._last.get(kind)
-    if plan is None or plan.x is not x or plan.out is not out or plan.op is not op:
-        plan = c._plans.get((id(x), id(out), op, kind))
-        if plan is not None:
-            c._last[kind] = plan
-    if plan is not None and plan.dtype is not x.dtype:
-        return None
-    return plan
+    def _usable(self, x, out, name, nbytes, algo, limit=MAX_BYTES):
+        """Whether a plan may be made: everything the general path would refuse (a read-only
+        output included) goes there, to be refused before any message moves."""
+        return (type(x) is _ndarray and x.dtype in ACCEPTED and x.flags.c_contiguous and x.size
+                and (limit is None or nbytes <= limit) and self.choices.made(name, nbytes) == algo
+                and (out if out is not None else x).flags.writeable
+                and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
+                                     and _disjoint(x, out))))
 
+    def _remember(self, key, plan, x, out, op):
+        plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
+        if len(self.plans) >= PLANS:
+            del self.plans[next(iter(self.plans))]
+        self.plans[key] = self.last[key[-1]] = plan
+        return plan
 
-def _run(c, plan):
-    """Execute a plan: per step a Sendrecv and (for reductions) a reduce, or a local copy."""
-    seq = c._seq
-    c._seq = seq + 1
-    tag, comm, ufunc = seq % c._tags, c._coll, plan.ufunc
-    for peer, send, recv, reduce_args in plan.steps:
-        if peer is None:
-            send[:] = recv
-            continue
-        comm.Sendrecv(send, peer, tag, recv, peer, tag)
-        if reduce_args is not None:
-            ufunc(*reduce_args)
-    if plan.avg:
-        finish(OPS[AVG], plan.final, c.size)
-    return plan.result
-
-
-def all_reduce(c, x, op, out):
-    """Communicator.all_reduce's fast path; None when it does not apply."""
-    plan = _find(c, "ar", x, out, op)
-    if plan is None:
-        rop = _OP(op)
-        if rop is None or type(x) is not _ndarray or (out is not None and out is not x and out.size != x.size) \
-                or not _usable(c, x, out, "all_reduce", x.nbytes, "recursive_doubling"):
+    def _find(self, kind, x, out, op):
+        """The plan for these arrays: the last one of its kind, else by identity (None if none)."""
+        plan = self.last.get(kind)
+        if plan is None or plan.x is not x or plan.out is not out or plan.op is not op:
+            plan = self.plans.get((id(x), id(out), op, kind))
+            if plan is not None:
+                self.last[kind] = plan
+        if plan is not None and plan.dtype is not x.dtype:
             return None
-        src = _flat(x)
-        buf = src if out is None or out is x else _flat(out)
-        tmp = np.empty_like(buf)
-        plan, steps, cur, d = Plan(), [], src, 1
-        while d < c.size:          # d = 1, 2, 4, ...: exchange with rank XOR d, buf = tmp op cur
-            steps.append((c.rank ^ d, _bytes(cur), _bytes(tmp), (tmp, cur, buf)))
-            cur, d = buf, d * 2
-        if c.size == 1 and buf is not src:
-            steps.append((None, _bytes(buf), _bytes(src), None))
-        plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
-        plan.result = x if out is None else out
-        plan = _remember(c, (id(x), id(out), op, "ar"), plan, x, out, op)
-    return _run(c, plan)
+        return plan
 
+    def _run(self, plan):
+        """Execute a plan: per step a Sendrecv and (for reductions) a reduce, or a local copy."""
+        tag, comm, ufunc = self.calls.next_tag(), self.mpi, plan.ufunc
+        for peer, send, recv, reduce_args in plan.steps:
+            if peer is None:
+                send[:] = recv
+                continue
+            comm.Sendrecv(send, peer, tag, recv, peer, tag)
+            if reduce_args is not None:
+                ufunc(*reduce_args)
+        if plan.avg:
+            finish(OPS[AVG], plan.final, self.size)
+        return plan.result
 
-def all_gather(c, x, out):
-    """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
-    plan = _find(c, "ag", x, out, None)
-    if plan is None:
-        if type(out) is not _ndarray or \
-                not _usable(c, x, out, "all_gather", out.nbytes, "recursive_doubling", limit=None) \
-                or out.size != x.size * c.size:
-            return None
-        rank, k, buf = c.rank, x.size, _flat(out)
-        plan, exchanges, d = Plan(), [], 1
-        while d < c.size:          # exchange my group's d blocks for the partner group's
-            mine, theirs = (rank & ~(d - 1)) * k, ((rank ^ d) & ~(d - 1)) * k
-            exchanges.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]), None))
-            d *= 2
-        place = (None, _bytes(buf[rank * k:(rank + 1) * k]), _bytes(_flat(x)), None)
-        copy_first = [place] + exchanges            # place, then step 1 sends from the output
-        input_first = copy_first                    # (N = 1: the copy is all there is)
-        if exchanges:                               # step 1 sends from the input, then place
-            peer, _, recv, _ = exchanges[0]
-            input_first = [(peer, _bytes(_flat(x)), recv, None), place] + exchanges[1:]
-        plan.steps, plan.ufunc, plan.avg, plan.final = input_first, None, False, None
-        plan.result = out
-        plan.placements = None
-        if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
-            plan.placements, plan.times = (input_first, copy_first), ([], [])
-        plan = _remember(c, (id(x), id(out), None, "ag"), plan, x, out, None)
-    if plan.placements is not None:
-        return _run_trial(c, plan)
-    return _run(c, plan)
+    # ---- the collectives -------------------------------------------------------------------
 
+    def all_reduce(self, x, op, out):
+        """Communicator.all_reduce's fast path; None when it does not apply."""
+        plan = self._find("ar", x, out, op)
+        if plan is None:
+            rop = _OP(op)
+            if rop is None or type(x) is not _ndarray or (out is not None and out is not x and out.size != x.size) \
+                    or not self._usable(x, out, "all_reduce", x.nbytes, "recursive_doubling"):
+                return None
+            src = _flat(x)
+            buf = src if out is None or out is x else _flat(out)
+            tmp = np.empty_like(buf)
+            plan, steps, cur, d = Plan(), [], src, 1
+            while d < self.size:       # d = 1, 2, 4, ...: exchange with rank XOR d, buf = lower op higher
+                peer = self.rank ^ d
+                steps.append((peer, _bytes(cur), _bytes(tmp), (tmp, cur, buf) if peer < self.rank else (cur, tmp, buf)))
+                cur, d = buf, d * 2
+            if self.size == 1 and buf is not src:
+                steps.append((None, _bytes(buf), _bytes(src), None))
+            plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
+            plan.result = x if out is None else out
+            plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op)
+        return self._run(plan)
 
-def _run_trial(c, plan):
-    """Run an all-gather plan TRIALS times input first, then TRIALS times copy first, timed;
-    then keep the faster (by median, each set's first call left out) for every later call."""
-    times = plan.times
-    which = len(times[0]) == TRIALS
-    plan.steps = plan.placements[which]
-    t0 = perf_counter()
-    result = _run(c, plan)
-    times[which].append(perf_counter() - t0)
-    if len(times[1]) == TRIALS:
-        plan.steps = plan.placements[median(times[1][1:]) < median(times[0][1:])]
-        plan.placements = None
-    return result
+    def all_gather(self, x, out):
+        """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
+        plan = self._find("ag", x, out, None)
+        if plan is None:
+            if type(out) is not _ndarray or \
+                    not self._usable(x, out, "all_gather", out.nbytes, "recursive_doubling", limit=None) \
+                    or out.size != x.size * self.size:
+                return None
+            rank, k, buf = self.rank, x.size, _flat(out)
+            plan, exchanges, d = Plan(), [], 1
+            while d < self.size:       # exchange my group's d blocks for the partner group's
+                mine, theirs = (rank & ~(d - 1)) * k, ((rank ^ d) & ~(d - 1)) * k
+                exchanges.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]),
+                                  None))
+                d *= 2
+            place = (None, _bytes(buf[rank * k:(rank + 1) * k]), _bytes(_flat(x)), None)
+            copy_first = [place] + exchanges            # place, then step 1 sends from the output
+            input_first = copy_first                    # (N = 1: the copy is all there is)
+            if exchanges:                               # step 1 sends from the input, then place
+                peer, _, recv, _ = exchanges[0]
+                input_first = [(peer, _bytes(_flat(x)), recv, None), place] + exchanges[1:]
+            plan.steps, plan.ufunc, plan.avg, plan.final = input_first, None, False, None
+            plan.result = out
+            plan.placements = None
+            if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
+                plan.placements, plan.times = (input_first, copy_first), ([], [])
+            plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None)
+        if plan.placements is not None:
+            return self._run_trial(plan)
+        return self._run(plan)
 
+    def _run_trial(self, plan):
+        """Run an all-gather plan TRIALS times input first, then TRIALS times copy first, timed;
+        then keep the faster (by median, each set's first call left out) for every later call."""
+        times = plan.times
+        which = len(times[0]) == TRIALS
+        plan.steps = plan.placements[which]
+        t0 = perf_counter()
+        result = self._run(plan)
+        times[which].append(perf_counter() - t0)
+        if len(times[1]) == TRIALS:
+            plan.steps = plan.placements[median(times[1][1:]) < median(times[0][1:])]
+            plan.placements = None
+        return result
 
-def reduce_scatter(c, x, op, out):
-    """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
-    plan = _find(c, "rs", x, out, op)
-    if plan is None:
-        rop = _OP(op)
-        if rop is None or type(x) is not _ndarray or \
-                not _usable(c, x, out, "reduce_scatter", x.nbytes, "recursive_halving"):
-            return None
-        size, rank = c.size, c.rank
-        counts, offs = c._balanced(x.size, size)
-        src = _flat(x)
-        if out is None:
-            work, dst = src, src[offs[rank]:offs[rank + 1]]
-        elif out.size == counts[rank]:
-            work, dst = (np.empty_like(src) if size > 2 else None), _flat(out)
-        else:
-            return None
-        plan, steps, cur, lo, hi, d = Plan(), [], src, 0, size, size // 2
-        while d:                   # keep the half my partner gives away, reduce it
-            mid = lo + d
-            keep, give = ((lo, mid), (mid, hi)) if rank < mid else ((mid, hi), (lo, mid))
-            ka, kb, ga, gb = offs[keep[0]], offs[keep[1]], offs[give[0]], offs[give[1]]
-            tmp = np.empty(kb - ka, src.dtype)
-            target = dst if d == 1 else work[ka:kb]
-            steps.append((rank ^ d, _bytes(cur[ga:gb]), _bytes(tmp), (tmp, cur[ka:kb], target)))
-            cur, (lo, hi), d = work, keep, d // 2
-        if size == 1 and out is not None:
-            steps.append((None, _bytes(dst), _bytes(src), None))
-        plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
-        plan.result = dst if out is None else out
-        plan = _remember(c, (id(x), id(out), op, "rs"), plan, x, out, op)
-    return _run(c, plan)
+    def reduce_scatter(self, x, op, out):
+        """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
+        plan = self._find("rs", x, out, op)
+        if plan is None:
+            rop = _OP(op)
+            if rop is None or type(x) is not _ndarray or \
+                    not self._usable(x, out, "reduce_scatter", x.nbytes, "recursive_halving"):
+                return None
+            size, rank = self.size, self.rank
+            counts, offs = balanced(x.size, size)
+            src = _flat(x)
+            if out is None:
+                work, dst = src, src[offs[rank]:offs[rank + 1]]
+            elif out.size == counts[rank]:
+                work, dst = (np.empty_like(src) if size > 2 else None), _flat(out)
+            else:
+                return None
+            plan, steps, cur, lo, hi, d = Plan(), [], src, 0, size, size // 2
+            while d:                   # keep the half my partner gives away, reduce it
+                mid = lo + d
+                keep, give = ((lo, mid), (mid, hi)) if rank < mid else ((mid, hi), (lo, mid))
+                ka, kb, ga, gb = offs[keep[0]], offs[keep[1]], offs[give[0]], offs[give[1]]
+                tmp = np.empty(kb - ka, src.dtype)
+                target = dst if d == 1 else work[ka:kb]
+                steps.append((rank ^ d, _bytes(cur[ga:gb]), _bytes(tmp), (tmp, cur[ka:kb], target)))
+                cur, (lo, hi), d = work, keep, d // 2
+            if size == 1 and out is not None:
+                steps.append((None, _bytes(dst), _bytes(src), None))
+            plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
+            plan.result = dst if out is None else out
+            plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op)
+        return self._run(plan)

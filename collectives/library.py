@@ -5,12 +5,26 @@ library's blocking call (MPI_Allreduce ...) and the non-blocking form its MPI-3
 non-blocking collective (MPI_Iallreduce ...). Datatypes and ops come from ops.py
 (float16 and bfloat16 as 16-bit words with a user-defined MPI.Op). In-place forms use
 MPI_IN_PLACE wherever the caller's layout matches MPI's.
+
+Where the library's result could differ between ranks, it is made not to: float max and
+min of an all-reduce run as integer max and min over IEEE's total order (signed zeros and
+NaNs, _ordered_all_reduce); MPI_Alltoall or MPI_Alltoallv is chosen from the call's form,
+which every rank shares, never from one rank's counts.
 """
+import numpy as np
 from mpi4py import MPI
 
-from .ops import mpi_buffer, mpi_op
+from .ops import MAX, MIN, mpi_op
+from .ops import mpi_buffer as _mpi_buffer
 
 IN_PLACE = MPI.IN_PLACE
+
+
+def mpi_buffer(a):
+    """The message spec of array a. An empty array travels as a fresh empty one: NumPy gives
+    an empty slice its base's address (x[k:k] of x starts where x does), and MPICH refuses
+    a send and receive buffer at the same address as aliased, even with nothing to move."""
+    return _mpi_buffer(a if a.size else np.empty(1, a.dtype)[:0])
 
 
 def _run(t, blocking_call, nonblocking_call, *args):
@@ -21,8 +35,32 @@ def _run(t, blocking_call, nonblocking_call, *args):
 
 
 def all_reduce(t, src, out, op):
+    if op.name in (MAX, MIN) and (out.dtype.kind == "f" or out.dtype.name == "bfloat16"):
+        yield from _ordered_all_reduce(t, src, out, op)
+        return
     send = IN_PLACE if src is out else mpi_buffer(src)
     yield from _run(t, "Allreduce", "Iallreduce", send, mpi_buffer(out), mpi_op(op, out.dtype))
+
+
+def _ordered_all_reduce(t, src, out, op):
+    """Float max / min as an integer max / min over IEEE's total order, so every rank gets
+    the same bits. The library's own float max compares +0.0 and -0.0 (and NaNs) as ties,
+    which it may break differently on different ranks (MPICH's recursive doubling reduces
+    partner's op mine on both partners). Here the bits, read as a signed integer w with the
+    magnitude bits flipped where negative, order -NaN < -inf < ... < -0.0 < +0.0 < ... <
+    +inf < +NaN; every NaN first becomes the one that wins (+NaN for max, -NaN for min), so
+    NaN propagates and max(+0.0, -0.0) = +0.0, min(+0.0, -0.0) = -0.0 on every rank."""
+    w = 8 * out.dtype.itemsize
+    ints = np.dtype(f"i{out.dtype.itemsize}")
+    flip = (1 << (w - 1)) - 1                     # the magnitude bits
+    nan = int(np.array(np.nan, out.dtype).view(ints))
+    keys = t.scratch(out.size, ints)
+    keys[...] = src.view(ints)
+    keys[np.isnan(src)] = nan if op.name == MAX else nan - (1 << (w - 1))   # +NaN / -NaN
+    keys ^= (keys >> (w - 1)) & flip              # sign-magnitude -> two's complement order
+    yield from _run(t, "Allreduce", "Iallreduce", IN_PLACE, mpi_buffer(keys), op.mpi)
+    keys ^= (keys >> (w - 1)) & flip              # and back (the map is its own inverse)
+    out.view(ints)[...] = keys
 
 
 def reduce_scatter(t, src, dst, counts, op):
@@ -59,11 +97,13 @@ def reduce(t, src, out, root, op):
         yield from _run(t, "Reduce", "Ireduce", mpi_buffer(src), None, mop, root)
 
 
-def all_to_all(t, src, out, send_counts, send_offs, recv_counts, recv_offs):
+def all_to_all(t, src, out, send_counts, send_offs, recv_counts, recv_offs, even):
+    """MPI_Alltoall for even blocks (no counts given, on every rank alike), else MPI_Alltoallv:
+    the choice may not depend on one rank's counts, since ranks see different rows of the
+    count matrix (N=2, [[1, 1], [1, 2]]: rank 0's row and column are uniform, rank 1's not)."""
     s, d = mpi_buffer(src), mpi_buffer(out)
     n = t.size
-    if all(c == send_counts[0] for c in send_counts) and all(c == recv_counts[0] for c in recv_counts) \
-            and send_counts[0] == recv_counts[0]:
+    if even:
         yield from _run(t, "Alltoall", "Ialltoall", s, d)
     else:
         yield from _run(t, "Alltoallv", "Ialltoallv",

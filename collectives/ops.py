@@ -90,11 +90,20 @@ def finish(op, buf, n):
 _SIXTEEN_BIT_FLOATS = ("float16", "bfloat16")
 
 
+ACCEPTED = set()      # dtypes check_dtype has accepted (a set lookup is the fast path's whole check)
+
+
 def check_dtype(dtype):
     """Refuse dtypes a reduction cannot handle, with one clear line."""
-    if dtype.kind in "iufc" or dtype.name == "bfloat16":
+    if dtype in ACCEPTED:
         return dtype
-    raise TypeError(f"collectives support numeric dtypes (float16, bfloat16, float32, float64, ints); got {dtype}")
+    if dtype.kind in "iuf" or dtype.name == "bfloat16":
+        ACCEPTED.add(dtype)
+        return dtype
+    raise TypeError(f"collectives support real numeric dtypes (float16, bfloat16, float32, float64, ints); "
+                    f"got {dtype}" + (" (max and min have no order on complex numbers; pass the real and "
+                                      "imaginary parts as a float array, x.view(x.real.dtype))"
+                                      if dtype.kind == "c" else ""))
 
 
 def dtype_code(dtype):

@@ -22,9 +22,9 @@ power-of-two algorithm, and the odd ranks finally hand the result back:
     core     virtual ranks 0..3 = real ranks 1, 3, 4, 5
     unfold   1 -> 0   3 -> 2
 
-Reduction order: a partner's partial x is combined with one's own y as x op y; both
-partners then hold y op x = x op y (IEEE addition and multiplication are commutative),
-so every rank receives the same bits.
+Reduction order: both partners of a step compute (lower rank's partial) op (higher
+rank's partial), the same expression, so every rank receives the same bits even where op
+breaks ties by operand order (np.maximum of +0.0 and -0.0, NaNs with different payloads).
 
 Cost (n bytes, lg = log2 p, fold terms only when N is not a power of two):
     all-reduce   lg (alpha + n beta + n gamma)  [+ 2 alpha + 2 n beta + n gamma]
@@ -33,7 +33,6 @@ Latency-optimal (lg N messages) but all-reduce moves n lg N bytes: for short mes
 Each all-reduce step is segments.exchange_reduce. Memory: one n-byte scratch vector.
 """
 from .segments import exchange_reduce
-
 
 
 def fold_layout(n):
@@ -60,6 +59,13 @@ def first_real(v, rem):
     return 2 * v if v < rem else v + rem
 
 
+def lower_first(reduce, peer_is_lower):
+    """reduce(received, own, out) as (lower rank's partial) op (higher rank's partial)."""
+    if peer_is_lower:
+        return reduce
+    return lambda received, own, out: reduce(own, received, out)
+
+
 def all_reduce(t, src, out, reduce):
     """out = reduction of src over the ranks (src may be out)."""
     n, r = t.size, t.rank
@@ -78,7 +84,8 @@ def all_reduce(t, src, out, reduce):
         d = 1
         while d < p:
             peer = real_rank(v ^ d, rem)
-            yield from exchange_reduce(t, cur, peer, cur, peer, out, reduce, target_is_send=cur is out)
+            yield from exchange_reduce(t, cur, peer, cur, peer, out, lower_first(reduce, peer < r),
+                                       target_is_send=cur is out)
             cur = out
             d *= 2
         if cur is not out:                     # N == 1

@@ -1,14 +1,15 @@
 """The reductions of a Communicator: all_reduce, reduce_scatter, reduce (a mixin; see
 communicator.py for the API conventions and the machinery: _arrays, _begin, _go).
 
-Each method: check and flatten the arrays (buffers.py), try the short-message fast path
-(direct.py), register the call (sequence number, debug signature, algorithm), then run
+Each method: try the short-message fast path (direct.py); check every argument before any
+message moves (a rank refusing its own tells the others under ENGINE_COMM_DEBUG, debug.py);
+flatten the arrays (buffers.py); register the call (sequence number, debug signature); run
 the chosen algorithm's step generator blocking or as a Handle; `complete` divides for
 avg and copies temporaries back.
 """
 from functools import partial
 
-from . import direct, library, rabenseifner, recursive_doubling, ring, tree
+from . import library, rabenseifner, recursive_doubling, ring, tree
 from .buffers import balanced, check_counts, complete, flat_in, flat_out, is_block_of, offsets, overlaps
 from .ops import OPS, SUM, finish, reducer, resolve
 from .transport import ACTIVE, Completed
@@ -26,23 +27,28 @@ class Reductions:
 
     def all_reduce(self, x, op=SUM, out=None, algo="auto", async_op=False):
         """Reduce x over all ranks; every rank gets the result (in x, or in out)."""
-        if self._lane and algo == "auto" and not async_op and not ACTIVE:
-            result = direct.all_reduce(self, x, op, out)
+        if self._direct is not None and algo == "auto" and not async_op and not ACTIVE:
+            result = self._direct.all_reduce(x, op, out)
             if result is not None:
                 return result
-        rop = _OP(op) or resolve(op)
-        xp, dev, stage = self._arrays(x, out, "all_reduce")
+        try:                                        # every argument check, before any message
+            rop = _OP(op) or resolve(op)
+            xp, dev, stage = self._arrays(x, out, "all_reduce", writes_x=True)
+            if out is not None and out is not x:
+                if out.size != x.size:
+                    raise ValueError(f"all_reduce: out has {out.size} elements, input has {x.size}")
+                if overlaps(x, out):
+                    raise ValueError("all_reduce: out overlaps the input without being it")
+            algo = self._algo("all_reduce", algo, x.nbytes)
+        except (TypeError, ValueError) as e:
+            raise self._refused("all_reduce", e)
         wbs = []
         if out is None or out is x:
             result = x
             src = buf = flat_out(x, stage, wbs)
         else:
-            if out.size != x.size:
-                raise ValueError(f"all_reduce: out has {out.size} elements, input has {x.size}")
-            if overlaps(x, out):
-                raise ValueError("all_reduce: out overlaps the input without being it")
             result, src, buf = out, flat_in(x, stage), flat_out(out, stage, wbs)
-        algo, t = self._begin("all_reduce", algo, x.nbytes, x.size, x.dtype, -1, rop, xp, async_op)
+        t = self._begin("all_reduce", algo, x.size, x.dtype, -1, rop, xp, async_op)
         n = self.size
         done = partial(complete, rop, buf, n, wbs, result)
         if x.size == 0:
@@ -55,40 +61,49 @@ class Reductions:
 
     def reduce_scatter(self, x, op=SUM, out=None, counts=None, algo="auto", async_op=False):
         """Reduce x (all blocks) over all ranks; this rank gets block `rank` of the result."""
-        if self._lane and algo == "auto" and not async_op and counts is None and not ACTIVE:
-            result = direct.reduce_scatter(self, x, op, out)
+        if self._direct is not None and algo == "auto" and not async_op and counts is None and not ACTIVE:
+            result = self._direct.reduce_scatter(x, op, out)
             if result is not None:
                 return result
-        rop = _OP(op) or resolve(op)
-        xp, dev, stage = self._arrays(x, out, "reduce_scatter")
         n, r = self.size, self.rank
-        if counts is None:
-            counts, offs = balanced(x.size, n)
-        else:
-            counts = check_counts(counts, n, "reduce_scatter counts")
-            if sum(counts) != x.size:
-                raise ValueError(f"reduce_scatter: counts sum to {sum(counts)}, input has {x.size} elements")
-            offs = offsets(counts)
-        wbs = []
-        if out is None or (out.size == counts[r] and is_block_of(out, x, offs[r])):
-            if not x.flags.c_contiguous:
+        given = counts
+        try:                                        # every argument check, before any message
+            rop = _OP(op) or resolve(op)
+            xp, dev, stage = self._arrays(x, out, "reduce_scatter", writes_x=out is None)
+            if counts is None:
+                counts, offs = balanced(x.size, n)
+            else:
+                counts = check_counts(counts, n, "reduce_scatter counts")
+                if sum(counts) != x.size:
+                    raise ValueError(f"reduce_scatter: counts sum to {sum(counts)}, input has {x.size} elements")
+                offs = offsets(counts)
+            in_place = out is None or (out.size == counts[r] and is_block_of(out, x, offs[r]))
+            if in_place and not x.flags.c_contiguous:
                 raise ValueError("reduce_scatter in place needs a contiguous input (its result is a view "
                                  "of it); pass out= for a non-contiguous one")
+            if not in_place:
+                if out.size != counts[r]:
+                    raise ValueError(f"reduce_scatter: out has {out.size} elements, this rank's block has "
+                                     f"{counts[r]}")
+                if overlaps(x, out):
+                    raise ValueError("reduce_scatter: out overlaps the input without being this rank's block")
+            algo = self._algo("reduce_scatter", algo, x.nbytes)
+        except (TypeError, ValueError) as e:
+            raise self._refused("reduce_scatter", e)
+        wbs = []
+        if in_place:
             src = work = flat_out(x, stage, wbs)
             dst = src[offs[r]:offs[r + 1]]
             result = dst if src is x else x.reshape(-1)[offs[r]:offs[r + 1]]
         else:
-            if out.size != counts[r]:
-                raise ValueError(f"reduce_scatter: out has {out.size} elements, this rank's block has {counts[r]}")
-            if overlaps(x, out):
-                raise ValueError("reduce_scatter: out overlaps the input without being this rank's block")
             src, work, dst, result = flat_in(x, stage), None, flat_out(out, stage, wbs), out
-        algo, t = self._begin("reduce_scatter", algo, x.nbytes, x.size, x.dtype, -1, rop, xp, async_op)
+        t = self._begin("reduce_scatter", algo, x.size, x.dtype, -1, rop, xp, async_op, given)
         mpi_tmp = None
         if algo == "mpi" and work is not None:          # MPI forbids aliased send/recv buffers
             mpi_tmp = t.scratch(counts[r], x.dtype)
             wbs.insert(0, partial(dst.__setitem__, Ellipsis, mpi_tmp))
-        done = partial(complete, rop, dst, n, wbs, result)
+        # avg divides the block where the reduction lands (mpi in place: before its copy into dst)
+        done = partial(complete, rop, dst if mpi_tmp is None else mpi_tmp, n, wbs, result)
         if x.size == 0:
             return Completed(done()) if async_op else done()
         if algo == "mpi":
@@ -99,21 +114,29 @@ class Reductions:
 
     def reduce(self, x, root=0, op=SUM, out=None, algo="auto", async_op=False):
         """Reduce x over all ranks into x (or out) on root. Returns the result on root, None elsewhere;
-        other ranks' x is left untouched."""
-        rop = resolve(op)
-        xp, dev, stage = self._arrays(x, out, "reduce")
-        is_root = self.rank == root
+        other ranks' x is left untouched (and their out, if given, is checked but not written)."""
+        try:                                        # every argument check, before any message
+            rop = resolve(op)
+            root = self._root("reduce", root)
+            is_root = self.rank == root
+            xp, dev, stage = self._arrays(x, out, "reduce", writes_x=is_root)
+            if out is not None and out is not x:
+                if out.size != x.size:
+                    raise ValueError(f"reduce: out has {out.size} elements, input has {x.size}")
+                if overlaps(x, out):
+                    raise ValueError("reduce: out overlaps the input without being it")
+            algo = self._algo("reduce", algo, x.nbytes)
+        except (TypeError, ValueError) as e:
+            raise self._refused("reduce", e)
         wbs = []
         if is_root and (out is None or out is x):
             result = x
             src = acc = flat_out(x, stage, wbs)
         elif is_root:
-            if out.size != x.size:
-                raise ValueError(f"reduce: out has {out.size} elements, input has {x.size}")
             result, src, acc = out, flat_in(x, stage), flat_out(out, stage, wbs)
         else:
             result, src, acc = None, flat_in(x, stage), None
-        algo, t = self._begin("reduce", algo, x.nbytes, x.size, x.dtype, root, rop, xp, async_op)
+        t = self._begin("reduce", algo, x.size, x.dtype, root, rop, xp, async_op)
         n = self.size
         if acc is None and algo != "mpi":
             acc = t.scratch(x.size, x.dtype)

@@ -63,6 +63,28 @@ class Pool:
             del free[min(range(len(free)), key=lambda i: free[i].nbytes)]
 
 
+class Calls:
+    """Numbers the collective calls of one communicator. All ranks make the same calls in
+    the same order, so call number k is the same call everywhere, and its messages carry
+    tag k modulo `bound` (the MPI library's tag limit)."""
+    __slots__ = ("seq", "bound")
+
+    def __init__(self, bound):
+        self.seq, self.bound = 0, bound
+
+    def next(self):
+        """The number of a new call."""
+        seq = self.seq
+        self.seq = seq + 1
+        return seq
+
+    def next_tag(self):
+        """A new call's tag."""
+        seq = self.seq
+        self.seq = seq + 1
+        return seq % self.bound
+
+
 class Transport:
     """One collective call's view: rank, size, tagged byte moves, scratch buffers."""
     __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held")

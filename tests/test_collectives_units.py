@@ -35,9 +35,9 @@ def test_cost_model():
             assert cost.predict(op, algo, 8, 1 << 20, (1e-6, 1e-10, 1e-10)) > 0
     abg = (1e-5, 1e-10, 1e-10)
     # latency-bound: log-step algorithms; bandwidth-bound all-reduce on many ranks: the ring family
-    assert cost._choose("all_reduce", 8, 8, abg) == "recursive_doubling"
-    assert cost._choose("all_reduce", 8, 1 << 28, abg) in ("ring", "rabenseifner")
-    assert cost._choose("all_gather", 6, 8, abg) == "bruck"
+    assert cost.choose("all_reduce", 8, 8, abg) == "recursive_doubling"
+    assert cost.choose("all_reduce", 8, 1 << 28, abg) in ("ring", "rabenseifner")
+    assert cost.choose("all_gather", 6, 8, abg) == "bruck"
     assert cost.coefficients("all_reduce", "ring", 4, 1000) == (6, 1500.0, 750.0)
 
 

@@ -11,14 +11,15 @@ def test_debug_names_the_mismatching_rank():
     out = proc.stdout
     for r in range(3):
         assert out.count(f"rank {r} caught:") == 5 and f"rank {r} done" in out, describe(proc)
+    rd = "algo=recursive_doubling"
     expected = [
-        "ranks 0,1 called call #0 all_reduce(count=4, dtype=float64, op=sum); "
-        "but rank 2 called call #0 all_reduce(count=5, dtype=float64, op=sum)",
-        "but rank 2 called call #1 all_reduce(count=4, dtype=float32, op=sum)",
-        "but rank 2 called call #2 all_reduce(count=4, dtype=float64, op=max)",
-        "but rank 2 called call #3 barrier()",
-        "ranks 0,1 called call #4 broadcast(count=4, dtype=float64, root=0); "
-        "but rank 2 called call #4 broadcast(count=4, dtype=float64, root=1)",
+        f"ranks 0,1 called call #0 all_reduce(count=4, dtype=float64, op=sum, {rd}); "
+        f"but rank 2 called call #0 all_reduce(count=5, dtype=float64, op=sum, {rd})",
+        f"but rank 2 called call #1 all_reduce(count=4, dtype=float32, op=sum, {rd})",
+        f"but rank 2 called call #2 all_reduce(count=4, dtype=float64, op=max, {rd})",
+        "but rank 2 called call #3 barrier(algo=dissemination)",
+        "ranks 0,1 called call #4 broadcast(count=4, dtype=float64, root=0, algo=tree); "
+        "but rank 2 called call #4 broadcast(count=4, dtype=float64, root=1, algo=tree)",
     ]
     for text in expected:
         assert out.count(text) == 3, f"{text!r} not reported by every rank\n" + describe(proc)
