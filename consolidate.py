@@ -8,7 +8,8 @@ Without --hf the file holds every parameter under this engine's names (the state
 models/gpt.py: ``GPT.load_state_dict`` takes it, ``sample.py --ckpt FILE`` samples from it)
 and, in its safetensors metadata, the checkpoint's manifest (model config, tokenizer, step)
 as JSON. With ``--optim`` it adds ``optim.<dtype>.exp_avg`` / ``.exp_avg_sq`` (the unpadded
-flat buffers, engine/flat.py order) and the step counts in the metadata. With --hf, OUT is a
+flat buffers, one process's engine/flat.py order) and the metadata's manifest has the step
+counts, ``optim {dtype: {step}}``, whatever the layout saved. With --hf, OUT is a
 directory with model.safetensors and config.json (models/hf.py) that
 ``transformers.GPT2LMHeadModel.from_pretrained`` and ``sample.py --hf`` open. Every shard's
 size and sha256 is verified first. Bad input: one line ``error: ...``, exit code 2.
@@ -51,6 +52,7 @@ def write(ckpt, out, hf=False, optim=False):
             tensors[f"optim.{dt}.exp_avg"], tensors[f"optim.{dt}.exp_avg_sq"] = o["m"], o["v"]
     meta = {k: v for k, v in manifest.items() if k not in SKIP}
     meta["format"] = CONSOLIDATED
+    meta["optim"] = {dt: {"step": o["step"]} for dt, o in moments.items()}   # a pipeline manifest keeps it per stage
     save_safetensors(out, tensors, metadata={"format": CONSOLIDATED, "manifest": json.dumps(meta)})
     return out
 
