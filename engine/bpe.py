@@ -115,10 +115,15 @@ class BPETokenizer:
             model = tok.get("model") if isinstance(tok, dict) else None
             if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
                 raise ValueError(f"{tok_path}: not a BPE tokenizer (model.type must be BPE, with a vocab)")
+            _check_gpt2_pipeline(tok, tok_path)
             merges = [_merge(m, tok_path) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
             added = tok.get("added_tokens") or []
             special = {t["content"]: int(t["id"]) for t in added if isinstance(t, dict) and "content" in t}
             return cls(_check_vocab(model["vocab"], tok_path), merges, special if added else None)
+        for have, lack in ((vocab_path, merges_path), (merges_path, vocab_path)):
+            if os.path.isfile(have):
+                raise ValueError(f"{directory} has {os.path.basename(have)} but no {os.path.basename(lack)} "
+                                 "(GPT-2's BPE needs both, or tokenizer.json)")
         return None
 
     def _bpe(self, word):
@@ -187,6 +192,25 @@ class BPETokenizer:
     def _decode_bytes(self, ids):
         text = "".join(self.decoder.get(i, "") for i in ids)
         return bytes(self.byte_decoder[c] for c in text if c in self.byte_decoder).decode("utf-8", errors="replace")
+
+
+def _check_gpt2_pipeline(tok, path):
+    """One-line ValueError unless tokenizer.json tokenizes as GPT-2: no normalizer, the
+    ByteLevel pre-tokenizer with GPT-2's pattern and no added prefix space (or none given),
+    no BPE dropout. Another pipeline (Llama 3's Split pattern, a prefix space) would give
+    other ids without a word."""
+    norm = tok.get("normalizer")
+    if norm is not None:
+        raise ValueError(f"{path}: normalizer {norm.get('type') if isinstance(norm, dict) else norm!r} is not "
+                         "GPT-2's tokenization (none)")
+    pre = tok.get("pre_tokenizer")
+    if pre is not None and not (isinstance(pre, dict) and pre.get("type") == "ByteLevel"
+                                and not pre.get("add_prefix_space", False) and pre.get("use_regex", True)):
+        what = pre.get("type") if isinstance(pre, dict) else pre
+        raise ValueError(f"{path}: pre_tokenizer {what!r} is not GPT-2's (ByteLevel with its pattern, "
+                         "add_prefix_space false)")
+    if tok["model"].get("dropout"):
+        raise ValueError(f"{path}: BPE dropout {tok['model']['dropout']} is not GPT-2's tokenization")
 
 
 def _merge(line, path):

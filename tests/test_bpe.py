@@ -42,15 +42,21 @@ def test_matches_hugging_face_tokenizers(tmp_path):
     ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(tmp_path / "vocab.json"),
                                                                str(tmp_path / "merges.txt")))
     ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.add_special_tokens(["<|endoftext|>"])                  # id 264, past the vocabulary
     ours = BPETokenizer.from_dir(str(tmp_path))
+    (tmp_path / "hf").mkdir()
+    ref.save(str(tmp_path / "hf" / "tokenizer.json"))
+    from_json = BPETokenizer.from_dir(str(tmp_path / "hf"))     # the tokenizer.json tokenizers writes
     for text in (TEXT, "in the cathedral the cat's in", " leading and trailing  "):
-        assert ours.encode(text) == ref.encode(text).ids, text
+        assert ours.encode(text) == ref.encode(text).ids == from_json.encode(text), text
+    assert from_json.encode("a<|endoftext|>") == ref.encode("a<|endoftext|>").ids == [vocab["a"], 264]
 
 
 def test_tokenizer_json(tmp_path):
     vocab = make_vocab()
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
-                                                                   "merges": [f"{a} {b}" for a, b in MERGES]}}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "model": {"type": "BPE", "vocab": vocab, "dropout": None, "merges": [f"{a} {b}" for a, b in MERGES]}}))
     tok = BPETokenizer.from_dir(str(tmp_path))
     assert tok.encode(" the cat") == [vocab["Ġthe"], vocab["Ġcat"]] and tok.decode(tok.encode(TEXT)) == TEXT
 
@@ -141,6 +147,15 @@ def test_tokenizer_json_added_tokens_are_special(tmp_path):
     ({"vocab.json": "[1, 2]", "merges.txt": "a b\n"}, "must map symbol strings to ids"),
     ({"vocab.json": '{"a": 0}', "merges.txt": "a b c\n"}, "is not two symbols"),
     ({"tokenizer.json": '{"model": {"type": "WordPiece", "vocab": {}}}'}, "not a BPE tokenizer"),
+    ({"vocab.json": '{"a": 0}'}, "has vocab.json but no merges.txt"),
+    ({"merges.txt": "a b\n"}, "has merges.txt but no vocab.json"),
+    ({"tokenizer.json": '{"normalizer": {"type": "NFC"}, "model": {"type": "BPE", "vocab": {}, "merges": []}}'},
+     "normalizer 'NFC' is not GPT-2's"),
+    ({"tokenizer.json": '{"pre_tokenizer": {"type": "Sequence", "pretokenizers": []}, '
+                        '"model": {"type": "BPE", "vocab": {}, "merges": []}}'}, "pre_tokenizer 'Sequence' is not"),
+    ({"tokenizer.json": '{"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": true}, '
+                        '"model": {"type": "BPE", "vocab": {}, "merges": []}}'}, "pre_tokenizer 'ByteLevel' is not"),
+    ({"tokenizer.json": '{"model": {"type": "BPE", "vocab": {}, "merges": [], "dropout": 0.1}}'}, "BPE dropout 0.1"),
 ])
 def test_bad_tokenizer_files_are_one_line(tmp_path, files, match):
     for name, text in files.items():
