@@ -131,7 +131,10 @@ def config_from_hf(hf):
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * hf.get("n_embd", 768)):
         raise ValueError(f"config.json n_inner {n_inner} != 4 * n_embd is not supported")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"config.json layer_norm_epsilon must be a number, got {eps!r}")
+    if abs(eps - 1e-5) > 1e-12:
         raise ValueError(f"config.json layer_norm_epsilon {hf['layer_norm_epsilon']} != 1e-5 is not supported")
     if hf.get("scale_attn_weights", True) is not True:
         raise ValueError(f"config.json scale_attn_weights={json.dumps(hf['scale_attn_weights'])} is not supported "
@@ -211,9 +214,10 @@ def _read_json(path):
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_hf(directory, rng=None):
+def load_hf(directory, rng=None, dtype=None):
     """A GPT with the weights of a Hugging Face GPT-2 directory (config.json + model.safetensors,
-    or model.safetensors.index.json and its shards), its parameters float32."""
+    or model.safetensors.index.json and its shards). Its parameters are ``dtype``; None:
+    float64 if the file's tensors all are (a float64 export of save_hf), else float32."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no such file (a Hugging Face GPT-2 directory has "
@@ -223,7 +227,11 @@ def load_hf(directory, rng=None):
         raise ValueError(f"{cfg_path}: not a JSON object")
     config = config_from_hf(hf)
     state = from_hf(read_hf_tensors(directory), config)
+    if dtype is None:
+        dtype = "float64" if all(a.dtype == np.float64 for a in state.values()) else "float32"
     model = GPT(config, rng=rng)
+    if np.dtype(dtype) != model.transformer.wte.weight.dtype:
+        model.astype(dtype)
     dtype = model.transformer.wte.weight.dtype
     model.load_state_dict({n: a.astype(dtype, copy=False) for n, a in state.items()})
     return model

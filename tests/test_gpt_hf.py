@@ -103,7 +103,7 @@ def test_transformers_checkpoint_loads(tmp_path):
     np.testing.assert_allclose(logits_of(ours, idx()), hf_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_load_hf_refuses_unscaled_attention(tmp_path):
+def test_load_hf_refuses_unscaled_attention_and_bad_fields(tmp_path):
     save_hf(GPT(GPTConfig(**CFG)), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["scale_attn_weights"] = False                       # GPT-2 variants without 1/sqrt(hs)
@@ -111,6 +111,10 @@ def test_load_hf_refuses_unscaled_attention(tmp_path):
     with pytest.raises(ValueError, match="scale_attn_weights=false is not supported") as e:
         load_hf(tmp_path)
     assert "\n" not in str(e.value)
+    cfg["scale_attn_weights"], cfg["layer_norm_epsilon"] = True, "1e-5"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="layer_norm_epsilon must be a number, got '1e-5'"):
+        load_hf(tmp_path)
 
 
 def test_float64_export_names_its_dtype(tmp_path):
@@ -123,6 +127,11 @@ def test_float64_export_names_its_dtype(tmp_path):
     assert cfg["dtype"] == cfg["torch_dtype"] == "float64"
     save_hf(GPT(GPTConfig(**CFG), rng=0), tmp_path / "f32")
     assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    loaded = load_hf(tmp_path)                              # read back as it was written
+    assert loaded.transformer.wte.weight.dtype == np.float64
+    np.testing.assert_array_equal(logits_of(loaded, idx()), logits_of(model, idx()))
+    assert load_hf(tmp_path, dtype="float32").transformer.wte.weight.dtype == np.float32
+    assert load_hf(tmp_path / "f32").transformer.wte.weight.dtype == np.float32
 
 
 def shard(tmp_path, model):
