@@ -30,3 +30,18 @@ def test_interleaved_pipeline_moments_consolidate_in_one_process_order(tmp_path)
     assert sorted(got) == sorted(want) and "optim.float64.exp_avg" in want
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-9, atol=1e-14, err_msg=name)
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
+    import consolidate
+    (tmp_path / "model.safetensors").write_bytes(b"someone's model")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    for argv, words in (([tmp_path / "model.safetensors"], "model.safetensors already exists; pass --overwrite"),
+                        ([tmp_path / "gpt2", "--hf"], "gpt2 already holds config.json; pass --overwrite")):
+        assert consolidate.main([str(tmp_path / "no-ckpt"), *map(str, argv)]) == 2    # refused before reading
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1
+    assert (tmp_path / "model.safetensors").read_bytes() == b"someone's model"
+    assert consolidate.main([str(tmp_path / "no-ckpt"), str(tmp_path / "model.safetensors"), "--overwrite"]) == 2
+    assert "no-ckpt" in capsys.readouterr().err               # with --overwrite it gets to the checkpoint
