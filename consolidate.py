@@ -8,13 +8,16 @@ Without --hf the file holds every parameter under this engine's names (the state
 models/gpt.py: ``GPT.load_state_dict`` takes it, ``sample.py --ckpt FILE`` samples from it)
 and, in its safetensors metadata, the checkpoint's manifest (model config, tokenizer, step)
 as JSON. With ``--optim`` it adds ``optim.<dtype>.exp_avg`` / ``.exp_avg_sq`` (the unpadded
-flat buffers, engine/flat.py order) and the step counts in the metadata. With --hf, OUT is a
+flat buffers, one process's engine/flat.py order) and the metadata's manifest has the step
+counts, ``optim {dtype: {step}}``, whatever the layout saved. With --hf, OUT is a
 directory with model.safetensors and config.json (models/hf.py) that
 ``transformers.GPT2LMHeadModel.from_pretrained`` and ``sample.py --hf`` open. Every shard's
-size and sha256 is verified first. Bad input: one line ``error: ...``, exit code 2.
+size and sha256 is verified first. An existing output is never replaced without
+``--overwrite``. Bad input: one line ``error: ...``, exit code 2.
 """
 import argparse
 import json
+import os
 import sys
 
 from engine.io import CheckpointError, save_safetensors
@@ -29,8 +32,24 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def write(ckpt, out, hf=False, optim=False):
-    """Consolidate ``ckpt`` into ``out`` (a .safetensors file, or with hf a directory)."""
+HF_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
+
+
+def refuse_overwrite(out, hf):
+    """ValueError (one line) if writing ``out`` would replace an existing file."""
+    if hf and os.path.isdir(out):
+        there = [f for f in HF_FILES if os.path.exists(os.path.join(out, f))]
+        if there:
+            raise ValueError(f"{out} already holds {there[0]}; pass --overwrite to replace it")
+    elif os.path.exists(out):
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def write(ckpt, out, hf=False, optim=False, overwrite=False):
+    """Consolidate ``ckpt`` into ``out`` (a .safetensors file, or with hf a directory); an
+    existing output is replaced only with ``overwrite``."""
+    if not overwrite:
+        refuse_overwrite(out, hf)
     params, moments, manifest = consolidate(ckpt, with_optim=True)
     if hf:
         from models.gpt import GPT, GPTConfig
@@ -51,6 +70,7 @@ def write(ckpt, out, hf=False, optim=False):
             tensors[f"optim.{dt}.exp_avg"], tensors[f"optim.{dt}.exp_avg_sq"] = o["m"], o["v"]
     meta = {k: v for k, v in manifest.items() if k not in SKIP}
     meta["format"] = CONSOLIDATED
+    meta["optim"] = {dt: {"step": o["step"]} for dt, o in moments.items()}   # a pipeline manifest keeps it per stage
     save_safetensors(out, tensors, metadata={"format": CONSOLIDATED, "manifest": json.dumps(meta)})
     return out
 
@@ -61,11 +81,12 @@ def main(argv=None):
     p.add_argument("out", help="output .safetensors file (with --hf: a directory)")
     p.add_argument("--hf", action="store_true", help="write a Hugging Face GPT-2 directory")
     p.add_argument("--optim", action="store_true", help="also write the AdamW moments")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (or --hf directory's files)")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
         if args.hf and args.optim:
             raise ValueError("--optim has no place in a Hugging Face directory")
-        out = write(args.ckpt, args.out, hf=args.hf, optim=args.optim)
+        out = write(args.ckpt, args.out, hf=args.hf, optim=args.optim, overwrite=args.overwrite)
     except (ValueError, OSError) as e:            # CheckpointError is a ValueError
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

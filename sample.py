@@ -15,11 +15,14 @@ likely tokens, ``--seed`` makes the samples reproducible. A Hugging Face directo
 (config.json + model.safetensors, read by models/hf.py ``load_hf``) is tokenized with its
 GPT-2 BPE files (vocab.json + merges.txt or tokenizer.json, engine/bpe.py); without them a
 vocabulary of 256 is read as bytes (a byte-level model exported by ``save_hf``), any other
-as token ids (``--prompt-ids``, output printed as ids). Bad input: one line ``error: ...``,
-exit code 2.
+as token ids (``--prompt-ids``, output printed as ids). Bad input (a temperature that is
+negative or not finite, text for a model that reads ids, --prompt with --prompt-ids): one
+line ``error: ...``, exit code 2. A prompt longer than the model's block_size is cropped to
+its last block_size tokens (a note on stderr says so).
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -43,10 +46,10 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", metavar="DIR", help="train.py out dir (follows latest) or a step_<N> dir")
     src.add_argument("--hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
     p.add_argument("--prompt-ids", default=None, help="the prompt as whitespace-separated token ids instead")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; finite, >= 0")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -105,26 +108,58 @@ def load(args):
     return model, bpe or (ByteTokenizer() if vocab == 256 else IdTokenizer(vocab))
 
 
+def check_args(args):
+    """One-line ValueError for a flag value that cannot mean anything."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("give the prompt as --prompt (text) or --prompt-ids (token ids), not both")
+
+
+def encode_prompt(args, model, tokenizer):
+    """The prompt's token ids (1-D), checked against the model's vocabulary."""
+    vocab = model.config.vocab_size
+    ids_only = isinstance(tokenizer, IdTokenizer)
+    if args.prompt_ids is not None:
+        prompt = IdTokenizer(vocab).encode(args.prompt_ids)
+    else:
+        try:
+            prompt = tokenizer.encode("\n" if args.prompt is None else args.prompt)
+        except DataError as e:
+            if not ids_only:
+                raise
+            raise ValueError(f"this model has no text tokenizer (token ids 0..{vocab - 1}): give the prompt as ids "
+                             f"with --prompt-ids, e.g. --prompt-ids \"0 1 2\" ({e})") from None
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty" + (" (this model reads token ids: give --prompt-ids)"
+                                                  if ids_only else ""))
+    if int(np.max(prompt)) >= vocab:
+        raise ValueError(f"prompt token {int(np.max(prompt))} >= vocab size {vocab}")
+    return prompt
+
+
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0 \
-                or (args.top_k is not None and args.top_k < 1):
-            raise ValueError("need max_new_tokens >= 0, num_samples >= 1, temperature >= 0, top_k >= 1")
+        check_args(args)
         backend.set_device(args.device)
         model, tokenizer = load(args)
-        if args.prompt_ids is not None:
-            prompt = IdTokenizer(model.config.vocab_size).encode(args.prompt_ids)
-        else:
-            prompt = tokenizer.encode(args.prompt)
-        if len(prompt) == 0:
-            raise ValueError("the prompt is empty" + (" (this model reads token ids: give --prompt-ids)"
-                                                      if isinstance(tokenizer, IdTokenizer) else ""))
-        if int(np.max(prompt)) >= model.config.vocab_size:
-            raise ValueError(f"prompt token {int(np.max(prompt))} >= vocab size {model.config.vocab_size}")
+        prompt = encode_prompt(args, model, tokenizer)
     except (ValueError, RuntimeError, DataError, CheckpointError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    bs = model.config.block_size
+    if len(prompt) > bs:
+        print(f"note: the prompt has {len(prompt)} tokens, more than the model's block_size {bs}: "
+              f"it sees only the last {bs}", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     idx = np.tile(np.asarray(prompt, dtype=np.int64)[None], (args.num_samples, 1))    # (S, T0)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, rng=rng)

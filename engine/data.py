@@ -10,17 +10,26 @@ Everything here is NumPy on the CPU; train.py moves each batch to the device.
   so training needs no download and no file outside the install.
 - ``load_dataset(path, tokenizer, val_fraction, block_size)``: a UTF-8 text file or a
   nanoGPT-style ``.bin`` of uint16 tokens, split into train and val (the last
-  ``val_fraction`` of the tokens is validation, as nanoGPT's prepare scripts do).
+  ``val_fraction`` of the tokens is validation, as nanoGPT's prepare scripts do). Beside a
+  ``.bin``, ``meta.json`` (or nanoGPT's ``meta.pkl``) gives ``vocab_size``, the character
+  table (``chars`` or ``itos``) and optionally ``"dtype": "uint32"``. ``meta.pkl`` is read
+  by an unpickler that imports nothing (``find_class`` refuses every global), so only
+  dicts, lists, tuples, strings and numbers come out of it. A uint32 file read as uint16
+  (every second uint16 zero, or ids past the vocabulary) is refused with a hint. What the
+  loader decided for the caller to print (val.bin used, so ``val_fraction`` does not
+  apply) is in ``Dataset.notes``.
 - ``Batcher``: random windows (x = tokens[i:i+T], y = tokens[i+1:i+T+1]) drawn by a seeded
   ``numpy.random.Generator``; its full state is JSON and goes into every checkpoint, so a
   resumed run draws exactly the batches the uninterrupted run would have drawn.
 
 Bad data raises ``DataError`` with one line naming the file and the sizes.
 """
+import io
 import json
 import os
+import pickle
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,7 +93,12 @@ class IdTokenizer:
         self.vocab_size = int(vocab_size)
 
     def encode(self, text):
-        ids = np.array([int(t) for t in text.split()], dtype=np.int64)
+        words = text.split()
+        bad = next((w for w in words if not (w.isascii() and w.lstrip("+-").isdigit())), None)
+        if bad is not None:
+            raise DataError(f"this tokenizer reads whitespace-separated token ids, not text: {bad[:20]!r} "
+                            "is not an integer")
+        ids = np.array([int(t) for t in words], dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise DataError(f"token ids must lie in [0, {self.vocab_size})")
         return ids
@@ -101,6 +115,8 @@ def _code_points(text):
 
 
 def tokenizer_from_json(d):
+    if not isinstance(d, dict):
+        raise DataError(f"a tokenizer is a JSON object with a type, got {type(d).__name__}")
     kind = d.get("type")
     if kind == "byte":
         return ByteTokenizer()
@@ -156,6 +172,7 @@ class Dataset:
     tokenizer: object
     vocab_size: int
     source: str                # file path, or "stdlib:<dir>"
+    notes: list = field(default_factory=list)   # one-line remarks for the caller to print (val.bin used, ...)
 
 
 def _read_text(path):
@@ -174,41 +191,122 @@ def _read_text(path):
 
 def _meta_chars(meta):
     """The character table of a meta.json: "chars" (a string), or nanoGPT's "itos"
-    (index -> character, as a list or an object with string keys); None if absent."""
+    (index -> character, as a list or an object with string keys, or int keys in meta.pkl);
+    None if absent."""
     if isinstance(meta.get("chars"), str):
         return meta["chars"]
     itos = meta.get("itos")
-    if isinstance(itos, list):
+    if isinstance(itos, list) and all(isinstance(c, str) for c in itos):
         return "".join(itos)
     if isinstance(itos, dict):
-        return "".join(itos.get(str(i), "") for i in range(len(itos)))
+        table = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in itos.items()}
+        if all(isinstance(table.get(i), str) for i in range(len(table))):
+            return "".join(table[i] for i in range(len(table)))
     return None
+
+
+META_PKL_MAX_BYTES = 64 * 2**20
+_PLAIN = (dict, list, tuple, str, int, float, bool, type(None))
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: every global (class, function) is refused, so nothing is
+    imported or called; dicts, lists, tuples, strings and numbers need no global."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id")
+
+
+def read_meta_pkl(path):
+    """nanoGPT's meta.pkl (a dict of vocab_size, itos, stoi) as plain data, never running code;
+    DataError with one line if it holds anything but dicts, lists, tuples, strings, numbers."""
+    hint = "write the same keys to meta.json instead"
+    size = os.path.getsize(path)
+    if size > META_PKL_MAX_BYTES:
+        raise DataError(f"{path} is {size} bytes, more than a vocabulary needs; not read ({hint})")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = _PlainUnpickler(io.BytesIO(raw)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            MemoryError, RecursionError) as e:
+        raise DataError(f"{path} is not plain pickled data ({type(e).__name__}: {' '.join(str(e).split())}); "
+                        f"only dicts, lists, strings and numbers are read ({hint})") from None
+    stack = [meta]
+    while stack:                                              # everything inside is plain data too
+        x = stack.pop()
+        if not isinstance(x, _PLAIN):
+            raise DataError(f"{path} holds a {type(x).__name__}; only dicts, lists, strings and numbers are "
+                            f"read ({hint})")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a {type(meta).__name__}, not a dict of vocab_size, itos, stoi")
+    return meta
+
+
+def read_meta(bin_path):
+    """(path, dict) of the meta.json, else the meta.pkl, beside a .bin; (None, {}) if neither."""
+    here = os.path.dirname(os.path.abspath(bin_path))
+    meta_path = os.path.join(here, "meta.json")
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {meta_path}: {' '.join(str(e).split())}") from None
+        return meta_path, meta
+    pkl_path = os.path.join(here, "meta.pkl")
+    if os.path.exists(pkl_path):
+        return pkl_path, read_meta_pkl(pkl_path)
+    return None, {}
+
+
+_BIN_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
+UINT32_HINT = 'if it holds uint32 tokens, say so with "dtype": "uint32" in meta.json'
 
 
 def _read_bin(path, vocab_size):
     size = os.path.getsize(path)
     if size == 0:
         raise DataError(f"data file {path} is empty (0 bytes)")
-    if size % 2:
-        raise DataError(f"token file {path} has an odd size ({size} bytes); a .bin file holds uint16 tokens")
-    tokens = np.fromfile(path, dtype="<u2").astype(np.uint16)
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
-    chars = None
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {meta_path}: {e}") from None
-        vocab_size = vocab_size or meta.get("vocab_size")
-        chars = _meta_chars(meta)
+    meta_path, meta = read_meta(path)
+    meta_vocab = meta.get("vocab_size")
+    if meta_vocab is not None and (isinstance(meta_vocab, bool) or not isinstance(meta_vocab, int) or meta_vocab <= 0):
+        raise DataError(f"{meta_path}: vocab_size must be a positive integer, got {meta_vocab!r}")
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in _BIN_DTYPES:
+        raise DataError(f"{meta_path}: dtype {dtype!r} is not one of {', '.join(_BIN_DTYPES)}")
+    width = np.dtype(_BIN_DTYPES[dtype]).itemsize
+    if size % width:
+        raise DataError(f"token file {path} has {'an odd size' if width == 2 else 'a size not a multiple of 4'} "
+                        f"({size} bytes); a .bin file holds {dtype} tokens")
+    tokens = np.fromfile(path, dtype=_BIN_DTYPES[dtype])
+    if dtype == "uint16":
+        tokens = tokens.astype(np.uint16)
+        if len(tokens) >= 16 and not tokens[1::2].any() and tokens[0::2].any():
+            raise DataError(f"token file {path} looks like uint32 tokens read as uint16 (every second uint16 "
+                            f"is 0); {UINT32_HINT}")
+    elif tokens.size and tokens.max() >= 2**31:
+        raise DataError(f"token file {path} holds token id {int(tokens.max())} >= 2^31")
+    else:
+        tokens = tokens.astype(np.uint16 if not tokens.size or tokens.max() < 2**16 else np.int32)
+    vocab_size = vocab_size or meta_vocab
+    chars = _meta_chars(meta) if meta else None
     if not vocab_size:
         raise DataError(f"token file {path}: give --vocab-size or a meta.json with vocab_size beside it")
     vocab_size = int(vocab_size)
     if tokens.max() >= vocab_size:
-        raise DataError(f"token file {path} holds token id {int(tokens.max())} >= vocab size {vocab_size}")
+        hint = f" ({UINT32_HINT})" if dtype == "uint16" and size % 4 == 0 else ""
+        raise DataError(f"token file {path} holds token id {int(tokens.max())} >= vocab size {vocab_size}{hint}")
     if chars is not None and len(chars) == vocab_size and len(set(chars)) == vocab_size \
             and "".join(sorted(chars)) == chars:
         tok = CharTokenizer(chars)
@@ -221,13 +319,14 @@ def load_dataset(path=None, tokenizer="byte", val_fraction=0.1, block_size=None,
     """Tokenised train/val splits of ``path`` (or of the default corpus when None).
 
     ``.bin`` files are nanoGPT-style uint16 tokens; a sibling ``val.bin`` next to a
-    ``train.bin`` is used as the validation split. ``block_size`` (if given) checks that
+    ``train.bin`` is used as the validation split (``val_fraction`` is then unused, which
+    ``Dataset.notes`` says). ``block_size`` (if given) checks that
     each split holds at least one window plus its target (block_size + 1 tokens)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     if tokenizer not in ("byte", "char"):
         raise DataError(f"tokenizer must be 'byte' or 'char', got {tokenizer!r}")
-    val = None
+    val, notes = None, []
     if path is None:
         text = default_corpus()
         source = "stdlib:" + sysconfig.get_paths()["stdlib"]
@@ -242,6 +341,8 @@ def load_dataset(path=None, tokenizer="byte", val_fraction=0.1, block_size=None,
         sibling = os.path.join(os.path.dirname(path), "val.bin")
         if os.path.basename(path) == "train.bin" and os.path.exists(sibling):
             val, _, _ = _read_bin(sibling, vocab)
+            notes.append(f"validation split: {sibling} ({len(val)} tokens); val_fraction {val_fraction} "
+                         "does not apply")
     else:
         if path is not None:
             text = _read_text(path)
@@ -254,7 +355,7 @@ def load_dataset(path=None, tokenizer="byte", val_fraction=0.1, block_size=None,
     if len(tokens) < need or len(val) < need:
         raise DataError(f"data {source} is too short: {len(tokens)} train + {len(val)} val tokens, "
                         f"each split needs at least block_size+1 = {need}")
-    return Dataset(np.ascontiguousarray(tokens), np.ascontiguousarray(val), tok, vocab, source)
+    return Dataset(np.ascontiguousarray(tokens), np.ascontiguousarray(val), tok, vocab, source, notes)
 
 
 # ---------------------------------------------------------------------------- batches

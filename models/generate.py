@@ -76,8 +76,11 @@ def sample(logits, temperature, top_k, rng):
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True):
     """GPT.generate: idx (B, T) or (T,) token ids -> the same with max_new_tokens appended."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)

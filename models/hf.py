@@ -11,7 +11,12 @@ Sparse models (GPTConfig.ffn_sparsity or qkv_modules > 0, Jaszczur et al. 2021) 
 GPT-2 counterpart: save_hf and expected_shapes refuse them with a one-line ValueError.
 Reading also accepts the original OpenAI-converted files, whose names lack the
 ``transformer.`` prefix and which carry the causal-mask buffers ``attn.bias`` and
-``attn.masked_bias`` (not parameters: ignored).
+``attn.masked_bias`` (not parameters: ignored), and sharded directories
+(``model.safetensors.index.json`` naming the shard file of every tensor, as
+``save_pretrained(max_shard_size=...)`` writes). ``pytorch_model.bin`` (a pickle) is never
+read. Configurations our GPT computes differently are refused with a one-line ValueError
+(``scale_attn_weights=false``: attention logits not divided by sqrt(head size); other
+activations, epsilons, inner widths, untied output layers, cross-attention).
 """
 import json
 import os
@@ -89,8 +94,9 @@ def from_hf(hf_state_dict, config):
     return {n: out[n] for n in expected}               # in registration order
 
 
-def hf_config(config):
-    """The GPT2Config fields (config.json) for one of our configs."""
+def hf_config(config, dtype="float32"):
+    """The GPT2Config fields (config.json) for one of our configs whose parameters are ``dtype``
+    (``dtype`` is the field transformers 5 reads, ``torch_dtype`` the older name)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -111,7 +117,7 @@ def hf_config(config):
         "tie_word_embeddings": True,
         "bos_token_id": None, "eos_token_id": None,    # byte/char vocabularies have none
         "use_cache": True,
-        "torch_dtype": "float32",
+        "dtype": str(dtype), "torch_dtype": str(dtype),
     }
 
 
@@ -125,8 +131,14 @@ def config_from_hf(hf):
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * hf.get("n_embd", 768)):
         raise ValueError(f"config.json n_inner {n_inner} != 4 * n_embd is not supported")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"config.json layer_norm_epsilon must be a number, got {eps!r}")
+    if abs(eps - 1e-5) > 1e-12:
         raise ValueError(f"config.json layer_norm_epsilon {hf['layer_norm_epsilon']} != 1e-5 is not supported")
+    if hf.get("scale_attn_weights", True) is not True:
+        raise ValueError(f"config.json scale_attn_weights={json.dumps(hf['scale_attn_weights'])} is not supported "
+                         "(our attention always divides the logits by sqrt(head size))")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise ValueError(f"config.json {flag}=true is not supported")
@@ -143,28 +155,83 @@ def save_hf(model, directory):
     if not model.config.bias:
         raise ValueError("GPT-2's layout has biases: a model with bias=False cannot be saved as Hugging Face GPT-2")
     os.makedirs(directory, exist_ok=True)
-    save_safetensors(os.path.join(directory, "model.safetensors"), to_hf(model.state_dict()),
-                     metadata={"format": "pt"})
-    atomic_write_json(os.path.join(directory, "config.json"), hf_config(model.config))
+    tensors = to_hf(model.state_dict())
+    dtypes = sorted({str(a.dtype) for a in tensors.values()})
+    if len(dtypes) != 1:
+        raise ValueError(f"a Hugging Face config.json names one dtype; the model has {'+'.join(dtypes)} parameters")
+    save_safetensors(os.path.join(directory, "model.safetensors"), tensors, metadata={"format": "pt"})
+    atomic_write_json(os.path.join(directory, "config.json"), hf_config(model.config, dtypes[0]))
 
 
-def load_hf(directory, rng=None):
-    """A GPT with the weights of a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
-    cfg_path = os.path.join(directory, "config.json")
-    st_path = os.path.join(directory, "model.safetensors")
-    for path in (cfg_path, st_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (a Hugging Face GPT-2 directory has "
-                                    f"config.json and model.safetensors)")
-    with open(cfg_path) as f:
+INDEX = "model.safetensors.index.json"
+
+
+def read_hf_tensors(directory):
+    """{name: array} of a Hugging Face directory's weights: model.safetensors, or the shards
+    that model.safetensors.index.json maps every tensor to; one-line error otherwise."""
+    st_path, index_path = os.path.join(directory, "model.safetensors"), os.path.join(directory, INDEX)
+    if os.path.isfile(st_path):
+        return load_safetensors(st_path)[0]
+    if not os.path.isfile(index_path):
+        pickled = os.path.isfile(os.path.join(directory, "pytorch_model.bin"))
+        raise FileNotFoundError(f"{st_path}: no such file (a Hugging Face GPT-2 directory has config.json and "
+                                f"model.safetensors or {INDEX})"
+                                + ("; pytorch_model.bin is a pickle and is not read: convert it to safetensors"
+                                   if pickled else ""))
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index_path}: no weight_map of tensor name -> shard file")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:                                   # every file named and present before any read
+        if os.path.basename(shard) != shard or shard in (".", ".."):
+            raise ValueError(f"{index_path}: shard {shard!r} is not a file name in {directory}")
+        if not os.path.isfile(os.path.join(directory, shard)):
+            raise FileNotFoundError(f"{os.path.join(directory, shard)}: no such file ({INDEX} maps tensors to it)")
+    tensors = {}
+    for shard in shards:
+        path = os.path.join(directory, shard)
+        for name, a in load_safetensors(path)[0].items():
+            where = weight_map.get(name)
+            if where is None:
+                raise ValueError(f"{path} holds {name!r}, which {INDEX} does not list")
+            if where != shard:
+                raise ValueError(f"{path} holds {name!r}, which {INDEX} maps to {where}")
+            tensors[name] = a
+    missing = [n for n in weight_map if n not in tensors]
+    if missing:
+        raise ValueError(f"{os.path.join(directory, weight_map[missing[0]])} lacks {missing[0]!r} "
+                         f"that {INDEX} maps to it" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return tensors
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
         try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_hf(directory, rng=None, dtype=None):
+    """A GPT with the weights of a Hugging Face GPT-2 directory (config.json + model.safetensors,
+    or model.safetensors.index.json and its shards). Its parameters are ``dtype``; None:
+    float64 if the file's tensors all are (a float64 export of save_hf), else float32."""
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: no such file (a Hugging Face GPT-2 directory has "
+                                f"config.json and model.safetensors)")
+    hf = _read_json(cfg_path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
     config = config_from_hf(hf)
-    tensors, _ = load_safetensors(st_path)
-    state = from_hf(tensors, config)
+    state = from_hf(read_hf_tensors(directory), config)
+    if dtype is None:
+        dtype = "float64" if all(a.dtype == np.float64 for a in state.values()) else "float32"
     model = GPT(config, rng=rng)
+    if np.dtype(dtype) != model.transformer.wte.weight.dtype:
+        model.astype(dtype)
     dtype = model.transformer.wte.weight.dtype
     model.load_state_dict({n: a.astype(dtype, copy=False) for n, a in state.items()})
     return model

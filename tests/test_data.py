@@ -132,3 +132,98 @@ def test_batcher_windows_reproducible_and_state_round_trip():
     # every window start is drawn, including the last one (len - T - 1)
     small = Batcher(np.arange(18, dtype=np.uint16), 64, 16, seed=0)
     assert set(small.next()[0][:, 0]) == {0, 1}
+
+
+def nanogpt_char_dir(tmp_path, n_train=300, n_val=40):
+    """What nanoGPT's data/shakespeare_char/prepare.py writes: train.bin, val.bin (uint16) and
+    meta.pkl = {vocab_size, itos {int: char}, stoi {char: int}}."""
+    import pickle
+    chars = "".join(chr(ord("a") + i) for i in range(20))
+    itos = dict(enumerate(chars))
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": {c: i for i, c in itos.items()}}, f)
+    (np.arange(n_train) % 20).astype(np.uint16).tofile(tmp_path / "train.bin")
+    (np.arange(n_val) % 20).astype(np.uint16).tofile(tmp_path / "val.bin")
+    return chars
+
+
+def test_nanogpt_meta_pkl_gives_the_vocabulary(tmp_path):
+    chars = nanogpt_char_dir(tmp_path)
+    d = load_dataset(str(tmp_path / "train.bin"), block_size=8)
+    assert d.vocab_size == 20 and isinstance(d.tokenizer, CharTokenizer) and d.tokenizer.chars == chars
+    assert d.tokenizer.decode(d.val[:3]) == "abc"
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 25}))      # meta.json wins
+    assert load_dataset(str(tmp_path / "train.bin"), block_size=8).vocab_size == 25
+
+
+def test_meta_pkl_never_runs_code(tmp_path):
+    import copyreg
+    import pickle
+    import pickletools
+    nanogpt_char_dir(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    copyreg.add_extension(open.__module__, "open", 0x7ff0)        # registered while loading, too
+    try:
+        payloads = [pickle.dumps({"vocab_size": 20, "x": Evil()}, protocol=p) for p in (0, 2, 4)]
+        assert any(op.name.startswith("EXT") for op, _, _ in pickletools.genops(payloads[1]))   # via copyreg
+        payloads.append(pickle.dumps({"vocab_size": 20, "s": {1, 2}}))         # a set needs no global
+        payloads.append(pickle.dumps([1, 2]))
+        payloads.append(b"\x80\x04garbage")
+        for raw in payloads:
+            (tmp_path / "meta.pkl").write_bytes(raw)
+            with pytest.raises(DataError, match="meta.pkl") as e:
+                load_dataset(str(tmp_path / "train.bin"), block_size=8)
+            assert "\n" not in str(e.value) and not marker.exists()
+            if raw in payloads[:3]:
+                assert "io.open" in str(e.value)                                 # find_class refused it
+    finally:
+        copyreg.remove_extension(open.__module__, "open", 0x7ff0)
+
+
+def test_uint32_bin_read_as_uint16_is_refused_with_a_hint(tmp_path):
+    tokens = (np.arange(1000) % 50).astype("<u4")
+    tokens.tofile(tmp_path / "data.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50}))
+    with pytest.raises(DataError, match=r'every second uint16 is 0.*"dtype": "uint32"') as e:
+        load_dataset(str(tmp_path / "data.bin"), block_size=8)
+    assert "\n" not in str(e.value)
+    big = (np.arange(1000) * 97 % 60000 + 70000).astype("<u4")                 # ids above 65535
+    big.tofile(tmp_path / "big.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50304}))
+    with pytest.raises(DataError, match=r'>= vocab size 50304 \(if it holds uint32 tokens'):
+        load_dataset(str(tmp_path / "big.bin"), block_size=8)
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50, "dtype": "uint32"}))   # declared: read right
+    d = load_dataset(str(tmp_path / "data.bin"), block_size=8)
+    assert np.array_equal(np.concatenate([d.train, d.val]), tokens) and d.train.dtype == np.uint16
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 140000, "dtype": "uint32"}))
+    d = load_dataset(str(tmp_path / "big.bin"), block_size=8)
+    assert np.array_equal(np.concatenate([d.train, d.val]), big) and d.train.dtype == np.int32
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50, "dtype": "int8"}))
+    with pytest.raises(DataError, match="dtype 'int8' is not one of uint16, uint32"):
+        load_dataset(str(tmp_path / "data.bin"), block_size=8)
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": "50"}))
+    with pytest.raises(DataError, match="vocab_size must be a positive integer, got '50'"):
+        load_dataset(str(tmp_path / "data.bin"), block_size=8)
+
+
+def test_val_bin_makes_val_fraction_a_note(tmp_path):
+    nanogpt_char_dir(tmp_path)
+    d = load_dataset(str(tmp_path / "train.bin"), val_fraction=0.3, block_size=8)
+    assert (len(d.train), len(d.val)) == (300, 40)
+    assert len(d.notes) == 1 and "val.bin" in d.notes[0] and "val_fraction 0.3 does not apply" in d.notes[0]
+    (tmp_path / "val.bin").unlink()
+    d = load_dataset(str(tmp_path / "train.bin"), val_fraction=0.3, block_size=8)
+    assert (len(d.train), len(d.val)) == (210, 90) and d.notes == []
+
+
+def test_id_tokenizer_refuses_text_in_one_line():
+    with pytest.raises(DataError, match="reads whitespace-separated token ids, not text: 'hello'") as e:
+        IdTokenizer(10).encode("1 hello 2")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="a tokenizer is a JSON object"):
+        tokenizer_from_json("byte")

@@ -47,6 +47,7 @@ Hugging Face directory.
 """
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -242,6 +243,19 @@ def load_sharded(path, comm, flat, verify=True, group=None, stage=None):
     return state, manifest, per_rank[r] if isinstance(per_rank, list) and len(per_rank) == N else None
 
 
+def _one_process_order(saved):
+    """The names of ``saved`` (listed stage by stage) in one process's order. The interleaved
+    schedule gives a stage the blocks of several chunks (pp = 2, v = 2: stage 0 holds h.0 and
+    h.2), so blocks sort by layer; what precedes the first block (wte, wpe) stays first, what
+    follows it elsewhere (ln_f) last. Without pipeline stages this is the saved order."""
+    key, seen_block = {}, False
+    for pos, name in enumerate(saved):
+        m = re.match(r"transformer\.h\.(\d+)\.", name)
+        seen_block = seen_block or m is not None
+        key[name] = (1, int(m.group(1)), pos) if m else (2 if seen_block else 0, 0, pos)
+    return sorted(saved, key=key.__getitem__)
+
+
 def consolidate(path, with_optim=False, verify=True):
     """The full parameters of a sharded checkpoint, {name: array of its shape} in layout order,
     read on one process (no MPI); with_optim: also ({dt: {"m", "v", "step"}} of the unpadded
@@ -249,8 +263,9 @@ def consolidate(path, with_optim=False, verify=True):
     parameters, wte once. Every shard's size and sha256 is checked."""
     step_dir, manifest = read_sharded_manifest(path)
     saved = saved_index(manifest, step_dir)
-    index, ends = {}, {}                                      # one process's layout: stage order, by name
-    for name, (dt, _, n, shape, _) in saved.items():
+    index, ends = {}, {}                                      # one process's layout, by name
+    for name in _one_process_order(saved):
+        dt, _, n, shape, _ = saved[name]
         index[name] = (dt, ends.get(dt, 0), n, shape)
         ends[dt] = ends.get(dt, 0) + n
     cache, params, optim = {}, {}, {}
