@@ -27,21 +27,14 @@ gradients are reduced, so the losses equal one process's, dropout and the sparse
 noise included (tests/test_ddp_train.py, test_sp_train.py, test_pp_train.py). This file keeps
 the flags, the loop, logging, metrics, checkpoints and the start-up checks.
 
-Only rank 0 prints and writes metrics; its log line gives totals: tokens/s over all ranks,
-the largest per-rank peak memory, MFU (Chowdhery et al. 2022, PaLM appendix B; nanoGPT's
-estimate_mfu: flops_per_token * tokens/s / peak FLOP/s, the peak measured at start-up by
-timing a square matmul in the training dtype) against N times the per-process peak. Peak
-memory comes from tracemalloc (``MemoryTracer``). ``--metrics FILE`` writes the same as JSON
-lines, plus ``val_loss`` on evaluation steps. ``--comm-timeout`` (default 300 s with several
-ranks) arms the collectives' watchdog (collectives/debug.py): a rank that stops arriving is
-named and the job aborted instead of hanging. ``--trace FILE.json`` writes a Chrome trace of
-the run's second step (parallel/trace.py).
-
-Checkpoints are sharded (parallel/checkpoint/: each rank writes the parameters and AdamW
-state it owns, rank 0 the manifest), atomic, checksummed, and resume at any layout;
-``python consolidate.py`` makes one file. The noise generator is counter-based
-(engine/random.py), so a checkpoint needs only the step and the data position to resume
-bitwise.
+Only rank 0 prints and writes metrics (``--metrics FILE``: JSON lines, plus ``val_loss`` on
+evaluation steps); its log line gives totals over the ranks: tokens/s, the largest peak
+memory (tracemalloc, ``MemoryTracer``), MFU (Chowdhery et al. 2022, PaLM appendix B:
+flops_per_token * tokens/s / peak FLOP/s, the peak timed at start-up). ``--comm-timeout``
+arms the collectives' watchdog (collectives/debug.py); ``--trace FILE.json`` writes a Chrome
+trace of the second step (parallel/trace.py). Checkpoints are sharded (parallel/checkpoint/),
+atomic, checksummed and resume at any layout (``python consolidate.py`` makes one file); the
+noise is counter-based (engine/random.py), so the step and the data position resume it.
 
 Bad input (a missing, empty or binary data file, data shorter than one block, an impossible
 config or layout, an unknown TOML key, a corrupt or mismatched checkpoint) prints one line
@@ -59,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from collectives import Mesh, MeshError
+from collectives.launch import env_rank, env_world
 from engine import backend
 from engine.checkpoint import list_checkpoints
 from engine.config import ConfigError, build, parse_values
@@ -68,7 +62,7 @@ from engine.optim import cosine_lr
 from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPTConfig
 from parallel import LayoutError, ParallelConfig, build_step, check_layout, open_checkpoint
-from parallel.trace import Tracer, write_chrome_trace
+from parallel.trace import Tracer, mesh_labels, write_chrome_trace
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
 
@@ -162,19 +156,6 @@ def parse_configs(argv):
 
 
 # ---------------------------------------------------------------------------- set-up
-def env_rank():
-    """This process's world rank from the launcher's environment (0 without mpiexec), known
-    before MPI starts: bad configuration is reported by rank 0 only."""
-    for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if os.environ.get(k, "").isdigit():
-            return int(os.environ[k])
-    return 0
-
-
-def env_world():
-    return max(int(os.environ.get(k, "1")) for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-
-
 class Run:
     """Everything a training run holds: configs, data, the Step (parallel/step.py), the batcher."""
 
@@ -298,11 +279,6 @@ def banner(run, peak, tracer):
         say(f"resumed from {run.resumed_from} at step {run.step}")
 
 
-def trace_labels(mesh):
-    return [f"rank {r} (" + ", ".join(f"{a} {c}" for a, c in mesh.coords_of(r).items() if mesh.shape[a] > 1)
-            + ")" if mesh.world.size > 1 else "rank 0" for r in range(mesh.world.size)]
-
-
 def train(run, tracer):
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
     say = print if run.is_main else (lambda *a, **k: None)
@@ -342,7 +318,7 @@ def train(run, tracer):
                     f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | "
                     f"mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
             if step == trace_step:                       # gathered over the world, rank 0 writes
-                write_chrome_trace(cfg.trace, run.stepper.tracer, run.mesh.world, trace_labels(run.mesh))
+                write_chrome_trace(cfg.trace, run.stepper.tracer, run.mesh.world, mesh_labels(run.mesh))
                 run.stepper.tracer = None
                 say(f"step {step:5d} | trace {cfg.trace}", flush=True)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:

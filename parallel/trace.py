@@ -83,3 +83,11 @@ def write_chrome_trace(path, tracer, comm, labels=None):
     if comm.rank == 0:
         atomic_write_text(path, json.dumps({"traceEvents": chrome_events(per_rank, labels), "displayTimeUnit": "ms"}))
     return per_rank
+
+
+def mesh_labels(mesh):
+    """One row label per world rank: its coordinates on the axes larger than 1."""
+    if mesh.world.size == 1:
+        return ["rank 0"]
+    return [f"rank {r} (" + ", ".join(f"{a} {c}" for a, c in mesh.coords_of(r).items() if mesh.shape[a] > 1) + ")"
+            for r in range(mesh.world.size)]
