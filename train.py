@@ -15,31 +15,15 @@
     python train.py --help                             # every flag, generated from the dataclasses below
     python sample.py --ckpt out --prompt "def "        # sample from the latest checkpoint
 
-One source of truth: the dataclasses ``GPTConfig`` (models/gpt.py), ``ParallelConfig``
-(parallel/config.py) and ``TrainConfig`` (below) generate the command-line flags (field
-``max_steps`` -> ``--max-steps``); ``--config FILE.toml`` supplies the same fields (flat keys,
-or tables [model] [parallel] [train]); flags override it.
-
-Every layout trains the model one process trains: ``--batch-size`` is the GLOBAL batch, every
-rank draws the same windows from one seeded Batcher, and parallel/step.py ``build_step``
-(the one place that composes dp, ZeRO, sp and pp) says which rank computes what and how the
-gradients are reduced, so the losses equal one process's, dropout and the sparse layers'
-noise included (tests/test_ddp_train.py, test_sp_train.py, test_pp_train.py). This file keeps
-the flags, the loop, logging, metrics, checkpoints and the start-up checks.
-
-Only rank 0 prints and writes metrics (``--metrics FILE``: JSON lines, plus ``val_loss`` on
-evaluation steps); its log line gives totals over the ranks: tokens/s, the largest peak
-memory (tracemalloc, ``MemoryTracer``), MFU (Chowdhery et al. 2022, PaLM appendix B:
-flops_per_token * tokens/s / peak FLOP/s, the peak timed at start-up). ``--comm-timeout``
-arms the collectives' watchdog (collectives/debug.py); ``--trace FILE.json`` writes a Chrome
-trace of the second step (parallel/trace.py). Checkpoints are sharded (parallel/checkpoint/),
-atomic, checksummed and resume at any layout (``python consolidate.py`` makes one file); the
-noise is counter-based (engine/random.py), so the step and the data position resume it.
-
-Bad input (a missing, empty or binary data file, data shorter than one block, an impossible
-config or layout, an unknown TOML key, a corrupt or mismatched checkpoint) prints one line
-``error: ...`` on stderr and exits with code 2 before anything is written. A NaN or inf loss
-stops the run naming the step (exit code 1); the last checkpoint is untouched.
+Flags come from the dataclasses GPTConfig (models/gpt.py), ParallelConfig (parallel/config.py)
+and TrainConfig (below); ``--config FILE.toml`` supplies the same fields, flags override it.
+``--batch-size`` is the GLOBAL batch: every layout trains the model one process trains,
+composed by parallel/step.py ``build_step`` (tests: test_ddp_train, test_sp_train,
+test_pp_train, test_noise_layouts). This file keeps the flags, the start-up checks, the loop,
+logging (rank 0; totals over the ranks; MFU as PaLM's appendix B), metrics (``--metrics``,
+JSON lines) and checkpoints (parallel/checkpoint/: sharded, atomic, resumable at any layout).
+Bad input prints one line ``error: ...`` and exits 2 before anything is written; a NaN or
+inf loss stops the run naming the step (exit 1), the last checkpoint untouched.
 """
 import json
 import math
