@@ -208,17 +208,33 @@ class Function:
     def backward(self, grad):
         raise NotImplementedError
 
+    has_aux = False             # forward returns (array, extra): extra is not differentiated
+
     @classmethod
     def apply(cls, *inputs, **options):
+        return cls.apply_aux(*inputs, **options)[0] if cls.has_aux else cls._apply(inputs, options)[0]
+
+    @classmethod
+    def apply_aux(cls, *inputs, **options):
+        """(output Tensor, extra) for a Function whose forward returns (array, extra), e.g.
+        attention and its log-sum-exp."""
+        if not cls.has_aux:
+            raise TypeError(f"{cls.__name__}.forward returns one array; use apply")
+        return cls._apply(inputs, options)
+
+    @classmethod
+    def _apply(cls, inputs, options):
         tensors = tuple(t if isinstance(t, Tensor) else Tensor(t) for t in inputs)
         fn = cls()
         fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        out = Tensor(fn.forward(*(t.data for t in tensors), **options))
+        result = fn.forward(*(t.data for t in tensors), **options)
+        data, extra = result if cls.has_aux else (result, None)
+        out = Tensor(data)
         if _GRAD_ENABLED and any(fn.needs_input_grad):
             fn.parents = tensors
             out.requires_grad = True
             out._fn = fn
-        return out
+        return out, extra
 
 
 def unbroadcast(grad, shape):

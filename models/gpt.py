@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine import backend, ops
-from engine.autograd import Function, Tensor
+from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.random import SITES, CounterRNG
 from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
-from engine.ops.attention import Attention as _Attention, attention_forward
+from engine.ops.attention import attention_bwd, attention_forward, attention_fwd
 
 from .generate import generate as _generate
 from .sparse_ffn import SparseFFN
@@ -123,26 +123,24 @@ class HeadsAttention(Function):
 
         qkv (B, T, 3C) -> q, k, v (B, nh, T, hs) -> softmax(q k^T / sqrt(hs) + mask) v -> y (B, T, C)
 
-    The head views of q, k and v are strided views of qkv (no copy); the kernel is
-    engine.ops.attention's. Forward copies once (the heads merged back, (B, T, nh, hs)), and
-    backward writes dq, dk, dv straight into one (B, T, 3C) gradient: the split, the four
-    transposes and the two reshapes as separate ops would cost three zero-filled gradients,
-    their sums and two more copies."""
+    The head views of q, k and v are strided views of qkv (no copy); the kernels are
+    engine.ops.attention's (attention_fwd / attention_bwd). Forward copies once (the heads
+    merged back, (B, T, nh, hs)), and backward writes dq, dk, dv straight into one (B, T, 3C)
+    gradient: the split, the four transposes and the two reshapes as separate ops would cost
+    three zero-filled gradients, their sums and two more copies."""
 
     def forward(self, qkv, n_head=1):
         B, T, C3 = qkv.shape
         self.nh, self.hs = n_head, C3 // 3 // n_head
         heads = qkv.reshape(B, T, 3, n_head, self.hs)          # (B, T, 3, nh, hs) view
         q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (B, nh, T, hs) views
-        self.attn = _Attention()
-        self.attn.needs_input_grad = (any(self.needs_input_grad),) * 3
-        y = self.attn.forward(q, k, v, causal=True)            # (B, nh, T, hs)
-        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # (B, T, nh, hs) -> (B, T, C)
+        y, _, self.state = attention_fwd(q, k, v, causal=True, keep_probs=is_grad_enabled() and any(self.needs_input_grad))
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
 
     def backward(self, g):
         B, T, C = g.shape
         dy = g.reshape(B, T, self.nh, self.hs).transpose(0, 2, 1, 3)   # (B, nh, T, hs) view
-        grads = self.attn.backward(dy)                          # dq, dk, dv (B, nh, T, hs)
+        grads = attention_bwd(self.state, dy)                   # dq, dk, dv (B, nh, T, hs)
         dqkv = backend.get_array_module(g).empty((B, T, 3, self.nh, self.hs), dtype=g.dtype)
         for i, d in enumerate(grads):
             dqkv[:, :, i] = d.transpose(0, 2, 1, 3)             # (B, T, nh, hs) slot of (B, T, 3, nh, hs)

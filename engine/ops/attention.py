@@ -174,41 +174,61 @@ def merge_attention(o1, lse1, o2, lse2):
     return o, lse
 
 
+class AttentionState:
+    """What the backward of one attention call needs: the inputs, O and LSE, the options, and
+    on the single-block path the probabilities P (rows above i0 see no key)."""
+    __slots__ = ("q", "k", "v", "o", "lse", "opts", "block_size", "p", "i0")
+
+    def __init__(self, q, k, v, o, lse, opts, block_size, p=None, i0=0):
+        self.q, self.k, self.v, self.o, self.lse = q, k, v, o, lse
+        self.opts, self.block_size, self.p, self.i0 = opts, block_size, p, i0
+
+
+def attention_fwd(q, k, v, causal=True, scale=None, q_offset=0, k_offset=0, block_size=256, keep_probs=False):
+    """The forward kernel with its state: (o (B, H, Tq, D), lse (B, H, Tq), AttentionState).
+    When all keys fit in one block it takes the dense path and, with ``keep_probs``, keeps P
+    so that ``attention_bwd`` needs no recomputation."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    opts = dict(causal=causal, scale=scale, q_offset=q_offset, k_offset=k_offset)
+    if k.shape[2] <= block_size:                           # single block
+        o, lse, p, i0 = _dense(q, k, v, scale, causal, q_offset, k_offset)
+        return o, lse, AttentionState(q, k, v, o, lse, opts, block_size, p if keep_probs else None, i0)
+    o, lse = attention_forward(q, k, v, block_size=block_size, **opts)
+    return o, lse, AttentionState(q, k, v, o, lse, opts, block_size)
+
+
+def attention_bwd(state, do):
+    """(dq, dk, dv) of the call ``state`` came from, for the output gradient do (B, H, Tq, D)."""
+    q, k, v, o = state.q, state.k, state.v, state.o
+    if state.p is None:                                    # blockwise recomputation (or no row sees a key)
+        return attention_backward(q, k, v, o, state.lse, do, block_size=state.block_size, **state.opts)
+    i0 = state.i0                                          # rows above i0 see no key: zero grads
+    dvec = _rowsum(do[:, :, i0:] * o[:, :, i0:])
+    dqi, dk, dv = _block_grads(state.p, q[:, :, i0:], k, v, do[:, :, i0:], dvec, state.opts["scale"])
+    if i0 == 0:
+        return dqi, dk, dv
+    dq = get_array_module(q).zeros_like(q)
+    dq[:, :, i0:] = dqi
+    return dq, dk, dv
+
+
 class Attention(Function):
-    """softmax(scale QK^T + causal mask) V over q (B, H, Tq, D), k, v (B, H, Tk, D)."""
-    def forward(self, q, k, v, causal=True, scale=None, q_offset=0, k_offset=0, block_size=256, _lse=None):
-        self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        self.opts = dict(causal=causal, scale=self.scale, q_offset=q_offset, k_offset=k_offset)
-        self.p = None
-        if k.shape[2] <= block_size:                       # single block: keep P for backward
-            o, lse, p, self.i0 = _dense(q, k, v, self.scale, causal, q_offset, k_offset)
-            if is_grad_enabled() and any(self.needs_input_grad):
-                self.p = p
-        else:
-            o, lse = attention_forward(q, k, v, block_size=block_size, **self.opts)
-        self.q, self.k, self.v, self.o, self.lse, self.block_size = q, k, v, o, lse, block_size
-        if _lse is not None:
-            _lse.append(lse)
-        return o
+    """softmax(scale QK^T + causal mask) V over q (B, H, Tq, D), k, v (B, H, Tk, D); its second
+    output, the log-sum-exp (B, H, Tq), is not differentiated (``Function.apply_aux``)."""
+    has_aux = True
+
+    def forward(self, q, k, v, causal=True, scale=None, q_offset=0, k_offset=0, block_size=256):
+        keep = is_grad_enabled() and any(self.needs_input_grad)
+        o, lse, self.state = attention_fwd(q, k, v, causal, scale, q_offset, k_offset, block_size, keep_probs=keep)
+        return o, lse
 
     def backward(self, g):
-        q, k, v, o = self.q, self.k, self.v, self.o
-        if self.p is None:                                 # blockwise (or no row sees a key)
-            return attention_backward(q, k, v, o, self.lse, g, block_size=self.block_size, **self.opts)
-        i0 = self.i0                                       # rows above i0 see no key: zero grads
-        dvec = _rowsum(g[:, :, i0:] * o[:, :, i0:])
-        dqi, dk, dv = _block_grads(self.p, q[:, :, i0:], k, v, g[:, :, i0:], dvec, self.scale)
-        if i0 == 0:
-            return dqi, dk, dv
-        dq = get_array_module(q).zeros_like(q)
-        dq[:, :, i0:] = dqi
-        return dq, dk, dv
+        return attention_bwd(self.state, g)
 
 
-def attention(q, k, v, causal=True, scale=None, q_offset=0, k_offset=0, block_size=256):
-    """Differentiable attention on Tensors (B, H, T, D); ``out.lse`` holds the (B, H, Tq) LSE."""
-    holder = []
-    out = Attention.apply(q, k, v, causal=causal, scale=scale, q_offset=q_offset, k_offset=k_offset,
-                          block_size=block_size, _lse=holder)
-    out.lse = holder[0]
-    return out
+def attention(q, k, v, causal=True, scale=None, q_offset=0, k_offset=0, block_size=256, return_lse=False):
+    """Differentiable attention on Tensors (B, H, T, D) -> (B, H, Tq, D); with ``return_lse``,
+    (output, the (B, H, Tq) log-sum-exp array)."""
+    out, lse = Attention.apply_aux(q, k, v, causal=causal, scale=scale, q_offset=q_offset, k_offset=k_offset,
+                                   block_size=block_size)
+    return (out, lse) if return_lse else out
