@@ -22,6 +22,15 @@ ALL_REDUCE = {"ring": lambda t, s, o, f: ring.all_reduce(t, s, o, *balanced(o.si
 REDUCE_SCATTER = {"ring": ring.reduce_scatter, "recursive_halving": rabenseifner.reduce_scatter}
 
 
+def _check_out(name, x, out):
+    """An output array other than x must have x's size and not overlap it."""
+    if out is not None and out is not x:
+        if out.size != x.size:
+            raise ValueError(f"{name}: out has {out.size} elements, input has {x.size}")
+        if overlaps(x, out):
+            raise ValueError(f"{name}: out overlaps the input without being it")
+
+
 class Reductions:
     """all_reduce, reduce_scatter, reduce (mixed into Communicator)."""
 
@@ -34,11 +43,7 @@ class Reductions:
         try:                                        # every argument check, before any message
             rop = _OP(op) or resolve(op)
             xp, dev, stage = self._arrays(x, out, "all_reduce", writes_x=True)
-            if out is not None and out is not x:
-                if out.size != x.size:
-                    raise ValueError(f"all_reduce: out has {out.size} elements, input has {x.size}")
-                if overlaps(x, out):
-                    raise ValueError("all_reduce: out overlaps the input without being it")
+            _check_out("all_reduce", x, out)
             algo = self._algo("all_reduce", algo, x.nbytes)
         except (TypeError, ValueError) as e:
             raise self._refused("all_reduce", e)
@@ -120,11 +125,7 @@ class Reductions:
             root = self._root("reduce", root)
             is_root = self.rank == root
             xp, dev, stage = self._arrays(x, out, "reduce", writes_x=is_root)
-            if out is not None and out is not x:
-                if out.size != x.size:
-                    raise ValueError(f"reduce: out has {out.size} elements, input has {x.size}")
-                if overlaps(x, out):
-                    raise ValueError("reduce: out overlaps the input without being it")
+            _check_out("reduce", x, out)
             algo = self._algo("reduce", algo, x.nbytes)
         except (TypeError, ValueError) as e:
             raise self._refused("reduce", e)
