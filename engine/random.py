@@ -98,10 +98,14 @@ class CounterRNG:
 
     @contextmanager
     def located(self, rows=None, pos=None):
-        """Draws inside are for the global rows (B,) and token positions (T,) or (B, T) given."""
+        """Draws inside are for the global rows (B,) and token positions (T,) or (B, T) given;
+        one left out (None) stays as the enclosing block set it (a step sets the rows, the
+        sequence-parallel forward inside it the positions)."""
         saved = self.cursor.copy()
-        self.cursor.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        self.cursor.pos = None if pos is None else np.asarray(pos, dtype=np.int64)
+        if rows is not None:
+            self.cursor.rows = np.asarray(rows, dtype=np.int64)
+        if pos is not None:
+            self.cursor.pos = np.asarray(pos, dtype=np.int64)
         try:
             yield self
         finally:

@@ -173,7 +173,7 @@ class Step:
             value = loss.item()
         else:
             s = seq.shard_batch(x, y)                                     # tokens (B/dp, T/sp)
-            with noise.located(rows, s.pos):
+            with noise.located(rows):                                     # seq.forward locates the tokens
                 loss = eng.forward_with(seq.forward, s)[1]
             value = seq.global_loss(loss)
         t1 = time.perf_counter()

@@ -45,7 +45,7 @@ def test_dp_and_every_stage_match_one_process_and_resume_across_layouts(corpus, 
 
 def test_sparse_model_under_dp_and_zero_matches_one_process(corpus, tmp_path):
     """The sparse FFN's training noise (hard-mask coin, Gumbel noise at temperature 0.5) and
-    the sparse QKV layer: each dp rank draws the noise of its own rows (GPT.batch_shard), so
+    the sparse QKV layer: the noise is counter-based (engine/random.py), drawn at each row's global index, so
     2 ranks at ZeRO stage 2 log the one-process losses."""
     sparse = ["--ffn-sparsity", "8", "--ffn-lowrank", "8", "--ffn-temperature", "0.5", "--ffn-hard-prob", "0.5",
               "--qkv-modules", "4", "--ckpt-interval", "0"]

@@ -101,7 +101,7 @@ class ZeroEngine:
 
     def forward_with(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) in place of the model's forward, e.g. a sequence-parallel one
-        (parallel/layout.py): stage 3 gathers the root first; the layers gather themselves."""
+        (parallel/step.py): stage 3 gathers the root first; the layers gather themselves."""
         if self.layers is not None:
             self.layers.gather_root()
         return fn(*args, **kwargs)

@@ -22,7 +22,7 @@ gradient between the first and last rank (tied embeddings), broadcast the loss f
 rank. Gradients are left ACCUMULATED in the stage's parameters (``p.grad``, e.g. views of a
 flat buffer), meaning the gradient of the mean loss over the batch, exactly as
 ``loss.backward()`` on one process: data parallelism (average over dp) and the optimizer
-compose outside (parallel/pipeline_layout.py: how train.py does it). ``eval_loss`` runs
+compose outside (parallel/step.py: how train.py does it). ``eval_loss`` runs
 the micro-batches forward only, for validation.
 
 Sequence parallelism (``seq``: a parallel/sequence/model.py SequenceParallel over this stage's sp

@@ -20,8 +20,8 @@ and Jacobs et al. 2023):
 
 Every rank of an sp group must pass the same (B, T) batch; data-parallel replicas pass
 different batches. With pipeline parallelism, PipelineEngine(..., seq=this) shards each
-micro-batch with shard_batch and takes the last stage's loss from ``loss`` (parallel/pipeline/executor.py). Dropout draws differ from one process (each rank masks its own
-tokens); the equivalence tests use dropout 0.
+micro-batch with shard_batch and takes the last stage's loss from ``loss`` (parallel/pipeline/executor.py). Dropout and the sparse FFN's noise are drawn at each token's
+global position (engine/random.py), so they equal one process's.
 """
 from collections import namedtuple
 
@@ -115,10 +115,11 @@ class SequenceParallel:
 
     def forward(self, s):
         """(logits (B, T/N, V), share of the loss or None) for a SeqShard."""
-        x = self.embed(s)                                     # (B, T/N, C)
-        for block in self.model.blocks:
-            x = block(x)                                      # (B, T/N, C)
-        logits, _ = self.model.head(x)                        # (B, T/N, V)
+        with self.model.noise.located(pos=s.pos):             # noise drawn at the global positions
+            x = self.embed(s)                                 # (B, T/N, C)
+            for block in self.model.blocks:
+                x = block(x)                                  # (B, T/N, C)
+            logits, _ = self.model.head(x)                    # (B, T/N, V)
         return logits, (None if s.targets is None else self.loss(logits, s))
 
     def global_loss(self, share):

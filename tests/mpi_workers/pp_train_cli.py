@@ -11,7 +11,7 @@ case's metrics with the one-process references. Rounds:
     singletons  ref4 (rank 0, 4 layers, checkpoints at 2, 4), ref8 (rank 1, 8 layers),
                 ref4-ga2 (rank 2, --grad-accum 2)
     pairs       pp=2 with each schedule (4 layers); pp2-1f1b saves steps 2 and 4;
-                pp2-drop (dropout 0.1, saves steps 2, 4; its own masks per rank)
+                pp2-drop (dropout 0.1, saves steps 2, 4; one process's masks, engine/random.py)
     world       pp=4 with each schedule (interleaved: 8 layers, v = 2), pp=2 x dp=2 with each
                 schedule, ZeRO 1 and 0, zb-h1 saving steps 2 and 4, gpipe with --trace,
                 1f1b with --grad-accum 2; pp=2 x sp=2: ring 1f1b (saving steps 2 and 4),
