@@ -234,6 +234,18 @@ class Embedding(Module):
         from .ops import embedding
         return embedding(idx.data if isinstance(idx, Tensor) else idx, self.weight)  # (B, T) -> (B, T, C)
 
+    # -- a tied embedding is also the output layer (Press & Wolf 2017) ---------------------
+    def logits(self, x):
+        """x (..., C) -> x @ weight^T (..., num_embeddings)."""
+        from .ops import linear
+        return linear(x, self.weight)
+
+    def cross_entropy(self, logits, targets, reduction="mean"):
+        """Cross-entropy of logits() against integer targets (-1 ignored); a vocabulary-parallel
+        embedding (parallel/tensor/) computes it without the full logits."""
+        from .ops import cross_entropy
+        return cross_entropy(logits, targets, reduction=reduction)
+
 
 class LayerNorm(Module):
     """Ba et al. 2016 over the last axis: (x - mean) / sqrt(var + eps) * weight + bias."""

@@ -155,7 +155,7 @@ class CausalSelfAttention(Module):
     def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
         super().__init__()
         C = config.n_embd
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head, self.head_size, self.dropout = config.n_head, C // config.n_head, config.dropout
         if config.qkv_modules:                                 # Jaszczur et al. 2021: sparse QKV
             self.sparse_qkv = SparseQKV(C, config.qkv_modules, bias=config.bias, rng=rng)
         else:
@@ -165,8 +165,8 @@ class CausalSelfAttention(Module):
         self.noise, self.layer = noise, layer
 
     def forward(self, x, kv_cache=None):
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+        B, T, _ = x.shape
+        nh, hs = self.n_head, self.head_size                  # nh: this rank's heads under tensor parallelism
         if hasattr(self, "sparse_qkv"):
             if self.attention_fn is not None:
                 raise ValueError("sparse QKV convolves over positions: sequence parallelism is not supported")
@@ -185,7 +185,7 @@ class CausalSelfAttention(Module):
                 y = Tensor(y)                                  # (B, nh, T, hs)
             else:
                 y = self.attention_fn(q, k, v)                 # (B, nh, T, hs)
-            y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, C))   # (B, T, nh, hs) -> (B, T, C)
+            y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, nh * hs))   # (B, T, nh, hs) -> (B, T, nh hs)
         return _dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
 
 
@@ -255,7 +255,7 @@ def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
         if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= config.block_size):
             raise ValueError(f"positions must be in [0, {config.block_size}), "
                              f"got [{int(pos.min())}, {int(pos.max())}]")
-    x = ops.embedding(idx, wte.weight) + ops.embedding(pos, wpe.weight)   # (B, T, C) + (T, C) or (B, T, C)
+    x = wte(idx) + ops.embedding(pos, wpe.weight)              # (B, T, C) + (T, C) or (B, T, C)
     return _dropout(x, config.dropout, noise, -1, "embed", training)
 
 
@@ -263,11 +263,11 @@ def head(ln_f, wte, x, targets=None):
     """Final LayerNorm and the tied output layer: x (B, T, C) -> logits (B, T, V) = ln_f(x) wte^T;
     the mean cross-entropy (ignoring -1) too if targets. The last pipeline stage calls this."""
     x = ln_f(x)                                                 # (B, T, C)
-    logits = ops.linear(x, wte.weight)                          # (B, T, V): x @ wte.T
+    logits = wte.logits(x)                                      # (B, T, V): x @ wte.T
     if targets is None:
         return logits, None
     targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets)
-    return logits, ops.cross_entropy(logits, targets)
+    return logits, wte.cross_entropy(logits, targets)
 
 
 class GPT(Module):

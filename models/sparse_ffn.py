@@ -43,7 +43,7 @@ import math
 
 import numpy as np
 
-from engine import backend, ops
+from engine import ops
 from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.backend import get_array_module, to_device
 from engine.nn import Module, Parameter, _normal

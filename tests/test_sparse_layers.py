@@ -7,7 +7,7 @@ import pytest
 
 from engine import ops
 from engine.autograd import Tensor, no_grad
-from models.sparse_ffn import SparseFFN, SparseFFNFunction, gather_forward, gumbel_noise
+from models.sparse_ffn import SparseFFN, SparseFFNFunction, gather_forward
 from models.sparse_qkv import ConvQKV, Multiplicative
 from tests.gradcheck import check_grad
 

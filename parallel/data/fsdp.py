@@ -28,7 +28,6 @@ form the root unit, gathered for the whole step as FSDP's root: ``gather_root()`
 the forward, ``free_root()`` after the update. Memory per rank: 16P/N, plus the root, plus
 at most two gathered layers (the one computing and the one prefetched).
 """
-import time
 
 from engine.autograd import Function, Tensor, no_grad
 from engine.backend import get_array_module

@@ -51,7 +51,7 @@ from engine import backend
 from engine.autograd import Tensor, run_deferred
 from engine.optim import clip_grad_norm_, grad_norm_sq
 
-from .stage import PipelineConfigError, PipelineStage, check_config, layer_ranges   # noqa: F401
+from .stage import PipelineConfigError, check_config
 from .schedules import build
 from ..trace import Tracer, write_chrome_trace
 
