@@ -1,0 +1,63 @@
+"""shard_gpt: turn a GPT (models/gpt.py, built whole from the seed on every rank) into this tp
+rank's slice of it, in place (Shoeybi et al. 2019, figure 3):
+
+    attention   c_attn -> ColumnParallelLinear over this rank's heads: rows of q, k and v of
+                heads [r nh/tp, (r+1) nh/tp); the attention runs on those heads alone;
+                c_proj -> RowParallelLinear over the same head columns
+    MLP         c_fc -> ColumnParallelLinear over hidden units [r 4C/tp, (r+1) 4C/tp);
+                c_proj -> RowParallelLinear over the same units
+    wte         VocabParallelEmbedding (parallel/tensor/vocab.py): rows of the padded vocabulary,
+                its output layer and its cross-entropy
+    replicated  LayerNorms, wpe and the row-parallel biases: the same on every tp rank, and so
+                are their gradients (their inputs' gradients were all-reduced)
+
+Parameter names stay the dense model's (``transformer.h.0.attn.c_attn.weight``), each holding
+this rank's slice. Per block: 2 all-reduces of (B, T, C) forward, 2 backward.
+"""
+import numpy as np
+
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .vocab import VocabParallelEmbedding
+
+
+class TensorParallelError(ValueError):
+    """A model that does not split over the tp ranks (one line; callers exit with code 2)."""
+
+
+def check_config(config, tp):
+    """Raise TensorParallelError unless a GPTConfig splits over tp ranks."""
+    if tp < 1:
+        raise TensorParallelError(f"tp must be >= 1, got {tp}")
+    if config.n_head % tp:
+        raise TensorParallelError(f"--tp {tp} splits the attention heads: n_head ({config.n_head}) must be "
+                                  f"divisible by tp")
+    if (4 * config.n_embd) % tp:
+        raise TensorParallelError(f"--tp {tp} splits the MLP's 4 n_embd = {4 * config.n_embd} hidden units: "
+                                  "they must be divisible by tp")
+    if tp > 1 and config.sparse:
+        raise TensorParallelError(f"--tp {tp} with a sparse FFN or sparse QKV is not supported yet")
+
+
+def shard_gpt(model, comm, vocab_granule=1):
+    """Replace model's layers by this rank's tp slices (comm: the tp Communicator); returns the
+    names of the parameters that are the same on every tp rank (counted once in norms)."""
+    cfg, t, r = model.config, comm.size, comm.rank
+    check_config(cfg, t)
+    C, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
+    nh = cfg.n_head // t
+    q = np.arange(r * nh * hs, (r + 1) * nh * hs)                    # this rank's heads' q rows
+    f = 4 * C // t
+    units = np.arange(r * f, (r + 1) * f)
+    for block in model.blocks:
+        a, m = block.attn, block.mlp
+        a.c_attn = ColumnParallelLinear.from_linear(a.c_attn, np.concatenate([q, C + q, 2 * C + q]), comm)
+        a.c_proj = RowParallelLinear.from_linear(a.c_proj, q, comm)
+        a.n_head = nh
+        m.c_fc = ColumnParallelLinear.from_linear(m.c_fc, units, comm)
+        m.c_proj = RowParallelLinear.from_linear(m.c_proj, units, comm)
+    model.transformer.wte = VocabParallelEmbedding.from_embedding(model.transformer.wte, comm, vocab_granule)
+    sharded = {id(p) for blk in model.blocks for lin in (blk.attn.c_attn, blk.mlp.c_fc)
+               for p in (lin.weight, lin.bias) if p is not None}
+    sharded |= {id(blk.attn.c_proj.weight) for blk in model.blocks} | {id(blk.mlp.c_proj.weight) for blk in model.blocks}
+    sharded.add(id(model.transformer.wte.weight))
+    return [n for n, p in model.named_parameters() if id(p) not in sharded]
