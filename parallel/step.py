@@ -55,6 +55,16 @@ its parameters, and so are the norm, the clipping and the update. ZeRO 2-3 are r
 pp (parallel/config.py): they would reduce-scatter once per micro-batch and shard wte at
 different offsets on the two stages.
 
+Tensor parallelism (tp > 1; Shoeybi et al. 2019, Megatron-LM): before anything else the
+model is cut into this rank's Megatron slices (parallel/tensor/model.py shard_gpt: heads and
+MLP units split, the tied wte split by vocabulary rows, the loss vocabulary-parallel), so
+every rank of a tp group holds 1/tp of each matrix and the same LayerNorms, wpe and
+row-parallel biases. The tp collectives run inside the layers' forward and backward, so
+nothing above changes: ZeRO shards each tp rank's own slices over its dp x sp group
+(mesh.group("dp", "sp") holds the ranks of one tp coordinate), the pipeline's peers and the
+tied pair are per tp coordinate. The gradient norm sums over tp too, the replicated
+parameters counted on tp rank 0 only (their gradients are equal on every tp rank).
+
 Randomness (dropout, the sparse FFN's coin and Gumbel noise) is the model's counter-based
 generator (engine/random.py): the step sets (step, accumulation pass), each forward sets the
 global rows and token positions it computes, so every layout draws one process's numbers.
@@ -74,6 +84,7 @@ from .checkpoint import check_params, load_sharded, save_sharded
 from .data import ZeroEngine
 from .pipeline import PipelineEngine, PipelineStage
 from .sequence import SequenceParallel
+from .tensor import shard_gpt
 
 TIED = "transformer.wte.weight"
 
@@ -86,6 +97,9 @@ def build_step(model_cfg, par, train, mesh):
     model = GPT(model_cfg, np.random.default_rng(train.seed))
     if train.dtype != "float32":
         model.astype(train.dtype)
+    replicated = []                                     # tp > 1: parameters every tp rank holds whole
+    if mesh.tp_size > 1:                                # Megatron layers, this rank's slices (parallel/tensor/)
+        replicated = shard_gpt(model, mesh.tp_comm, getattr(par, "vocab_granule", 1))
     grad_comm = mesh.group("dp", "sp")                  # ZeRO's group: sums over sp, averages over dp
     seq = None
     if mesh.sp_size > 1:                                # each share scaled by sp: see the docstring
@@ -104,7 +118,7 @@ def build_step(model_cfg, par, train, mesh):
     if stage is not None:
         pipe = PipelineEngine(mesh.pp_comm, model_cfg, stage, par.schedule, par.micro_batches, par.virtual_stages,
                               seq, tie_comm=mesh.pp_ends())
-    return Step(model, par, mesh, engine, seq=seq, stage=stage, pipe=pipe)
+    return Step(model, par, mesh, engine, seq=seq, stage=stage, pipe=pipe, replicated=replicated)
 
 
 class Step:
@@ -113,9 +127,10 @@ class Step:
     pp the other stages' parameters are placeholders), ``engine`` the ZeroEngine, ``tracer``
     (parallel/trace.py) records the step's actions when set."""
 
-    def __init__(self, model, par, mesh, engine, seq=None, stage=None, pipe=None):
+    def __init__(self, model, par, mesh, engine, seq=None, stage=None, pipe=None, replicated=()):
         self.model, self.par, self.mesh, self.engine = model, par, mesh, engine
         self.seq, self.stage, self.pipe = seq, stage, pipe
+        self.replicated = list(replicated)                   # tp: counted once, on tp rank 0
         self.module = model if stage is None else stage      # what this rank runs
         self.tracer = None
 
@@ -186,10 +201,12 @@ class Step:
     def clip_grad_norm(self, max_norm):
         """Clip the whole model's averaged gradient by its global norm (<= 0: no clipping);
         returns the norm."""
-        if self.pipe is None:
+        if self.pipe is None and self.mesh.tp_size == 1:
             return self.engine.clip_grad_norm(max_norm)
-        skip = (TIED,) if self.stage.tied and not self.stage.is_first else ()   # wte counted once
-        norm = self.engine.grad_norm(exclude=skip, also=self.mesh.pp_comm)
+        skip = [TIED] if self.stage is not None and self.stage.tied and not self.stage.is_first else []
+        if self.mesh.tp_rank > 0:                                            # the same on every tp rank
+            skip += self.replicated
+        norm = self.engine.grad_norm(exclude=skip, also=(self.mesh.tp_comm, self.mesh.pp_comm))
         return self.engine.clip_grad_norm(max_norm, norm=norm)
 
     def update(self, lr):

@@ -155,27 +155,30 @@ class ZeroEngine:
     # -- the update -----------------------------------------------------------------------
     def local_grad_norm_sq(self, exclude=()):
         """Sum of squares of this rank's gradient shard, leaving out the parameters named in
-        ``exclude`` (a tied copy that another engine counts already)."""
+        ``exclude`` (a tied copy, or a replicated one, that another engine counts already;
+        names this engine does not hold are ignored)."""
         total = 0.0
         for dt, g in self.grad_shards.items():
             lo, hi = self.ranges[dt]
-            pieces = [(lo, hi)]                                 # [lo, hi) minus the excluded ranges
-            for name in exclude:
-                d, off, n, _ = self.flat.index[name]
-                if d == dt:
-                    pieces = [(a, min(b, off)) for a, b in pieces] + [(max(a, off + n), b) for a, b in pieces]
-            total += sum(grad_norm_sq(g[a - lo:b - lo]) for a, b in pieces if b > a)
+            cut = sorted((off, off + n) for d, off, n, _ in (self.flat.index[m] for m in exclude
+                                                               if m in self.flat.index) if d == dt)
+            a = lo                                              # [lo, hi) minus the excluded ranges
+            for s, e in cut + [(hi, hi)]:
+                if min(s, hi) > a:
+                    total += grad_norm_sq(g[a - lo:min(s, hi) - lo])
+                a = max(a, e)
         return total
 
-    def grad_norm(self, exclude=(), also=None):
+    def grad_norm(self, exclude=(), also=()):
         """Global L2 norm of the averaged gradient: each rank's shard's squares (minus
-        ``exclude``), summed over comm, and over ``also`` too (a Communicator: the pipeline
-        stages, whose engines each hold part of the model)."""
+        ``exclude``), summed over comm, and over each Communicator in ``also`` (the pipeline
+        stages and the tensor-parallel ranks, whose engines each hold part of the model)."""
         sq = np.array([self.local_grad_norm_sq(exclude)], dtype=np.float64)
         with self.timed_wait():
             self.comm.all_reduce(sq)
-            if also is not None and also.size > 1:
-                also.all_reduce(sq)
+            for c in ((also,) if hasattr(also, "all_reduce") else also):
+                if c.size > 1:
+                    c.all_reduce(sq)
         return math.sqrt(float(sq[0]))
 
     def clip_grad_norm(self, max_norm, norm=None):
