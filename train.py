@@ -158,7 +158,7 @@ def prepare(argv):
     if env_world() > 1 and par.comm_timeout > 0:                # read when the Communicators are made
         os.environ.setdefault("ENGINE_COMM_TIMEOUT", f"{par.comm_timeout:g}")
     try:
-        mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp)
+        mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp, tp=par.tp)
         backend.set_device(cfg.device)
     except (MeshError, RuntimeError) as e:
         raise ConfigError(str(e)) from None

@@ -255,7 +255,7 @@ def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
         if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= config.block_size):
             raise ValueError(f"positions must be in [0, {config.block_size}), "
                              f"got [{int(pos.min())}, {int(pos.max())}]")
-    x = wte(idx) + ops.embedding(pos, wpe.weight)              # (B, T, C) + (T, C) or (B, T, C)
+    x = wte(idx) + wpe(pos)                                     # (B, T, C) + (T, C) or (B, T, C)
     return _dropout(x, config.dropout, noise, -1, "embed", training)
 
 

@@ -6,18 +6,22 @@ the batch.
 (it depends only on the configuration), before any message moves. parallel/step.py
 composes what passed.
 
-    ranks = dp * pp * sp                 (collectives/mesh.py lays them out; tp is reserved)
+    ranks = dp * pp * sp * tp            (collectives/mesh.py lays them out, tp fastest)
+    tp > 1: n_head % tp == 0, (4 n_embd) % tp == 0, no sparse layers; --tp-token-shards:
+            block_size % tp == 0 (pp = sp = 1 for now)
     batch_size % dp == 0                 every replica takes B/dp rows of the global batch
     pp > 1: (B/dp) % micro_batches == 0, n_layer >= pp, interleaved: n_layer % (pp v) == 0
             and micro_batches % pp == 0; ZeRO 0-1 only (DeepSpeed likewise)
     sp > 1: block_size % sp == 0 (ulysses) or % 2 sp == 0 (ring: zigzag); no sparse QKV
 """
 import math
+import types
 from dataclasses import dataclass, field
 
 from .pipeline.schedules import SCHEDULES
 from .pipeline.stage import PipelineConfigError, check_config as check_pipeline
 from .sequence import SequenceParallelError, check_config as check_sequence
+from .tensor.model import TensorParallelError, check_config as check_tensor
 
 
 class LayoutError(ValueError):
@@ -30,7 +34,7 @@ def _f(default, help, **meta):
 
 @dataclass
 class ParallelConfig:
-    """The parallel layout: dp * pp * sp must equal the number of MPI ranks."""
+    """The parallel layout: dp * pp * sp * tp must equal the number of MPI ranks."""
     dp: int = _f(1, "data-parallel replicas (the global batch is split among them)")
     zero: int = _f(0, "ZeRO stage over the dp (x sp) ranks: 0 DDP, 1 optimizer state, 2 + gradients, "
                       "3 + parameters",
@@ -49,13 +53,20 @@ class ParallelConfig:
     sp_attention: str = _f("ring", "attention across the sp ranks: ring (K/V blocks pass around a ring, zigzag "
                                    "split) or ulysses (all-to-all to head sharding; any head count)",
                            choices=("ring", "ulysses"))
+    tp: int = _f(1, "tensor-parallel ranks (Megatron-LM): every weight matrix split over them, attention heads and "
+                    "MLP units and the vocabulary; n_head and 4 n_embd must divide by tp")
+    tp_token_shards: bool = _f(False, "with --tp: shard the residual stream, LayerNorm and dropout along tokens "
+                                      "over the tp ranks (Korthikanti et al. 2022's 'sequence parallelism'; not --sp, "
+                                      "which splits attention itself over other ranks); block_size must divide by tp")
+    vocab_granule: int = _f(1, "with --tp: pad the vocabulary to a multiple of tp x this (Megatron's "
+                               "make-vocab-size-divisible-by); padded rows never change a loss or a gradient")
     bucket_mb: float = _f(1.0, "gradient bucket size in MiB (each bucket is reduced as soon as backward fills it)")
     comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
                                     "when there are several ranks (0: no watchdog)")
 
     @property
     def world(self):
-        return self.dp * self.pp * self.sp
+        return self.dp * self.pp * self.sp * self.tp
 
 
 def need(ok, msg):
@@ -67,7 +78,7 @@ def check_layout(par, model, batch_size):
     """Raise LayoutError unless ``par`` can train ``model`` (a GPTConfig, or a dict of its
     fields) on global batches of ``batch_size`` sequences. Fills par.micro_batches = pp when 0."""
     get = model.get if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
-    for name in ("dp", "pp", "sp"):
+    for name in ("dp", "pp", "sp", "tp", "vocab_granule"):
         v = getattr(par, name)
         need(isinstance(v, int) and v >= 1, f"{name} must be >= 1, got {v}")
     need(par.micro_batches >= 0, f"micro_batches must be >= 0, got {par.micro_batches}")
@@ -82,6 +93,18 @@ def check_layout(par, model, batch_size):
     except SequenceParallelError as e:
         raise LayoutError(f"--sp {par.sp} --sp-attention {par.sp_attention} splits each window of --block-size "
                           f"{block} tokens: {e}") from None
+    if par.tp > 1:
+        try:
+            check_tensor(types.SimpleNamespace(n_head=get("n_head"), n_embd=get("n_embd"),
+                                               sparse=bool(get("ffn_sparsity") or get("qkv_modules"))), par.tp)
+        except TensorParallelError as e:
+            raise LayoutError(str(e)) from None
+    if par.tp_token_shards and par.tp > 1:
+        need(block % (par.tp * par.sp) == 0, f"--tp-token-shards splits each window of --block-size {block} "
+             f"tokens over tp = {par.tp}{f' within sp = {par.sp}' if par.sp > 1 else ''}: it must divide by "
+             f"{par.tp * par.sp}")
+        need(par.sp == 1 and par.pp == 1, "--tp-token-shards with --sp or --pp is not supported yet; use --tp "
+             "alone there")
     need(par.sp == 1 or not get("qkv_modules"), f"--sp {par.sp} with --qkv-modules {get('qkv_modules')}: the "
          "sparse QKV layer convolves over neighbouring positions, which sequence shards split; use --sp 1")
     if par.micro_batches == 0:            # default: one micro-batch per stage

@@ -85,6 +85,8 @@ from .data import ZeroEngine
 from .pipeline import PipelineEngine, PipelineStage
 from .sequence import SequenceParallel
 from .tensor import shard_gpt
+from .tensor.model import slice_specs
+from .tensor.comm import token_range
 
 TIED = "transformer.wte.weight"
 
@@ -99,7 +101,7 @@ def build_step(model_cfg, par, train, mesh):
         model.astype(train.dtype)
     replicated = []                                     # tp > 1: parameters every tp rank holds whole
     if mesh.tp_size > 1:                                # Megatron layers, this rank's slices (parallel/tensor/)
-        replicated = shard_gpt(model, mesh.tp_comm, getattr(par, "vocab_granule", 1))
+        replicated = shard_gpt(model, mesh.tp_comm, par.vocab_granule, tokens=par.tp_token_shards)
     grad_comm = mesh.group("dp", "sp")                  # ZeRO's group: sums over sp, averages over dp
     seq = None
     if mesh.sp_size > 1:                                # each share scaled by sp: see the docstring
@@ -183,7 +185,7 @@ class Step:
         eng, seq, noise = self.engine, self.seq, self.model.noise
         t0 = time.perf_counter()
         if seq is None:
-            with noise.located(rows):
+            with noise.located(rows, pos=self._token_positions(x.shape[1])):
                 loss = eng(backend.to_device(x), backend.to_device(y))[1]
             value = loss.item()
         else:
@@ -197,6 +199,14 @@ class Step:
             self.tracer.add("F", index, 0, t0, t1)
             self.tracer.add("B", index, 0, t1, time.perf_counter())
         return value
+
+    def _token_positions(self, T):
+        """The positions of this rank's tokens in the residual stream: all T, or under
+        sequence-parallel regions (--tp-token-shards) its [r T/tp, (r+1) T/tp)."""
+        if not self.par.tp_token_shards or self.mesh.tp_size == 1:
+            return None
+        lo, hi = token_range(T, self.mesh.tp_comm)
+        return np.arange(lo, hi)
 
     def clip_grad_norm(self, max_norm):
         """Clip the whole model's averaged gradient by its global norm (<= 0: no clipping);
@@ -238,24 +248,32 @@ class Step:
 
     # -- checkpoints (parallel/checkpoint/) ----------------------------------------------------
     def _layout(self):
-        """pp > 1: every rank of every stage saves and loads together (group: the world), each
-        stage's dp x sp group holding its own shards (stage: (pp rank, pp))."""
-        if self.pipe is None:
-            return {}
-        return {"group": self.mesh.world, "stage": (self.mesh.pp_rank, self.mesh.pp_size)}
+        """pp > 1 or tp > 1: every rank saves and loads together (group: the world), each
+        stage's (stage: (pp rank, pp)) and each tp rank's dp x sp group holding its own shards."""
+        out = {}
+        if self.pipe is not None:
+            out["stage"] = (self.mesh.pp_rank, self.mesh.pp_size)
+        if self.mesh.tp_size > 1:
+            out["slices"] = slice_specs(self.module)              # what this rank cut, by name
+        if out:
+            out["group"] = self.mesh.world
+        return out
 
     def save(self, out_dir, step, manifest, keep=None):
         """Every rank writes its shard of parameters and AdamW state, rank 0 the manifest, into
         out_dir/step_<step>, published atomically; returns the path on every rank."""
-        eng = self.engine
-        return save_sharded(out_dir, step, eng.comm, eng.flat, eng.shard_state(), manifest, keep=keep,
-                            **self._layout())
+        eng, layout = self.engine, self._layout()
+        slices = layout.pop("slices", None)
+        tp = None if slices is None else (self.mesh.tp_rank, self.mesh.tp_size, slices)
+        return save_sharded(out_dir, step, eng.comm, eng.flat, eng.shard_state(), manifest, keep=keep, tp=tp,
+                            **layout)
 
     def restore(self, ckpt):
         """Parameters and AdamW moments from an opened sharded checkpoint saved at any layout
         (each rank reads the saved shards overlapping its range, by parameter name); returns
         its manifest. A collective; a bad shard fails every rank alike."""
-        check_params(ckpt, self.model.named_parameters())     # names, shapes, dtypes
+        if self.mesh.tp_size == 1:
+            check_params(ckpt, self.model.named_parameters())     # names, shapes, dtypes
         eng = self.engine
         state, manifest, _ = load_sharded(ckpt.path, eng.comm, eng.flat, verify=False, **self._layout())
         eng.load_shard_state(state)

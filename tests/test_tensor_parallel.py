@@ -15,7 +15,7 @@ def test_tp_layers_equal_dense_layers():
     proc = run_mpi(4, "tp_worker.py", timeout=120)
     assert proc.returncode == 0, describe(proc)
     got = {(int(t), case): float(e) for t, case, e in re.findall(r"^tp=(\d) (\S+) err=(\S+)$", proc.stdout, re.M)}
-    assert sorted(got) == sorted((t, c) for t in range(1, 5) for c in ("mlp", "vocab-g1", "vocab-g8", "gpt")), \
+    assert sorted(got) == sorted((t, c) for t in range(1, 5) for c in ("mlp", "vocab-g1", "vocab-g8", "gpt", "gpt-tokens")), \
         describe(proc)
     assert max(got.values()) < 1e-12, got
 
@@ -37,7 +37,8 @@ def test_shard_gpt_refuses_what_does_not_split():
 
 def test_tp_composed_by_build_step_equals_one_process():
     """tp 2 and 4 alone and with grad-accum; tp2 x dp2 at ZeRO 0-3; tp2 x pp2 with every schedule;
-    tp2 x sp2 ring and Ulysses; tp2 x pp2 x dp2: 5 steps in float64 with dropout 0.1 and a
+    tp2 x sp2 ring and Ulysses; tp2 x pp2 x dp2; sequence-parallel regions (--tp-token-shards) at
+    tp 2 and 4, with grad-accum, ZeRO 1-3 and dp 2: 5 steps in float64 with dropout 0.1 and a
     vocabulary tp does not divide give one process's losses, gradient norms and validation loss,
     and each rank's parameter slices (tests/mpi_workers/tp_step_worker.py, one 8-rank launch)."""
     proc = run_mpi(8, "tp_step_worker.py", timeout=240)
@@ -45,6 +46,7 @@ def test_tp_composed_by_build_step_equals_one_process():
     got = {tag: (float(e), float(p)) for tag, e, p in re.findall(r"^CASE (\S+) err=(\S+) perr=(\S+)$", proc.stdout,
                                                                    re.M)}
     want = {"tp2", "tp2-ga2", "tp4", "tp2pp2dp2-z1", *(f"tp2dp2-z{z}" for z in range(4)),
-            *(f"tp2pp2-{s}" for s in ("1f1b", "zb-h1", "interleaved", "gpipe")), "tp2sp2-ring", "tp2sp2-ulysses"}
+            *(f"tp2pp2-{s}" for s in ("1f1b", "zb-h1", "interleaved", "gpipe")), "tp2sp2-ring", "tp2sp2-ulysses",
+            "tp2-tokens", "tp4-tokens-ga2", "tp2dp1-tokens-z3", "tp2dp2-tokens-z2", "tp2dp2-tokens-z1"}
     assert set(got) == want, describe(proc)
     assert all(e < 1e-10 and p < 1e-10 for e, p in got.values()), got

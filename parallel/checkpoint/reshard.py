@@ -34,10 +34,20 @@ def _np_dtype(name):
     return np.dtype(bfloat16()) if name == "bfloat16" else np.dtype(name)
 
 
-def shard_file(rank, world, stage=None):
-    """A shard's file name; ``stage`` (s, P): pipeline stage s of P's."""
+def shard_file(rank, world, stage=None, tp=None):
+    """A shard's file name; ``stage`` (s, P): pipeline stage s of P's; ``tp`` (t, T): tensor-
+    parallel rank t of T's."""
     base = f"shard-{rank}-of-{world}.safetensors"
+    if tp is not None:
+        base = f"tp-{tp[0]}-of-{tp[1]}-{base}"
     return base if stage is None else f"stage-{stage[0]}-of-{stage[1]}-{base}"
+
+
+def view_key(view):
+    """((s, P) or None, (t, T) or None) of a layout: which stage and tensor-parallel rank saved it."""
+    tp = view.get("tp")
+    return (tuple(view["stage"]) if "stage" in view else None,
+            (int(tp["rank"]), int(tp["size"])) if tp else None)
 
 
 def stages_of(manifest):
@@ -77,14 +87,14 @@ def _check_structure(view, step_dir):
     """A stage layout's buffers, shards and ranges consistent with its world and align
     (ValueError / KeyError / TypeError on a malformed one); returns its params index."""
     world, align, buffers, shards = view["world"], view["align"], view["buffers"], view["shards"]
-    stage = tuple(view["stage"]) if "stage" in view else None
+    stage, tp = view_key(view)
     for dt, b in buffers.items():
         if b["padded"] != padded_size(b["numel"], world, align):
             raise ValueError(f"{dt} buffer of {b['numel']} elements cannot be padded to {b['padded']}")
     if len(shards) != world:
         raise ValueError(f"{len(shards)} shards recorded for a world of {world}")
     for r, s in enumerate(shards):
-        if s["file"] != shard_file(r, world, stage) or any(
+        if s["file"] != shard_file(r, world, stage, tp) or any(
                 list(s["ranges"][dt]) != list(shard_range(buffers[dt]["numel"], r, world, align)) for dt in buffers):
             raise ValueError(f"shard {r} ({s['file']}) does not hold the range of rank {r} of {world}")
     for dt in buffers:
@@ -93,14 +103,30 @@ def _check_structure(view, step_dir):
 
 
 def saved_index(manifest, step_dir):
-    """{name: (dtype, offset, numel, shape, stage)} of every saved parameter, each from the
-    first stage that holds it (one-line CheckpointError if the manifest is malformed)."""
+    """{name: (dtype, offset, numel, shape, view, parts)} of every saved parameter, each from
+    the first layout (view index) that holds it (one-line CheckpointError if the manifest is
+    malformed). A parameter that tensor parallelism sliced has offset, numel and view None,
+    its FULL shape, and parts: [(view, offset, numel, local shape, slice)] of every tp rank
+    of the first stage that holds it, slice = {"shape", "axis", "ranges"}: the local tensor
+    along ``axis`` is the full one's rows [s, e) for each range, in order (then zero padding)."""
     try:
-        saved = {}
+        saved, parts, first = {}, {}, {}
         views = stages_of(manifest)
         for si, view in enumerate(views):
+            stage = view_key(view)[0]
+            slices = (view.get("tp") or {}).get("slices", {})
             for k, v in _check_structure(view, step_dir).items():
-                saved.setdefault(k, v + (si,))
+                saved.setdefault(k, None)                     # the order names are first seen in
+                if k not in slices:
+                    saved[k] = saved[k] or v + (si, None)
+                elif first.setdefault(k, stage) == stage:
+                    parts.setdefault(k, []).append((si, v[1], v[2], v[3], slices[k]))
+        for k, ps in parts.items():
+            spec = ps[0][4]
+            full = tuple(spec["shape"])
+            if sum(e - s for p in ps for s, e in p[4]["ranges"]) != full[spec["axis"]]:
+                raise ValueError(f"the tensor-parallel slices of {k} do not cover its {full[spec['axis']]} rows")
+            saved[k] = (views[ps[0][0]]["params"][k]["dtype"], None, None, full, None, ps)
         steps = [{dt: int(o["step"]) for dt, o in v["optim"].items()} for v in views]
         if any(st != steps[0] for st in steps):
             raise ValueError(f"optimizer step counts differ between stages: {steps}")
@@ -110,11 +136,13 @@ def saved_index(manifest, step_dir):
     return saved
 
 
-def check_layout(manifest, step_dir, index, dtypes, partial=False):
+def check_layout(manifest, step_dir, index, dtypes, partial=False, slices=None):
     """One-line CheckpointError unless the checkpoint holds exactly the parameters of
     ``index`` ({name: (dtype, offset, numel, shape)}, FlatParameters.index) in ``dtypes``,
     with their names, dtypes and shapes (``partial``: at least them, e.g. one pipeline
-    stage's). Offsets may differ: parameters are read by name."""
+    stage's; ``slices``: {name: slice} of the ones tensor parallelism cut, compared by their
+    full shape). Offsets may differ: parameters are read by name."""
+    slices = slices or {}
     where = f"checkpoint {step_dir}"
     saved = saved_index(manifest, step_dir)
     saved_dt, model_dt = sorted({v[0] for v in saved.values()}), sorted(dtypes)
@@ -129,6 +157,7 @@ def check_layout(manifest, step_dir, index, dtypes, partial=False):
     if extra and not partial:
         raise CheckpointError(f"{where} has {extra[0]} that the model lacks")
     for k, (dt, off, n, shape) in index.items():
+        shape = tuple(slices[k]["shape"]) if k in slices else tuple(shape)
         if saved[k][3] != tuple(shape):
             raise CheckpointError(f"{where} has {k} of shape {saved[k][3]}, the model expects {tuple(shape)} "
                                   "(a checkpoint of another model configuration)")
@@ -161,16 +190,62 @@ def read_range(step_dir, manifest, dt, dtype, lo, hi, cache, verify=True):
     return out
 
 
-def read_params(step_dir, manifest, saved, index, dt, dtype, lo, hi, cache, verify=True):
+def _along(a, axis):
+    """a with ``axis`` moved first (a view), so slices along it are a[s:e]."""
+    return np.moveaxis(a, axis, 0)
+
+
+def _full(step_dir, views, saved, name, dtype, cache, verify):
+    """{prefix: full array} of a saved parameter, its tensor-parallel parts put together."""
+    key = ("full", name)
+    if key not in cache:
+        dt, off, n, shape, vi, parts = saved[name]
+        if parts is None:
+            got = read_range(step_dir, views[vi], dt, dtype, off, off + n, cache, verify)
+            cache[key] = {p: a.reshape(shape) for p, a in got.items()}
+        else:
+            cache[key] = {p: np.zeros(shape, dtype=dtype) for _, p in KEYS}
+            for vi, off, n, local, spec in parts:
+                got = read_range(step_dir, views[vi], dt, dtype, off, off + n, cache, verify)
+                for p, a in got.items():
+                    src, dst, i = _along(a.reshape(local), spec["axis"]), _along(cache[key][p], spec["axis"]), 0
+                    for s, e in spec["ranges"]:
+                        dst[s:e] = src[i:i + e - s]
+                        i += e - s
+    return cache[key]
+
+
+def _cut(full, spec, local):
+    """This layout's slice (shape ``local``) of a full parameter: its ranges along the axis, then
+    zero padding (a vocabulary padded to a multiple of tp)."""
+    if spec is None:
+        return full.reshape(-1)
+    out = np.zeros(local, dtype=full.dtype)
+    dst, src, i = _along(out, spec["axis"]), _along(full, spec["axis"]), 0
+    for s, e in spec["ranges"]:
+        dst[i:i + e - s] = src[s:e]
+        i += e - s
+    return out.reshape(-1)
+
+
+def read_params(step_dir, manifest, saved, index, dt, dtype, lo, hi, cache, verify=True, slices=None):
     """{prefix: (hi - lo,) array}: elements [lo, hi) of a ``dt`` flat buffer of layout ``index``
     (FlatParameters.index), each parameter's part read BY NAME from where ``saved``
     (saved_index) says it was saved. Runs of parameters contiguous in both layouts are read
-    at once: at the saved layout, one read_range per stage. Padding stays zero."""
+    at once: at the saved layout, one read_range per stage. A parameter tensor parallelism
+    cut, when saved or now (``slices``: {name: slice} of this layout), is put together whole
+    and cut again. Padding stays zero."""
     out = {prefix: np.zeros(hi - lo, dtype=dtype) for _, prefix in KEYS}
+    slices = slices or {}
     views, runs = stages_of(manifest), []                     # [stage, saved start, dst start, length]
-    for name, (d, off, n, _) in sorted(index.items(), key=lambda kv: kv[1][1]):
+    for name, (d, off, n, shape) in sorted(index.items(), key=lambda kv: kv[1][1]):
         a, b = max(lo, off), min(hi, off + n)
         if d != dt or a >= b:
+            continue
+        if saved[name][5] is not None or name in slices:       # tensor-parallel: whole, then this slice
+            full = _full(step_dir, views, saved, name, dtype, cache, verify)
+            for _, prefix in KEYS:
+                out[prefix][a - lo:b - lo] = _cut(full[prefix], slices.get(name), shape)[a - off:b - off]
             continue
         src = saved[name][1] + (a - off)
         run = runs[-1] if runs else None

@@ -59,7 +59,7 @@ from engine.flat import padded_size, shard_range
 from engine.io import CheckpointError, atomic_write_json, one_line, save_safetensors
 
 from .reshard import (KEYS, _check_sizes, _np_dtype, check_layout, check_params,  # noqa: F401
-                                read_params, read_range, saved_index, shard_file, stages_of)
+                      read_params, read_range, saved_index, shard_file, stages_of, view_key)
 
 FORMAT = "mpi-transformer-engine/sharded-checkpoint"
 FORMAT_VERSION = 1
@@ -89,12 +89,14 @@ def agree(comm, error):
 
 # -- save ------------------------------------------------------------------------------------
 def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None, keep=None, group=None,
-                 stage=None):
+                 stage=None, tp=None):
     """Every rank of ``comm``: write this rank's shard (``shard_state``, the structure of
     ZeroEngine.shard_state()) into out_dir/step_<step>; rank 0 adds the manifest (``manifest``:
     the caller's JSON keys; ``per_rank``: a JSON dict of this rank, e.g. its RNG state).
     Pipeline stages: ``stage`` = (s, P) of this rank's stage, ``comm`` its dp (x sp) group, ``group``
-    every rank of every stage (the world), whose rank 0 writes the manifest.
+    every rank of every stage (the world), whose rank 0 writes the manifest. Tensor parallelism:
+    ``tp`` = (t, T, slices) of this rank, slices {name: slice} of the parameters it cut
+    (parallel/tensor/model.py slice_specs), ``group`` the world; one layout per (stage, t).
     Atomic and collective (over ``group``, default ``comm``); returns the step directory."""
     clash = [k for k in manifest if k in RESERVED]
     if clash:
@@ -112,7 +114,8 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
     if err:
         raise CheckpointError(err)
 
-    fpath = os.path.join(tmp, shard_file(r, N, stage))
+    tpk = None if tp is None else (tp[0], tp[1])
+    fpath = os.path.join(tmp, shard_file(r, N, stage, tpk))
     try:                                                      # this rank's shard, fsynced
         tensors, ranges, steps = {}, {}, {}
         for dt in flat.dtypes:
@@ -127,7 +130,7 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
                 tensors[f"{prefix}.{dt}"] = a
             steps[dt] = int(o["step"])
         save_safetensors(fpath, tensors, metadata={"format": FORMAT, "rank": str(r), "world": str(N)})
-        info = dict(file=shard_file(r, N, stage), ranges=ranges, steps=steps, **file_info(fpath))
+        info = dict(file=shard_file(r, N, stage, tpk), ranges=ranges, steps=steps, **file_info(fpath))
     except (OSError, ValueError, TypeError, KeyError) as e:
         info = {"error": f"rank {r}: cannot write {fpath}: {type(e).__name__}: {one_line(e)}"}
     layout = None if r else dict(                             # the stage's flat layout, from its rank 0
@@ -135,8 +138,10 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
         buffers={dt: {"numel": int(flat.numel[dt]), "padded": padded_size(flat.numel[dt], N, flat.align)}
                  for dt in flat.dtypes},
         params={name: {"dtype": dt, "offset": off, "numel": n, "shape": list(shape)}
-                for name, (dt, off, n, shape) in flat.index.items()})
-    infos = exchange(group, {"shard": info, "per_rank": per_rank, "rank": r, "stage": stage, "layout": layout})
+                for name, (dt, off, n, shape) in flat.index.items()},
+        **({} if tp is None else {"tp": {"rank": tp[0], "size": tp[1], "slices": tp[2]}}))
+    infos = exchange(group, {"shard": info, "per_rank": per_rank, "rank": r, "stage": stage, "tp": tpk,
+                             "layout": layout})
     err = next((i["shard"]["error"] for i in infos if "error" in i["shard"]), None)
 
     path = None
@@ -147,14 +152,17 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
                 if any(i["shard"]["steps"] != steps for i in infos):
                     err = f"optimizer step counts differ between ranks: {[i['shard']['steps'] for i in infos]}"
             if err is None:
-                views = []
-                for s in sorted({tuple(i["stage"]) if i["stage"] else () for i in infos}):
-                    mine = sorted((i for i in infos if tuple(i["stage"] or ()) == s), key=lambda i: i["rank"])
+                views = []                                    # one per (stage, tp rank), in that order
+                part = (lambda i: (tuple(i["stage"] or ()), tuple(i["tp"] or ())))
+                for s, t in sorted({part(i) for i in infos}):
+                    mine = sorted((i for i in infos if part(i) == (s, t)), key=lambda i: i["rank"])
                     views.append(dict(next(i["layout"] for i in mine if i["rank"] == 0),
                                       optim={dt: {"step": n} for dt, n in steps.items()},
                                       shards=[i["shard"] for i in mine], per_rank=[i["per_rank"] for i in mine],
                                       **({"stage": list(s)} if s else {})))
-                layout = views[0] if stage is None else {"pipeline": {"pp": stage[1], "stages": views}}
+                layout = views[0] if stage is None and tp is None else \
+                    {"pipeline": {"pp": 1 if stage is None else stage[1], "tp": 1 if tp is None else tp[1],
+                                  "stages": views}}
                 atomic_write_json(os.path.join(tmp, "manifest.json"), dict(
                     manifest, format=FORMAT, format_version=FORMAT_VERSION, step=step, **layout))
                 path = commit(out_dir, tmp, step, keep)
@@ -208,11 +216,13 @@ def open_checkpoint(path, comm=None, verify=True):
     return opened
 
 
-def load_sharded(path, comm, flat, verify=True, group=None, stage=None):
+def load_sharded(path, comm, flat, verify=True, group=None, stage=None, slices=None):
     """Every rank of ``comm``: (shard_state of this rank at the CURRENT world size and flat
     layout, manifest, this rank's per_rank dict when saved at the same layout else None).
     ``stage`` (s, P): ``flat`` holds pipeline stage s of P (a subset of the checkpoint's
-    parameters), ``group`` every rank of every stage. Sizes are always checked, the sha256 of
+    parameters), ``group`` every rank of every stage; ``slices`` {name: slice}: the parameters
+    tensor parallelism cut on this rank (parallel/tensor/model.py slice_specs), read by their
+    full shape from any tp layout. Sizes are always checked, the sha256 of
     each shard read unless ``verify`` is False (the caller verified it with open_checkpoint).
     A collective (over ``group``, default ``comm``): any rank's failure raises the same
     one-line CheckpointError on all."""
@@ -220,14 +230,15 @@ def load_sharded(path, comm, flat, verify=True, group=None, stage=None):
     state, manifest, err = None, None, None
     try:
         step_dir, manifest = read_sharded_manifest(path)
-        check_layout(manifest, step_dir, flat.index, flat.dtypes, partial=stage is not None)
+        check_layout(manifest, step_dir, flat.index, flat.dtypes, partial=stage is not None, slices=slices)
         saved = saved_index(manifest, step_dir)
         for view in stages_of(manifest):                      # cheap checks of every shard, on every rank
             _check_sizes(step_dir, view["shards"])
         state, cache = {"params": {}, "optim": {}}, {}
         for dt in flat.dtypes:
             lo, hi = shard_range(flat.numel[dt], r, N, flat.align)
-            got = read_params(step_dir, manifest, saved, flat.index, dt, flat.data[dt].dtype, lo, hi, cache, verify)
+            got = read_params(step_dir, manifest, saved, flat.index, dt, flat.data[dt].dtype, lo, hi, cache, verify,
+                              slices)
             state["params"][dt] = got["params"]                                      # (S',) each
             state["optim"][dt] = {"m": got["exp_avg"], "v": got["exp_avg_sq"],
                                   "step": int(stages_of(manifest)[0]["optim"][dt]["step"])}
@@ -237,8 +248,8 @@ def load_sharded(path, comm, flat, verify=True, group=None, stage=None):
         err = f"checkpoint {path}: malformed ({type(e).__name__}: {one_line(e)})"
     agree(comm if group is None else group, err)
     views = stages_of(manifest)
-    same = len(views) == (1 if stage is None else stage[1])  # saved at this layout: its per-rank state
-    view = views[0 if stage is None else stage[0]] if same else None
+    here = (None if stage is None else tuple(stage), None)   # saved at this layout: its per-rank state
+    view = None if slices else next((v for v in views if view_key(v) == here), None)
     per_rank = view.get("per_rank") if view is not None and view["world"] == N else None
     return state, manifest, per_rank[r] if isinstance(per_rank, list) and len(per_rank) == N else None
 
@@ -265,7 +276,8 @@ def consolidate(path, with_optim=False, verify=True):
     saved = saved_index(manifest, step_dir)
     index, ends = {}, {}                                      # one process's layout, by name
     for name in _one_process_order(saved):
-        dt, _, n, shape, _ = saved[name]
+        dt, shape = saved[name][0], saved[name][3]
+        n = int(np.prod(shape, dtype=np.int64))
         index[name] = (dt, ends.get(dt, 0), n, shape)
         ends[dt] = ends.get(dt, 0) + n
     cache, params, optim = {}, {}, {}

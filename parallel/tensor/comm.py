@@ -12,6 +12,7 @@ Cost per call: one all-reduce of the activation, (B, T, C) elements, in one dire
 The collective is the Communicator's (collectives/), so every rank gets the same bits.
 """
 from engine.autograd import Function
+from engine.backend import get_array_module
 
 
 class CopyToTP(Function):
@@ -43,3 +44,66 @@ def copy_to_tp(x, comm):
 def reduce_from_tp(x, comm):
     """All-reduce forward, identity backward (a no-op when tp = 1)."""
     return x if comm.size == 1 else ReduceFromTP.apply(x, comm=comm)
+
+
+# -- sequence-parallel regions (Korthikanti et al. 2022, arXiv 2205.05198, section 4.2.2) --------
+# The residual stream is split along tokens over tp: rank r holds tokens [r T/tp, (r+1) T/tp).
+# The operator pairs g / g-bar of the paper replace f / g above, same bytes:
+#
+#     gather_tokens   forward: all-gather along T   (B, T/tp, C) -> (B, T, C)   backward: reduce-scatter
+#     scatter_tokens  forward: reduce-scatter       (B, T, C) -> (B, T/tp, C)   backward: all-gather
+#
+# An all-reduce is a reduce-scatter then an all-gather, so TP with these regions moves what TP
+# alone moves, while LayerNorm, dropout and the residual adds work on T/tp tokens.
+
+def _tokens_first(x):
+    """(B, T, C) -> a contiguous (T, B, C) copy, so rank blocks of the flat array are token chunks."""
+    return get_array_module(x).ascontiguousarray(x.transpose(1, 0, 2))
+
+
+def _all_gather_tokens(x, comm):
+    B, t, C = x.shape
+    out = comm.all_gather(_tokens_first(x).reshape(-1))            # (tp t B C,)
+    return out.reshape(comm.size * t, B, C).transpose(1, 0, 2)     # (B, T, C)
+
+
+def _reduce_scatter_tokens(x, comm):
+    B, T, C = x.shape
+    if T % comm.size:
+        raise ValueError(f"sequence-parallel regions: {T} tokens do not split over tp = {comm.size}")
+    out = comm.reduce_scatter(_tokens_first(x).reshape(-1))        # (T/tp B C,)
+    return out.reshape(T // comm.size, B, C).transpose(1, 0, 2)    # (B, T/tp, C)
+
+
+class GatherTokens(Function):
+    def forward(self, x, comm=None):
+        self.comm = comm
+        return _all_gather_tokens(x, comm)
+
+    def backward(self, g):
+        return (_reduce_scatter_tokens(g, self.comm),)
+
+
+class ScatterTokens(Function):
+    def forward(self, x, comm=None):
+        self.comm = comm
+        return _reduce_scatter_tokens(x, comm)
+
+    def backward(self, g):
+        return (_all_gather_tokens(g, self.comm),)
+
+
+def gather_tokens(x, comm):
+    """All-gather along tokens forward, reduce-scatter backward (a no-op when tp = 1)."""
+    return x if comm.size == 1 else GatherTokens.apply(x, comm=comm)
+
+
+def scatter_tokens(x, comm):
+    """Reduce-scatter along tokens forward, all-gather backward (a no-op when tp = 1)."""
+    return x if comm.size == 1 else ScatterTokens.apply(x, comm=comm)
+
+
+def token_range(T, comm):
+    """[lo, hi) of the tokens this rank holds in a sequence-parallel region."""
+    n = T // comm.size
+    return comm.rank * n, (comm.rank + 1) * n

@@ -16,7 +16,7 @@ this rank's slice. Per block: 2 all-reduces of (B, T, C) forward, 2 backward.
 """
 import numpy as np
 
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .layers import ColumnParallelLinear, ReplicatedLayerNorm, RowParallelLinear, TokenShardedPositions
 from .vocab import VocabParallelEmbedding
 
 
@@ -38,9 +38,11 @@ def check_config(config, tp):
         raise TensorParallelError(f"--tp {tp} with a sparse FFN or sparse QKV is not supported yet")
 
 
-def shard_gpt(model, comm, vocab_granule=1):
+def shard_gpt(model, comm, vocab_granule=1, tokens=False):
     """Replace model's layers by this rank's tp slices (comm: the tp Communicator); returns the
-    names of the parameters that are the same on every tp rank (counted once in norms)."""
+    names of the parameters that are the same on every tp rank (counted once in norms).
+    ``tokens``: sequence-parallel regions (Korthikanti et al. 2022): the residual stream,
+    LayerNorms and dropout hold this rank's tokens [r T/tp, (r+1) T/tp) only."""
     cfg, t, r = model.config, comm.size, comm.rank
     check_config(cfg, t)
     C, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
@@ -50,14 +52,53 @@ def shard_gpt(model, comm, vocab_granule=1):
     units = np.arange(r * f, (r + 1) * f)
     for block in model.blocks:
         a, m = block.attn, block.mlp
-        a.c_attn = ColumnParallelLinear.from_linear(a.c_attn, np.concatenate([q, C + q, 2 * C + q]), comm)
-        a.c_proj = RowParallelLinear.from_linear(a.c_proj, q, comm)
+        a.c_attn = ColumnParallelLinear.from_linear(a.c_attn, np.concatenate([q, C + q, 2 * C + q]), comm, tokens)
+        a.c_proj = RowParallelLinear.from_linear(a.c_proj, q, comm, tokens)
         a.n_head = nh
-        m.c_fc = ColumnParallelLinear.from_linear(m.c_fc, units, comm)
-        m.c_proj = RowParallelLinear.from_linear(m.c_proj, units, comm)
-    model.transformer.wte = VocabParallelEmbedding.from_embedding(model.transformer.wte, comm, vocab_granule)
+        m.c_fc = ColumnParallelLinear.from_linear(m.c_fc, units, comm, tokens)
+        m.c_proj = RowParallelLinear.from_linear(m.c_proj, units, comm, tokens)
+        if tokens:
+            block.ln_1, block.ln_2 = ReplicatedLayerNorm(block.ln_1, comm), ReplicatedLayerNorm(block.ln_2, comm)
+    tr = model.transformer
+    tr.wte = VocabParallelEmbedding.from_embedding(tr.wte, comm, vocab_granule, tokens)
+    if tokens:
+        tr.wpe, tr.ln_f = TokenShardedPositions(tr.wpe, comm), ReplicatedLayerNorm(tr.ln_f, comm)
     sharded = {id(p) for blk in model.blocks for lin in (blk.attn.c_attn, blk.mlp.c_fc)
                for p in (lin.weight, lin.bias) if p is not None}
     sharded |= {id(blk.attn.c_proj.weight) for blk in model.blocks} | {id(blk.mlp.c_proj.weight) for blk in model.blocks}
     sharded.add(id(model.transformer.wte.weight))
     return [n for n, p in model.named_parameters() if id(p) not in sharded]
+
+
+def _runs(index):
+    """Contiguous runs [[s, e), ...] of a sorted index array."""
+    out = []
+    for i in np.asarray(index).tolist():
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def slice_specs(module, prefix=""):
+    """{parameter name: {"shape": full shape, "axis": a, "ranges": [[s, e), ...]}} of every
+    parameter this rank holds a tensor-parallel slice of (its rows or columns of the dense
+    one, in order; a padded vocabulary's rows past V are zeros and listed in no range): what a
+    sharded checkpoint records, so that any tp can read it (parallel/checkpoint/reshard.py)."""
+    specs = {}
+    for name, m in module.named_modules(prefix):
+        dot = f"{name}." if name else ""
+        if isinstance(m, ColumnParallelLinear):
+            out, inp = m.weight.shape[0] * m.comm.size, m.weight.shape[1]
+            specs[dot + "weight"] = {"shape": [out, inp], "axis": 0, "ranges": _runs(m.rows)}
+            if m.bias is not None:
+                specs[dot + "bias"] = {"shape": [out], "axis": 0, "ranges": _runs(m.rows)}
+        elif isinstance(m, RowParallelLinear):
+            out, inp = m.weight.shape[0], m.weight.shape[1] * m.comm.size
+            specs[dot + "weight"] = {"shape": [out, inp], "axis": 1, "ranges": _runs(m.cols)}
+        elif isinstance(m, VocabParallelEmbedding):
+            hi = min(m.lo + m.weight.shape[0], m.vocab)
+            specs[dot + "weight"] = {"shape": [m.vocab, m.weight.shape[1]], "axis": 0,
+                                     "ranges": [[m.lo, hi]] if hi > m.lo else []}
+    return specs

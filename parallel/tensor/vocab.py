@@ -24,7 +24,7 @@ from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.backend import get_array_module
 from engine.nn import Module, Parameter
 
-from .comm import copy_to_tp, reduce_from_tp
+from .comm import copy_to_tp, gather_tokens, reduce_from_tp, scatter_tokens
 
 
 def padded_vocab(V, tp, granule=1):
@@ -76,13 +76,15 @@ class VocabParallelCrossEntropy(Function):
 class VocabParallelEmbedding(Module):
     """Rows [lo, hi) of the padded (Vp, C) table on this rank; ``vocab`` the true V."""
 
-    def __init__(self, weight, comm, lo, vocab):
-        self.weight, self.comm, self.lo, self.vocab = weight, comm, lo, vocab
+    def __init__(self, weight, comm, lo, vocab, tokens=False):
+        self.weight, self.comm, self.lo, self.vocab, self.tokens = weight, comm, lo, vocab, tokens
         self.num_embeddings, self.embedding_dim = vocab, weight.shape[1]
 
     @classmethod
-    def from_embedding(cls, emb, comm, granule=1):
-        """This rank's rows of a dense Embedding (every rank built the same one)."""
+    def from_embedding(cls, emb, comm, granule=1, tokens=False):
+        """This rank's rows of a dense Embedding (every rank built the same one); ``tokens``:
+        the output is this rank's tokens of a sequence-parallel region (reduce-scattered), and
+        the output layer's input arrives so (all-gathered)."""
         V, C = emb.weight.shape
         Vp = padded_vocab(V, comm.size, granule)
         n = Vp // comm.size
@@ -92,7 +94,7 @@ class VocabParallelEmbedding(Module):
         hi = min(lo + n, V)
         if hi > lo:
             rows[:hi - lo] = emb.weight.data[lo:hi]
-        return cls(Parameter(rows, decay=emb.weight.decay), comm, lo, V)
+        return cls(Parameter(rows, decay=emb.weight.decay), comm, lo, V, tokens)
 
     def forward(self, idx):
         idx = idx.data if isinstance(idx, Tensor) else idx
@@ -102,10 +104,11 @@ class VocabParallelEmbedding(Module):
         mine = (idx >= self.lo) & (idx < self.lo + n)                  # (B, T)
         e = ops.embedding(xp.where(mine, idx - self.lo, 0), self.weight)   # (B, T, C)
         e = e * mine[..., None].astype(self.weight.data.dtype)         # other ranks' ids: zero rows
-        return reduce_from_tp(e, self.comm)
+        return scatter_tokens(e, self.comm) if self.tokens else reduce_from_tp(e, self.comm)   # (B, T[/tp], C)
 
     def logits(self, x):
-        return ops.linear(copy_to_tp(x, self.comm), self.weight)      # (B, T, C) -> (B, T, Vp/tp)
+        x = gather_tokens(x, self.comm) if self.tokens else copy_to_tp(x, self.comm)   # (B, T, C)
+        return ops.linear(x, self.weight)                              # (B, T, C) -> (B, T, Vp/tp)
 
     def cross_entropy(self, logits, targets, reduction="mean"):
         targets = targets.data if isinstance(targets, Tensor) else targets

@@ -30,7 +30,7 @@ B, STEPS = 8, 5
 
 
 def run(comm, tp=1, accum=1, **layout):
-    par = ParallelConfig(**layout)
+    par = ParallelConfig(tp=tp, **layout)
     check_layout(par, CFG, B)
     mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp, tp=tp, world=comm)
     step = build_step(CFG, par, TRAIN, mesh)
@@ -97,6 +97,11 @@ ROUNDS = [
      "tp2pp2-gpipe": ([4, 5, 6, 7], 2, {"pp": 2, "schedule": "gpipe", "micro_batches": 4})},
     {"tp2sp2-ring": ([0, 1, 2, 3], 2, {"sp": 2}), "tp2sp2-ulysses": ([4, 5, 6, 7], 2, {"sp": 2, "sp_attention": "ulysses"})},
     {"tp2pp2dp2-z1": (list(range(8)), 2, {"pp": 2, "dp": 2, "zero": 1})},
+    {"tp2-tokens": ([0, 1], 2, {"tp_token_shards": True}),
+     "tp4-tokens-ga2": ([2, 3, 4, 5], 4, {"tp_token_shards": True, "accum": 2}),
+     "tp2dp1-tokens-z3": ([6, 7], 2, {"tp_token_shards": True, "zero": 3, "vocab_granule": 8})},
+    {"tp2dp2-tokens-z2": ([0, 1, 2, 3], 2, {"dp": 2, "zero": 2, "tp_token_shards": True}),
+     "tp2dp2-tokens-z1": ([4, 5, 6, 7], 2, {"dp": 2, "zero": 1, "tp_token_shards": True})},
 ]
 for cases in ROUNDS:
     reference(1), reference(2)
@@ -104,7 +109,8 @@ for cases in ROUNDS:
     if mine:
         color, tag, (ranks, tp, layout) = mine[0]
         sub = world.split(color, key=ranks.index(R))
-        check(tag, sub, tp, **layout)
+        layout = dict(layout)
+        check(tag, sub, tp, layout.pop("accum", 1), **layout)
     else:
         world.split(None)
     world.barrier()

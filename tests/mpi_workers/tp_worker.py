@@ -8,7 +8,8 @@ check, against the dense layers every rank builds from the same seed:
     vocab   VocabParallelEmbedding (V = 37, padded to a multiple of tp x granule, granule 1 and 8):
             embedding + output layer + cross-entropy (mean, some targets -1): loss, d input, d wte
     gpt     a whole GPT (12 heads, dropout 0.1) sharded by shard_gpt: loss and every parameter's
-            gradient (sharded ones against their slice of the dense gradient)
+            gradient (sharded ones against their slice of the dense gradient); gpt-tokens the
+            same with sequence-parallel regions (residual stream, LayerNorm, dropout on T/tp tokens)
 Rank 0 prints "tp=<t> <case> err=<worst relative error>"; the test asserts each below 1e-12.
 """
 import numpy as np
@@ -77,10 +78,10 @@ def vocab_case(comm, granule):
     return max(rel(got[0], dense[0]), rel(got[1], dense[1]), rel(got[2], np.concatenate([rows, pad])))
 
 
-def gpt_case(comm):
-    cfg = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=12, n_embd=24, dropout=0.1)
+def gpt_case(comm, tokens=False):
+    cfg = GPTConfig(block_size=12, vocab_size=37, n_layer=2, n_head=12, n_embd=24, dropout=0.1)
     g = np.random.default_rng(2)
-    idx, tgt = g.integers(0, 37, (3, 16)), g.integers(0, 37, (3, 16))
+    idx, tgt = g.integers(0, 37, (3, 12)), g.integers(0, 37, (3, 12))
 
     def model():
         m = GPT(cfg, np.random.default_rng(5))
@@ -92,8 +93,10 @@ def gpt_case(comm):
     loss.backward()
     ref = {n: p.grad for n, p in dense.named_parameters()}
     tp = model()
-    shard_gpt(tp, comm)
-    got = tp(idx, tgt)[1]
+    shard_gpt(tp, comm, tokens=tokens)
+    n = cfg.block_size // comm.size                      # sequence-parallel regions: this rank's tokens
+    with tp.noise.located(pos=np.arange(comm.rank * n, (comm.rank + 1) * n) if tokens else None):
+        got = tp(idx, tgt)[1]
     got.backward()
     err = rel(got.item(), loss.item())
     for name, p in tp.named_parameters():
@@ -122,7 +125,7 @@ for t in range(1, W + 1):
     sub = world.split(0 if R < t else None)
     if sub is not None:
         results = [("mlp", mlp_case(sub)), ("vocab-g1", vocab_case(sub, 1)), ("vocab-g8", vocab_case(sub, 8)),
-                   ("gpt", gpt_case(sub))]
+                   ("gpt", gpt_case(sub)), ("gpt-tokens", gpt_case(sub, tokens=True))]
         worst = sub.all_reduce(np.array([e for _, e in results]), op="max")
         if R == 0:
             for (name, _), e in zip(results, worst):

@@ -1,0 +1,70 @@
+"""train.py --tp: tensor parallelism end to end (tests/mpi_workers/tp_train_cli.py, one 4-rank
+launch). tp 2, and tp 4 with sequence-parallel regions and a padded vocabulary, log one
+process's losses, gradient norms and validation losses within 1e-10 in float64 with dropout
+on; their checkpoints (each tp rank its slices) consolidate to one process's parameters and
+resume at another tp (4 -> 2, 2 -> 1, 1 -> tp2 x dp2 ZeRO 3) equal to the uninterrupted run;
+bad tensor-parallel layouts stop every rank with exit code 2 and one line."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from mpi_util import describe, metrics, run_mpi
+
+TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "16", "--block-size", "16", "--batch-size", "8",
+        "--eval-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2", "--dtype", "float64",
+        "--max-steps", "4", "--eval-interval", "2", "--ckpt-interval", "0", "--keep", "0", "--dropout", "0.1",
+        "--tokenizer", "char"]
+KEYS = ("loss", "grad_norm", "val_loss")
+RUNS = {"tp2": [1, 2, 3, 4], "tp4-tokens": [1, 2, 3, 4], "resume-tp4-to-tp2": [3, 4], "resume-tp2-to-1": [3, 4],
+        "resume-1-to-tp2dp2-z3": [3, 4]}
+BAD = {"tp-heads": "n_head (2) must be divisible by tp", "tp-tokens-block": "--tp-token-shards splits each window",
+       "tp-tokens-pp": "--tp-token-shards with --sp or --pp is not supported"}
+
+
+@pytest.fixture(scope="module")
+def launched(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp")
+    return out, run_mpi(4, "tp_train_cli.py", out, corpus, *TINY, timeout=240)
+
+
+def test_tp_training_and_resume_equal_one_process(launched):
+    out, proc = launched
+    assert proc.returncode == 0 and "DONE" in proc.stdout, describe(proc)
+    rcs = dict(re.findall(r"^CASE (\S+) rc=(\d+)$", proc.stdout, re.M))
+    assert rcs == {t: "0" for t in ["ref", *RUNS]}, describe(proc)
+    ref = metrics(out / "ref.jsonl")
+    for tag, steps in RUNS.items():
+        got = metrics(out / f"{tag}.jsonl")
+        assert sorted(got) == steps, tag
+        err = max(abs(got[s][k] - ref[s][k]) / abs(ref[s][k]) for s in steps for k in KEYS if k in ref[s])
+        assert err < 1e-10, (tag, err)
+
+
+def test_tp_checkpoints_consolidate_to_one_process(launched):
+    from parallel.checkpoint import consolidate
+    out, _ = launched
+    want, (w_opt, _) = consolidate(str(out / "ref")), consolidate(str(out / "ref"), with_optim=True)[1:]
+    for tag in ("tp2", "tp4-tokens"):
+        got, g_opt, manifest = consolidate(str(out / tag), with_optim=True)
+        assert list(got) == list(want), tag                        # one process's names, in its order
+        assert manifest["pipeline"]["tp"] == int(tag[2])
+        for n, w in want.items():
+            assert got[n].shape == w.shape, (tag, n)
+            keep = slice(None) if not n.endswith("c_attn.bias") else np.r_[0:16, 32:48]   # k bias: grad 0
+            assert np.allclose(got[n][keep], w[keep], rtol=1e-10, atol=1e-12), (tag, n)
+        files = os.listdir(out / tag / "step_4")
+        assert sum(f.startswith("tp-") for f in files) == int(tag[2]), files
+
+
+def test_bad_tp_layouts_exit_2_with_one_line(launched):
+    out, proc = launched
+    for tag, words in BAD.items():
+        m = re.search(rf"^BAD {tag} rcs=(\[.*?\]) lines=(.*)$", proc.stdout, re.M)
+        assert m, describe(proc)
+        assert json.loads(m.group(1)) == [2, 2, 2, 2], m.group(0)
+        lines = json.loads(m.group(2))
+        assert all(len(ls) == 1 and words in ls[0] and ls[0].startswith("error: ") for ls in lines), lines
+        assert not os.path.exists(out / tag)
