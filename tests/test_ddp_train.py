@@ -2,6 +2,8 @@
 logged losses, through a consolidated checkpoint resumed at another N and stage), and bad
 layouts stop every rank with exit code 2 and one line from rank 0."""
 
+import os
+
 import pytest
 
 from mpi_util import TRAIN, assert_bad_input, describe, losses, run_mpi
@@ -70,3 +72,17 @@ def test_sparse_model_under_dp_and_zero_matches_one_process(corpus, tmp_path):
 def test_bad_layout_exits_2_on_every_rank_with_one_line(corpus, tmp_path, n, args, words):
     proc = run_mpi(n, TRAIN, "--data", corpus, *TINY, *args, "--out-dir", tmp_path / "out", timeout=60)
     assert_bad_input(proc, words, tmp_path / "out")
+
+
+def test_hostfile_launch_as_the_readme_shows(corpus, tmp_path):
+    """README's multi-host launch (MPICH's Hydra: mpiexec -f HOSTFILE), here with one host."""
+    import subprocess
+    import sys
+    from mpi_util import ROOT, mpiexec
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([mpiexec(), "-f", str(hosts), "-n", "2", sys.executable, TRAIN, "--data", corpus, *TINY,
+                           "--dp", "2", "--max-steps", "2", "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "layout: 2 ranks, dp=2" in proc.stdout, describe(proc)
