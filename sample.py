@@ -4,6 +4,7 @@
     python sample.py --ckpt out/step_300 --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 40
     python sample.py --ckpt model.safetensors                # a file written by consolidate.py
     python sample.py --hf gpt2-dir --prompt "Hello, I'm a language model,"   # a Hugging Face GPT-2 directory
+    mpiexec -n 2 python sample.py --ckpt out --tp 2             # tensor parallel: the same tokens as one process
 
 The checkpoint's manifest carries the model config and the tokenizer (byte, char or ids),
 so the text is encoded and decoded exactly as in training. --ckpt reads train.py's sharded
@@ -33,6 +34,7 @@ from engine.bpe import BPETokenizer
 from engine.checkpoint import load_checkpoint, resolve
 from engine.data import ByteTokenizer, DataError, IdTokenizer, tokenizer_from_json
 from engine.io import CheckpointError, load_json, load_safetensors
+from collectives.launch import env_rank, env_world
 from parallel.checkpoint import FORMAT as SHARDED, consolidate
 
 
@@ -54,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (mpiexec -n TP): heads, MLP units and "
+                   "the vocabulary split, the KV cache sharded by heads; the same tokens as one process")
     return p.parse_args(argv)
 
 
@@ -120,6 +124,8 @@ def check_args(args):
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if args.prompt is not None and args.prompt_ids is not None:
         raise ValueError("give the prompt as --prompt (text) or --prompt-ids (token ids), not both")
 
@@ -146,6 +152,22 @@ def encode_prompt(args, model, tokenizer):
     return prompt
 
 
+def tensor_parallel(model, tp):
+    """--tp > 1: cut the model into this rank's Megatron slices (parallel/tensor/model.py); every
+    rank decodes the same tokens (the logits are gathered, the generator seeded alike). Returns
+    whether this rank prints."""
+    if tp == 1 and env_world() == 1:
+        return True
+    from collectives import Communicator
+    from parallel.tensor import shard_gpt
+    comm = Communicator()
+    if comm.size != tp:
+        raise ValueError(f"--tp {tp} needs mpiexec -n {tp}; the job has {comm.size} ranks")
+    if tp > 1:
+        shard_gpt(model, comm)
+    return comm.rank == 0
+
+
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -153,17 +175,19 @@ def main(argv=None):
         backend.set_device(args.device)
         model, tokenizer = load(args)
         prompt = encode_prompt(args, model, tokenizer)
+        main_rank = tensor_parallel(model, args.tp)
     except (ValueError, RuntimeError, DataError, CheckpointError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        if env_rank() == 0:                                  # every rank fails alike
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     bs = model.config.block_size
-    if len(prompt) > bs:
+    if len(prompt) > bs and main_rank:
         print(f"note: the prompt has {len(prompt)} tokens, more than the model's block_size {bs}: "
               f"it sees only the last {bs}", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     idx = np.tile(np.asarray(prompt, dtype=np.int64)[None], (args.num_samples, 1))    # (S, T0)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, rng=rng)
-    for i, row in enumerate(out):
+    for i, row in enumerate(out if main_rank else ()):
         if i:
             print("\n" + "-" * 40)
         print(tokenizer.decode(row), flush=True)

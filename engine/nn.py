@@ -240,6 +240,11 @@ class Embedding(Module):
         from .ops import linear
         return linear(x, self.weight)
 
+    def full_logits(self, logits):
+        """The whole vocabulary's logits of an array that logits() returned (here: itself;
+        a vocabulary-parallel embedding gathers its ranks' columns)."""
+        return logits
+
     def cross_entropy(self, logits, targets, reduction="mean"):
         """Cross-entropy of logits() against integer targets (-1 ignored); a vocabulary-parallel
         embedding (parallel/tensor/) computes it without the full logits."""

@@ -56,7 +56,8 @@ def next_logits(model, idx, caches=None):
     for i, block in enumerate(model.blocks):
         x = block(x, caches[i] if caches else None)                     # (B, T, C)
     logits, _ = model.head(Tensor(x.data[:, -1:]))                      # (B, 1, V): the last position only
-    return backend.to_numpy(logits.data[:, -1]).astype(np.float64)     # (B, V)
+    logits = model.transformer.wte.full_logits(logits.data[:, -1])      # (B, V) (tensor parallel: gathered)
+    return backend.to_numpy(logits).astype(np.float64)                 # (B, V)
 
 
 def sample(logits, temperature, top_k, rng):

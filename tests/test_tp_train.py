@@ -68,3 +68,24 @@ def test_bad_tp_layouts_exit_2_with_one_line(launched):
         lines = json.loads(m.group(2))
         assert all(len(ls) == 1 and words in ls[0] and ls[0].startswith("error: ") for ls in lines), lines
         assert not os.path.exists(out / tag)
+
+
+def test_tp_decoding_gives_one_process_tokens(launched):
+    """sample.py --tp T: heads (and their KV cache), MLP units and the vocabulary split over T
+    ranks; greedy and seeded sampling give one process's tokens, whatever tp trained it."""
+    import subprocess
+    import sys
+    from mpi_util import ROOT
+    out, _ = launched
+    args = ["sample.py", "--prompt", "1 squ", "--max-new-tokens", "40"]
+
+    def one(ckpt, *extra):
+        return subprocess.run([sys.executable, *args, "--ckpt", str(out / ckpt), *extra], capture_output=True,
+                              text=True, cwd=ROOT, timeout=60)
+    for ckpt, tp, extra in (("tp4-tokens", 2, ["--temperature", "0"]), ("ref", 4, ["--temperature", "0.9", "--seed", "3"])):
+        want = one(ckpt, *extra)
+        got = run_mpi(tp, os.path.join(ROOT, "sample.py"), *args[1:], "--ckpt", out / ckpt, "--tp", tp, *extra, timeout=60)
+        assert want.returncode == 0 and got.returncode == 0, describe(got)
+        assert got.stdout == want.stdout and len(want.stdout) > 40, (got.stdout, want.stdout)
+    bad = run_mpi(2, os.path.join(ROOT, "sample.py"), "--ckpt", out / "ref", "--tp", 4, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.count("error: --tp 4 needs mpiexec -n 4") == 1, describe(bad)

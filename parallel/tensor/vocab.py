@@ -110,6 +110,15 @@ class VocabParallelEmbedding(Module):
         x = gather_tokens(x, self.comm) if self.tokens else copy_to_tp(x, self.comm)   # (B, T, C)
         return ops.linear(x, self.weight)                              # (B, T, C) -> (B, T, Vp/tp)
 
+    def full_logits(self, logits):
+        """(..., V) logits gathered from every rank's columns (..., Vp/tp), padding dropped: for
+        decoding, where one position's logits are cheap to gather (tensor-parallel sampling)."""
+        xp = get_array_module(logits)
+        lead, n = logits.shape[:-1], logits.shape[-1]
+        got = self.comm.all_gather(xp.ascontiguousarray(logits).reshape(-1))   # (tp * prod(lead) * n,)
+        got = xp.moveaxis(got.reshape((self.comm.size,) + lead + (n,)), 0, -2)  # (..., tp, n)
+        return got.reshape(lead + (self.comm.size * n,))[..., :self.vocab]
+
     def cross_entropy(self, logits, targets, reduction="mean"):
         targets = targets.data if isinstance(targets, Tensor) else targets
         return VocabParallelCrossEntropy.apply(logits, targets=targets, lo=self.lo, vocab=self.vocab,
