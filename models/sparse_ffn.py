@@ -186,15 +186,28 @@ class SparseFFN(Module):
                 data = [None if p is None else p.data for p in self._params()]
                 return Tensor(gather_forward(x.data, *data, N=self.N))
             return SparseFFNFunction.apply(x, *self._params(), N=self.N, hard=True)
-        rng, layer = self.noise, self.layer
-        hard, noise = rng.scalar(layer, SITES["ffn_coin"]) < self.hard_prob, None
-        if hard and self.temperature > 0:
-            B, T = x.shape[0], (x.shape[1] if x.ndim == 3 else 1)
-            u = rng.uniform(layer, SITES["ffn_gumbel"], (B, T, self.w1.shape[0]), like=x.data)   # (B, T, d_ff)
-            noise = gumbel_noise(u, x.dtype).reshape(n, self.w1.shape[0] // self.N, self.N)     # (n, nb, N)
-            noise *= self.temperature
+        hard, noise = draw_noise(self.noise, self.layer, self.hard_prob, self.temperature, x, self.w1.shape[0], self.N)
         y = SparseFFNFunction.apply(x, *self._params(), N=self.N, hard=hard, noise=noise)
-        if self.dropout > 0:
-            y = ops.dropout(y, self.dropout, u=rng.uniform(layer, SITES["ffn_dropout"], y.shape, dtype=y.dtype,
-                                                           like=y.data))
+        return ffn_dropout(y, self.dropout, self.noise, self.layer)
+
+
+def draw_noise(rng, layer, hard_prob, temperature, x, d_ff, N, units=None):
+    """(hard, noise) of one training call: the coin (one per step, pass and layer) and the
+    scaled Gumbel noise (n, nb, N) of units ``units`` (a slice of the d_ff; all by default, a
+    tensor-parallel rank its own blocks) for x's rows and tokens (engine/random.py)."""
+    hard, noise = rng.scalar(layer, SITES["ffn_coin"]) < hard_prob, None
+    if hard and temperature > 0:
+        B, T = x.shape[0], (x.shape[1] if x.ndim == 3 else 1)
+        u = rng.uniform(layer, SITES["ffn_gumbel"], (B, T, d_ff), like=x.data)      # (B, T, d_ff)
+        if units is not None:
+            u = u[..., units]
+        noise = gumbel_noise(u, x.dtype).reshape(B * T, -1, N)                     # (n, nb, N)
+        noise *= temperature
+    return hard, noise
+
+
+def ffn_dropout(y, p, rng, layer):
+    """Dropout on the FFN's output y (B, T, d), its masks at (layer, "ffn_dropout")."""
+    if p == 0:
         return y
+    return ops.dropout(y, p, u=rng.uniform(layer, SITES["ffn_dropout"], y.shape, dtype=y.dtype, like=y.data))

@@ -95,8 +95,8 @@ def check_layout(par, model, batch_size):
                           f"{block} tokens: {e}") from None
     if par.tp > 1:
         try:
-            check_tensor(types.SimpleNamespace(n_head=get("n_head"), n_embd=get("n_embd"),
-                                               sparse=bool(get("ffn_sparsity") or get("qkv_modules"))), par.tp)
+            check_tensor(types.SimpleNamespace(**{k: get(k) or 0 for k in ("n_head", "n_embd", "ffn_sparsity",
+                                                                              "qkv_modules")}), par.tp)
         except TensorParallelError as e:
             raise LayoutError(str(e)) from None
     if par.tp_token_shards and par.tp > 1:
@@ -105,6 +105,8 @@ def check_layout(par, model, batch_size):
              f"{par.tp * par.sp}")
         need(par.sp == 1 and par.pp == 1, "--tp-token-shards with --sp or --pp is not supported yet; use --tp "
              "alone there")
+        need(not get("ffn_sparsity"), "--tp-token-shards with a sparse FFN (--ffn-sparsity) is not supported; "
+             "use --tp alone")
     need(par.sp == 1 or not get("qkv_modules"), f"--sp {par.sp} with --qkv-modules {get('qkv_modules')}: the "
          "sparse QKV layer convolves over neighbouring positions, which sequence shards split; use --sp 1")
     if par.micro_batches == 0:            # default: one micro-batch per stage

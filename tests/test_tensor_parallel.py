@@ -15,7 +15,7 @@ def test_tp_layers_equal_dense_layers():
     proc = run_mpi(4, "tp_worker.py", timeout=120)
     assert proc.returncode == 0, describe(proc)
     got = {(int(t), case): float(e) for t, case, e in re.findall(r"^tp=(\d) (\S+) err=(\S+)$", proc.stdout, re.M)}
-    assert sorted(got) == sorted((t, c) for t in range(1, 5) for c in ("mlp", "vocab-g1", "vocab-g8", "gpt", "gpt-tokens")), \
+    assert sorted(got) == sorted((t, c) for t in range(1, 5) for c in ("mlp", "vocab-g1", "vocab-g8", "gpt", "gpt-tokens", "gpt-sparse")), \
         describe(proc)
     assert max(got.values()) < 1e-12, got
 
@@ -30,8 +30,11 @@ def test_shard_gpt_refuses_what_does_not_split():
     from models.gpt import GPTConfig
     with pytest.raises(TensorParallelError, match="n_head"):
         check_config(GPTConfig(n_head=4, n_embd=16), 3)
-    with pytest.raises(TensorParallelError, match="sparse"):
-        check_config(GPTConfig(n_head=4, n_embd=16, ffn_sparsity=4), 2)
+    with pytest.raises(TensorParallelError, match="sparse QKV"):
+        check_config(GPTConfig(n_head=4, n_embd=16, qkv_modules=4), 2)
+    with pytest.raises(TensorParallelError, match="whole blocks of 16 units: its 4 blocks"):
+        check_config(GPTConfig(n_head=8, n_embd=16, ffn_sparsity=16), 8)
+    check_config(GPTConfig(n_head=8, n_embd=16, ffn_sparsity=16), 4)
     check_config(GPTConfig(n_head=4, n_embd=16), 4)
 
 
@@ -47,6 +50,7 @@ def test_tp_composed_by_build_step_equals_one_process():
                                                                    re.M)}
     want = {"tp2", "tp2-ga2", "tp4", "tp2pp2dp2-z1", *(f"tp2dp2-z{z}" for z in range(4)),
             *(f"tp2pp2-{s}" for s in ("1f1b", "zb-h1", "interleaved", "gpipe")), "tp2sp2-ring", "tp2sp2-ulysses",
-            "tp2-tokens", "tp4-tokens-ga2", "tp2dp1-tokens-z3", "tp2dp2-tokens-z2", "tp2dp2-tokens-z1"}
+            "tp2-tokens", "tp4-tokens-ga2", "tp2dp1-tokens-z3", "tp2dp2-tokens-z2", "tp2dp2-tokens-z1",
+            "tp2-sparse", "tp2dp2-sparse-z2", "tp2pp2-sparse-zb-h1"}
     assert set(got) == want, describe(proc)
     assert all(e < 1e-10 and p < 1e-10 for e, p in got.values()), got

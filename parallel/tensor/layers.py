@@ -96,3 +96,42 @@ class TokenShardedPositions(Module):
             raise ValueError(f"sequence-parallel regions: {T} tokens do not split over tp = {self.comm.size}")
         local = pos[..., self.comm.rank * n:(self.comm.rank + 1) * n]       # (T/tp,) or (B, T/tp)
         return ops.embedding(local, copy_to_tp(self.weight, self.comm))
+
+
+class ParallelSparseFFN(Module):
+    """The sparse FFN of Jaszczur et al. 2021 (models/sparse_ffn.py) split over tp in whole
+    blocks of N units: rank r holds blocks [r nb/tp, (r+1) nb/tp) of W1, W2, the controller's
+    C2 and cb (the softmax picks one unit per block, so blocks never straddle ranks); the
+    controller's C1 and the output bias b2 are whole on every rank.
+
+    forward    y = reduce_from_tp(SparseFFN_r(copy_to_tp(x); C1)) + b2, the Gumbel noise of
+               this rank's units, the coin the same on every rank
+    backward   dx and dC1 all-reduced (copy_to_tp on x and on C1: every rank's units add to
+               them); the sliced parameters' gradients local
+    """
+
+    def __init__(self, ffn, comm):
+        t, r = comm.size, comm.rank
+        d_ff = ffn.w1.shape[0]
+        n = d_ff // t
+        units = np.arange(r * n, (r + 1) * n)
+        self.comm, self.units, self.d_ff = comm, units, d_ff
+        self.N, self.temperature, self.hard_prob, self.dropout = ffn.N, ffn.temperature, ffn.hard_prob, ffn.dropout
+        self.noise, self.layer = ffn.noise, ffn.layer
+        self.w1, self.w2, self.c2 = (_take(p, units, 0) for p in (ffn.w1, ffn.w2, ffn.c2))
+        self.b2, self.c1 = ffn.b2, ffn.c1
+        self.cb = None if ffn.cb is None else _take(ffn.cb, units, 0)
+
+    def forward(self, x):
+        from models.sparse_ffn import SparseFFNFunction, draw_noise, ffn_dropout
+        xin, c1 = copy_to_tp(x, self.comm), copy_to_tp(self.c1, self.comm)
+        hard, noise = True, None
+        if self.training:
+            hard, noise = draw_noise(self.noise, self.layer, self.hard_prob, self.temperature, x, self.d_ff, self.N,
+                                     units=slice(int(self.units[0]), int(self.units[-1]) + 1))
+        y = SparseFFNFunction.apply(xin, self.w1, self.w2, None, c1, self.c2, self.cb, N=self.N, hard=hard,
+                                    noise=noise)                    # (B, T, d) partial: this rank's units
+        y = reduce_from_tp(y, self.comm)
+        if self.b2 is not None:
+            y = y + self.b2
+        return ffn_dropout(y, self.dropout, self.noise, self.layer) if self.training else y

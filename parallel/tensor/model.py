@@ -16,7 +16,8 @@ this rank's slice. Per block: 2 all-reduces of (B, T, C) forward, 2 backward.
 """
 import numpy as np
 
-from .layers import ColumnParallelLinear, ReplicatedLayerNorm, RowParallelLinear, TokenShardedPositions
+from .layers import (ColumnParallelLinear, ParallelSparseFFN, ReplicatedLayerNorm, RowParallelLinear,
+                     TokenShardedPositions)
 from .vocab import VocabParallelEmbedding
 
 
@@ -34,8 +35,12 @@ def check_config(config, tp):
     if (4 * config.n_embd) % tp:
         raise TensorParallelError(f"--tp {tp} splits the MLP's 4 n_embd = {4 * config.n_embd} hidden units: "
                                   "they must be divisible by tp")
-    if tp > 1 and config.sparse:
-        raise TensorParallelError(f"--tp {tp} with a sparse FFN or sparse QKV is not supported yet")
+    if tp > 1 and config.qkv_modules:
+        raise TensorParallelError(f"--tp {tp} with the sparse QKV layer (--qkv-modules) is not supported: its "
+                                  "convolution mixes the modules that heads would split")
+    if tp > 1 and config.ffn_sparsity and (4 * config.n_embd // config.ffn_sparsity) % tp:
+        raise TensorParallelError(f"--tp {tp} splits the sparse FFN in whole blocks of {config.ffn_sparsity} "
+                                  f"units: its {4 * config.n_embd // config.ffn_sparsity} blocks must divide by tp")
 
 
 def shard_gpt(model, comm, vocab_granule=1, tokens=False):
@@ -45,6 +50,8 @@ def shard_gpt(model, comm, vocab_granule=1, tokens=False):
     LayerNorms and dropout hold this rank's tokens [r T/tp, (r+1) T/tp) only."""
     cfg, t, r = model.config, comm.size, comm.rank
     check_config(cfg, t)
+    if tokens and t > 1 and cfg.ffn_sparsity:
+        raise TensorParallelError("sequence-parallel regions with a sparse FFN are not supported")
     C, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
     nh = cfg.n_head // t
     q = np.arange(r * nh * hs, (r + 1) * nh * hs)                    # this rank's heads' q rows
@@ -55,19 +62,19 @@ def shard_gpt(model, comm, vocab_granule=1, tokens=False):
         a.c_attn = ColumnParallelLinear.from_linear(a.c_attn, np.concatenate([q, C + q, 2 * C + q]), comm, tokens)
         a.c_proj = RowParallelLinear.from_linear(a.c_proj, q, comm, tokens)
         a.n_head = nh
-        m.c_fc = ColumnParallelLinear.from_linear(m.c_fc, units, comm, tokens)
-        m.c_proj = RowParallelLinear.from_linear(m.c_proj, units, comm, tokens)
+        if cfg.ffn_sparsity:                                          # whole blocks of N units per rank
+            block.mlp = ParallelSparseFFN(m, comm)
+        else:
+            m.c_fc = ColumnParallelLinear.from_linear(m.c_fc, units, comm, tokens)
+            m.c_proj = RowParallelLinear.from_linear(m.c_proj, units, comm, tokens)
         if tokens:
             block.ln_1, block.ln_2 = ReplicatedLayerNorm(block.ln_1, comm), ReplicatedLayerNorm(block.ln_2, comm)
     tr = model.transformer
     tr.wte = VocabParallelEmbedding.from_embedding(tr.wte, comm, vocab_granule, tokens)
     if tokens:
         tr.wpe, tr.ln_f = TokenShardedPositions(tr.wpe, comm), ReplicatedLayerNorm(tr.ln_f, comm)
-    sharded = {id(p) for blk in model.blocks for lin in (blk.attn.c_attn, blk.mlp.c_fc)
-               for p in (lin.weight, lin.bias) if p is not None}
-    sharded |= {id(blk.attn.c_proj.weight) for blk in model.blocks} | {id(blk.mlp.c_proj.weight) for blk in model.blocks}
-    sharded.add(id(model.transformer.wte.weight))
-    return [n for n, p in model.named_parameters() if id(p) not in sharded]
+    sliced = set(slice_specs(model))
+    return [n for n, p in model.named_parameters() if n not in sliced]
 
 
 def _runs(index):
@@ -97,6 +104,12 @@ def slice_specs(module, prefix=""):
         elif isinstance(m, RowParallelLinear):
             out, inp = m.weight.shape[0], m.weight.shape[1] * m.comm.size
             specs[dot + "weight"] = {"shape": [out, inp], "axis": 1, "ranges": _runs(m.cols)}
+        elif isinstance(m, ParallelSparseFFN):
+            for pname in ("w1", "w2", "c2", "cb"):
+                p = getattr(m, pname)
+                if p is not None:
+                    shape = [m.d_ff] + list(p.shape[1:])
+                    specs[dot + pname] = {"shape": shape, "axis": 0, "ranges": _runs(m.units)}
         elif isinstance(m, VocabParallelEmbedding):
             hi = min(m.lo + m.weight.shape[0], m.vocab)
             specs[dot + "weight"] = {"shape": [m.vocab, m.weight.shape[1]], "axis": 0,

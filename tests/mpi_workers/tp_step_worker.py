@@ -20,20 +20,23 @@ from engine.optim import cosine_lr
 from models.gpt import GPTConfig
 from parallel import ParallelConfig, build_step, check_layout
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel.tensor.layers import ParallelSparseFFN
 
 world = Communicator()
 W, R = world.size, world.rank
 CFG = GPTConfig(block_size=16, vocab_size=37, n_layer=4, n_head=4, n_embd=16, dropout=0.1)
+SPARSE = GPTConfig(block_size=16, vocab_size=37, n_layer=4, n_head=4, n_embd=16, dropout=0.1, ffn_sparsity=8,
+                   ffn_lowrank=4, ffn_temperature=0.5, ffn_hard_prob=0.5)
 TRAIN = types.SimpleNamespace(seed=7, dtype="float64", lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 TOKENS = np.random.default_rng(0).integers(0, 37, 4000).astype(np.int64)
 B, STEPS = 8, 5
 
 
-def run(comm, tp=1, accum=1, **layout):
+def run(comm, tp=1, accum=1, cfg=CFG, **layout):
     par = ParallelConfig(tp=tp, **layout)
-    check_layout(par, CFG, B)
+    check_layout(par, cfg, B)
     mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp, tp=tp, world=comm)
-    step = build_step(CFG, par, TRAIN, mesh)
+    step = build_step(cfg, par, TRAIN, mesh)
     data = Batcher(TOKENS, B, CFG.block_size, seed=1)
     val = Batcher(TOKENS, B, CFG.block_size, seed=2)
     rows = []
@@ -53,6 +56,8 @@ def slice_of(step, name, full):
         m = getattr(m, part)
     if isinstance(m, ColumnParallelLinear):
         return full[m.rows]
+    if isinstance(m, ParallelSparseFFN) and name.rsplit(".", 1)[1] in ("w1", "w2", "c2", "cb"):
+        return full[m.units]
     if isinstance(m, RowParallelLinear) and name.endswith("weight"):
         return full[:, m.cols]
     if isinstance(m, VocabParallelEmbedding):
@@ -64,16 +69,17 @@ def slice_of(step, name, full):
 REFS = {}
 
 
-def reference(accum):
-    if accum not in REFS:
-        rows, step = run(Communicator(world.mpi.Split(R, 0)), accum=accum)
-        REFS[accum] = rows, step.engine.named_full_params()
-    return REFS[accum]
+def reference(accum, cfg=CFG):
+    key = (accum, cfg.ffn_sparsity)
+    if key not in REFS:
+        rows, step = run(Communicator(world.mpi.Split(R, 0)), accum=accum, cfg=cfg)
+        REFS[key] = rows, step.engine.named_full_params()
+    return REFS[key]
 
 
-def check(tag, comm, tp, accum=1, **layout):
-    ref, ref_params = reference(accum)
-    got, step = run(comm, tp, accum, **layout)
+def check(tag, comm, tp, accum=1, cfg=CFG, **layout):
+    ref, ref_params = reference(accum, cfg)
+    got, step = run(comm, tp, accum, cfg, **layout)
     err = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     perr = 0.0
     for name, p in step.engine.named_full_params().items():
@@ -102,9 +108,12 @@ ROUNDS = [
      "tp2dp1-tokens-z3": ([6, 7], 2, {"tp_token_shards": True, "zero": 3, "vocab_granule": 8})},
     {"tp2dp2-tokens-z2": ([0, 1, 2, 3], 2, {"dp": 2, "zero": 2, "tp_token_shards": True}),
      "tp2dp2-tokens-z1": ([4, 5, 6, 7], 2, {"dp": 2, "zero": 1, "tp_token_shards": True})},
+    {"tp2-sparse": ([0, 1], 2, {"cfg": SPARSE}), "tp2dp2-sparse-z2": ([2, 3, 4, 5], 2, {"cfg": SPARSE, "dp": 2,
+                                                                                         "zero": 2})},
+    {"tp2pp2-sparse-zb-h1": ([0, 1, 2, 3], 2, {"cfg": SPARSE, "pp": 2, "schedule": "zb-h1", "micro_batches": 4})},
 ]
 for cases in ROUNDS:
-    reference(1), reference(2)
+    reference(1), reference(2), reference(1, SPARSE)
     mine = [(color, tag, c) for color, (tag, c) in enumerate(cases.items()) if R in c[0]]
     if mine:
         color, tag, (ranks, tp, layout) = mine[0]

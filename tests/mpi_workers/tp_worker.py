@@ -20,6 +20,7 @@ from engine.autograd import Tensor
 from engine.nn import Embedding, Linear
 from models.gpt import GPT, GPTConfig
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_gpt
+from parallel.tensor.layers import ParallelSparseFFN
 
 world = Communicator()
 W, R = world.size, world.rank
@@ -78,15 +79,16 @@ def vocab_case(comm, granule):
     return max(rel(got[0], dense[0]), rel(got[1], dense[1]), rel(got[2], np.concatenate([rows, pad])))
 
 
-def gpt_case(comm, tokens=False):
-    cfg = GPTConfig(block_size=12, vocab_size=37, n_layer=2, n_head=12, n_embd=24, dropout=0.1)
+def gpt_case(comm, tokens=False, sparse=False, step=3):
+    extra = dict(ffn_sparsity=8, ffn_lowrank=4, ffn_temperature=0.5, ffn_hard_prob=0.5) if sparse else {}
+    cfg = GPTConfig(block_size=12, vocab_size=37, n_layer=2, n_head=12, n_embd=24, dropout=0.1, **extra)
     g = np.random.default_rng(2)
     idx, tgt = g.integers(0, 37, (3, 12)), g.integers(0, 37, (3, 12))
 
     def model():
         m = GPT(cfg, np.random.default_rng(5))
         m.astype("float64")
-        m.noise.set_step(3)
+        m.noise.set_step(step)
         return m
     dense = model()
     loss = dense(idx, tgt)[1]
@@ -105,6 +107,8 @@ def gpt_case(comm, tokens=False):
         layer = _module(tp, owner)
         if isinstance(layer, ColumnParallelLinear):
             want = want[layer.rows]
+        elif isinstance(layer, ParallelSparseFFN) and name.rsplit(".", 1)[1] in ("w1", "w2", "c2", "cb"):
+            want = want[layer.units]
         elif isinstance(layer, RowParallelLinear) and name.endswith("weight"):
             want = want[:, layer.cols]
         elif isinstance(layer, VocabParallelEmbedding):
@@ -125,7 +129,8 @@ for t in range(1, W + 1):
     sub = world.split(0 if R < t else None)
     if sub is not None:
         results = [("mlp", mlp_case(sub)), ("vocab-g1", vocab_case(sub, 1)), ("vocab-g8", vocab_case(sub, 8)),
-                   ("gpt", gpt_case(sub)), ("gpt-tokens", gpt_case(sub, tokens=True))]
+                   ("gpt", gpt_case(sub)), ("gpt-tokens", gpt_case(sub, tokens=True)),
+                   *(("gpt-sparse", gpt_case(sub, sparse=True, step=s)) for s in (1, 2, 3, 4))]
         worst = sub.all_reduce(np.array([e for _, e in results]), op="max")
         if R == 0:
             for (name, _), e in zip(results, worst):
