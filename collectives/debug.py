@@ -35,7 +35,7 @@ from mpi4py import MPI
 
 from . import ops
 from .transport import ACTIVE, progress
-from .watchdog import ABORT_GRACE, wait_until   # noqa: F401  (ABORT_GRACE: the pause before MPI_Abort)
+from .watchdog import wait_until
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier")
 _TAG = 7
