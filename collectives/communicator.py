@@ -49,6 +49,7 @@ from .ops import ACCEPTED, check_dtype
 from .p2p import PointToPoint
 from .reductions import Reductions
 from .transport import ACTIVE, Calls, Handle, Pool, TracingTransport, Transport, run
+from .watchdog import Party
 
 _VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
 
@@ -66,7 +67,8 @@ class Communicator(Reductions, Movement, PointToPoint):
         self._pool = Pool()
         self._choices = cost.Choices(self.size)          # algo="auto"
         debug, timeout, self._trace = env_flags()
-        self._checker = Checker(self.mpi, self.label, timeout) if (debug or timeout) else None
+        self._watch = Party(self.mpi, self.label, timeout) if timeout else None    # deadlines on every wait
+        self._checker = Checker(self.mpi, self.label, self._watch) if (debug or timeout) else None
         self._transport_cls = TracingTransport if self._trace else Transport
         # direct.py's fast path: power-of-two size, no per-call checks or trace to honour
         fast = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
@@ -113,19 +115,18 @@ class Communicator(Reductions, Movement, PointToPoint):
         if self._checker is not None:
             self._checker.arrive(seq, name, count, dtype, root, op, algo, counts_digest(blocks))
         tag = seq % self._calls.bound
-        if async_op or self._trace or ACTIVE:     # in-flight handles: never block in MPI alone
-            t = self._transport_cls(self._coll, self.rank, self.size, tag, not (async_op or ACTIVE),
-                                    f"{name}/{algo}", xp, self._pool)
+        poll = async_op or ACTIVE or self._watch is not None   # in flight or under a deadline: never block in MPI
+        if poll or self._trace:
+            t = self._transport_cls(self._coll, self.rank, self.size, tag, not poll, f"{name}/{algo}", xp, self._pool)
         else:
             t = self._t
             t.tag, t.xp = tag, xp
         return t
 
     def _go(self, gen, t, done, async_op):
-        if async_op:
-            return Handle(gen, done, t)
-        if ACTIVE:                                # keep the handles in flight moving meanwhile
-            return Handle(gen, done, t).wait()
+        if async_op or ACTIVE or self._watch is not None:
+            h = Handle(gen, done, t, self._watch, f"call #{self._calls.seq - 1} {t.label}")
+            return h if async_op else h.wait()    # waiting keeps the handles in flight moving
         try:
             run(gen)
             return done()

@@ -1,4 +1,4 @@
-"""No silent failure: the collective consistency check and the hang watchdog.
+"""No silent failure: the collective consistency check and the arrival watchdog.
 
 A collective that ranks call differently (another op, count, dtype or root) or that one
 rank never reaches does not fail: it hangs or returns garbage. Two opt-in guards turn
@@ -11,18 +11,21 @@ that into an error that names the ranks (read when a Communicator is created):
                            refused (a wrong out size, a read-only output ...) still takes
                            part, flagged: it raises its error, every other rank
                            CollectiveArgumentError naming it, and all stay in step.
-  ENGINE_COMM_TIMEOUT=T    the same handshake, polled against a deadline of T seconds:
-                           a rank that has not arrived by then is named on stderr and the
-                           job is aborted (MPI_Abort), instead of hanging forever.
+  ENGINE_COMM_TIMEOUT=T    the same handshake, waited with a deadline of T seconds, and so
+                           is every other wait of the Communicator (the steps of the
+                           collectives' algorithms, point-to-point messages, non-blocking
+                           handles): watchdog.py. A rank that has not arrived by then, and
+                           is not itself waiting elsewhere, is named on stderr with the
+                           rank that waited for it, and the job is aborted (MPI_Abort),
+                           instead of hanging forever.
 
 The handshake ("arrival") is non-blocking: each rank posts Irecv for every peer's
 signature and Isend of its own to every peer on a private duplicate communicator, then
-polls Testall with a deadline, sleeping a little between polls. Whoever has not been heard
-from when the deadline passes is missing. Cost: 2(N-1) small messages per collective,
-only when a flag is set. A rank that arrives but dies inside the collective is not covered.
+polls Testall (watchdog.wait_until under a timeout), moving in-flight collectives along.
+The peers not heard from when the deadline passes are the ones the watchdog asks about.
+Cost: 2(N-1) small messages per collective, only when a flag is set.
 """
 import os
-import sys
 import time
 import zlib
 from collections import Counter
@@ -32,8 +35,7 @@ from mpi4py import MPI
 
 from . import ops
 from .transport import ACTIVE, progress
-
-ABORT_GRACE = 1.0      # seconds between the watchdog's message and MPI_Abort (MPICH may drop unforwarded output)
+from .watchdog import wait_until
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier")
 _TAG = 7
@@ -91,10 +93,11 @@ def _ranks(rs):
 class Checker:
     """The arrival handshake of one Communicator."""
 
-    def __init__(self, mpi_comm, label, timeout):
+    def __init__(self, mpi_comm, label, party=None):
+        """party: the Communicator's watchdog.Party under ENGINE_COMM_TIMEOUT, else None."""
         self.comm = mpi_comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.label, self.timeout = label, timeout
+        self.label, self.party = label, party
         world = MPI.COMM_WORLD.Get_group()
         self.world_ranks = MPI.Group.Translate_ranks(self.comm.Get_group(), list(range(self.size)), world)
         self.sigs = np.zeros((self.size, _FIELDS), np.int64)
@@ -134,28 +137,23 @@ class Checker:
         peers = [k for k in range(self.size) if k != self.rank]
         recvs = [self.comm.Irecv([self.sigs[k], MPI.INT64_T], k, _TAG) for k in peers]
         sends = [self.comm.Isend([sig, MPI.INT64_T], k, _TAG) for k in peers]
-        if self.timeout is None and not ACTIVE:
+        if self.party is None and not ACTIVE:
             MPI.Request.Waitall(recvs)
         else:
-            self._poll(recvs, peers, sig)
-        MPI.Request.Waitall(sends)
+            def arrived():                      # moving in-flight collectives along meanwhile
+                if MPI.Request.Testall(recvs):
+                    return True
+                progress(block=False)
+                return False
 
-    def _poll(self, recvs, peers, sig):
-        """Wait for the signatures, moving in-flight collectives along, until the deadline."""
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        pause = 0.0
-        while not MPI.Request.Testall(recvs):
-            progress(block=False)
-            if deadline is not None and time.monotonic() > deadline:
-                missing = [k for k, q in zip(peers, recvs) if not q.Test()]
-                msg = (f"ENGINE_COMM_TIMEOUT: {self._names(missing)} never arrived at {_describe(sig)} "
-                       f"on communicator '{self.label}' (size {self.size}): rank {self.rank} waited "
-                       f"{self.timeout:g} s; aborting the job")
-                print(msg, file=sys.stderr, flush=True)
-                time.sleep(ABORT_GRACE)        # let the launcher forward the line before the teardown
-                MPI.COMM_WORLD.Abort(1)
-            time.sleep(pause)
-            pause = min(0.01, pause + 0.0005)
+            def missing():
+                return [k for k, q in zip(peers, recvs) if q and not q.Test()]
+            if self.party is None:
+                while not arrived():
+                    time.sleep(0)
+            else:
+                wait_until(arrived, self.party, _describe(sig), missing)
+        MPI.Request.Waitall(sends)
 
     def _compare(self):
         rows = [tuple(int(v) for v in s) for s in self.sigs]

@@ -170,7 +170,7 @@ class Movement:
 
         def steps():                               # waited through the progress engine
             yield (req,)
-        Handle(steps()).wait()
+        Handle(steps(), watch=self._watch, what=f"call #{self._calls.seq - 1} all_to_all (its counts)").wait()
         return r.tolist()
 
     def barrier(self, algo="auto", async_op=False):

@@ -5,6 +5,8 @@ Arrays travel as raw bytes (MPI.BYTE) through mpi4py's buffer methods, so every 
 shape and dtype, as with torch.distributed.recv. User messages use their own duplicate of
 the MPI communicator, so they can never match a collective's internal messages.
 Device arrays are staged through host buffers unless the MPI is CUDA-aware (buffers.py).
+Under ENGINE_COMM_TIMEOUT every blocking form waits by polling against the deadline and a
+handle's wait() does too (watchdog.py), naming the peer that never came.
 """
 import sys
 
@@ -25,7 +27,8 @@ def _finish_writebacks(wbs, result):
 
 
 class PointToPoint:
-    """Mixin for Communicator: needs self._p2p (an MPI communicator), self.rank, self._trace."""
+    """Mixin for Communicator: needs self._p2p (an MPI communicator), self.rank, self._trace,
+    self._watch (the watchdog.Party under ENGINE_COMM_TIMEOUT: every wait has its deadline)."""
 
     def _log(self, arrow, peer, what, nbytes, tag):
         if self._trace:
@@ -37,7 +40,7 @@ class PointToPoint:
         x = as_array(x, "send buffer")
         _, stage = staging(x)
         buf = flat_in(x, stage)
-        if ACTIVE:                        # collectives in flight: wait through the progress engine
+        if ACTIVE or self._watch is not None:   # handles in flight, or a deadline: wait by polling
             self.isend(x, dst, tag).wait()
             return
         self._log("->", dst, "send", buf.nbytes, tag)
@@ -58,7 +61,7 @@ class PointToPoint:
 
         def steps(keep=buf):                  # a staged host copy must outlive the request
             yield (req,)
-        return Handle(steps())
+        return Handle(steps(), watch=self._watch, what=f"send(tag={tag}) to rank {dst}", peers=(dst,))
 
     def irecv(self, x, src=None, tag=0):
         """Non-blocking receive into x; handle.wait() returns x."""
@@ -72,7 +75,9 @@ class PointToPoint:
 
         def steps():
             yield (req,)
-        return Handle(steps(), lambda: _finish_writebacks(wbs, x))
+        peers = None if src is None else (src,)       # any source: every other rank
+        return Handle(steps(), lambda: _finish_writebacks(wbs, x), watch=self._watch,
+                      what=f"recv(tag={tag}) from {'any rank' if src is None else f'rank {src}'}", peers=peers)
 
     def sendrecv(self, x, peer, out=None, recv_from=None, tag=0):
         """Send x to `peer` while receiving an array like x (or into out) from `recv_from`
@@ -87,12 +92,13 @@ class PointToPoint:
         source = peer if recv_from is None else recv_from
         self._log("->", peer, "send", sbuf.nbytes, tag)
         self._log("<-", source, "recv", rbuf.nbytes, tag)
-        if ACTIVE:
+        if ACTIVE or self._watch is not None:
             reqs = [self._p2p.Irecv([rbuf, BYTE], source, tag), self._p2p.Isend([sbuf, BYTE], peer, tag)]
 
             def steps():
                 yield reqs
-            Handle(steps()).wait()
+            Handle(steps(), watch=self._watch, what=f"sendrecv(tag={tag}) with rank {peer}",
+                   peers=tuple(sorted({peer, source}))).wait()
         else:
             self._p2p.Sendrecv([sbuf, BYTE], peer, tag, [rbuf, BYTE], source, tag)
         return _finish_writebacks(wbs, out)

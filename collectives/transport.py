@@ -29,11 +29,19 @@ collectives in flight at once, progressed in any order, never match each other's
 within a call, messages between a pair of ranks match in posting order (MPI's
 non-overtaking rule), which every algorithm respects.
 
+Deadlines (ENGINE_COMM_TIMEOUT, watchdog.py). A Handle made with a watchdog.Party waits
+by polling against that deadline (Handle.wait), never in a blocking MPI call; a Transport
+that is not blocking remembers the peer of each request it posts (`posted`), so a wait
+that times out knows which ranks it is still waiting for. The Communicator then runs its
+blocking collectives as such Handles too.
+
 ENGINE_TRACE=1 prints one line per message: rank, peer, operation, bytes.
 """
 import sys
 
 from mpi4py import MPI
+
+from .watchdog import wait_until
 
 BYTE = MPI.BYTE
 _SMALL_SCRATCH = 1 << 16          # below this many bytes a fresh np.empty is cheaper than the pool
@@ -87,18 +95,25 @@ class Calls:
 
 class Transport:
     """One collective call's view: rank, size, tagged byte moves, scratch buffers."""
-    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held")
+    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held", "posted")
 
     def __init__(self, comm, rank, size, tag, blocking, label, xp, pool):
         self.comm, self.rank, self.size, self.tag = comm, rank, size, tag
         self.blocking, self.label, self.xp, self.pool = blocking, label, xp, pool
         self._held = None
+        self.posted = None if blocking else []        # (request, peer) of each request posted
 
     def isend(self, buf, dest):
-        return self.comm.Isend([buf, BYTE], dest, self.tag)
+        req = self.comm.Isend([buf, BYTE], dest, self.tag)
+        if self.posted is not None:
+            self.posted.append((req, dest))
+        return req
 
     def irecv(self, buf, source):
-        return self.comm.Irecv([buf, BYTE], source, self.tag)
+        req = self.comm.Irecv([buf, BYTE], source, self.tag)
+        if self.posted is not None:
+            self.posted.append((req, source))
+        return req
 
     def sendrecv(self, sbuf, dest, rbuf, source):
         """Send sbuf to dest while receiving rbuf from source; returns the requests to wait on
@@ -106,8 +121,10 @@ class Transport:
         if self.blocking:
             self.comm.Sendrecv([sbuf, BYTE], dest, self.tag, [rbuf, BYTE], source, self.tag)
             return ()
-        return (self.comm.Irecv([rbuf, BYTE], source, self.tag),
-                self.comm.Isend([sbuf, BYTE], dest, self.tag))
+        reqs = (self.comm.Irecv([rbuf, BYTE], source, self.tag), self.comm.Isend([sbuf, BYTE], dest, self.tag))
+        self.posted.append((reqs[0], source))
+        self.posted.append((reqs[1], dest))
+        return reqs
 
     def scratch(self, n, dtype):
         """A 1-D scratch array of n elements, valid until the call completes."""
@@ -173,10 +190,14 @@ def progress(block=False):
 
 class Handle:
     """A collective in flight. `test()` advances it without blocking and says whether it is
-    done; `wait()` finishes it and returns its result (the output array, or None)."""
+    done; `wait()` finishes it and returns its result (the output array, or None).
+    watch: the communicator's watchdog.Party (None: no deadline); what: the wait's name in a
+    timeout report; peers: the ranks it waits for (default: the transport's posted requests
+    still pending, else every other rank of the communicator)."""
 
-    def __init__(self, gen, finish=None, transport=None):
+    def __init__(self, gen, finish=None, transport=None, watch=None, what=None, peers=None):
         self._gen, self._finish, self._t = gen, finish, transport
+        self._watch, self._what, self._peers = watch, what, peers
         self._reqs = ()
         self._result = None
         self.done = False
@@ -217,8 +238,27 @@ class Handle:
         return self.done
 
     def wait(self):
-        self._advance(block=True)
+        if self._watch is None:
+            self._advance(block=True)
+        elif not self.done:
+            wait_until(self._progressed, self._watch, self._what or "a non-blocking call", self._pending)
         return self._result
+
+    def _progressed(self):
+        progress(block=False)
+        return self.done
+
+    def _pending(self):
+        """The ranks this handle still waits for (asked only when its deadline passed)."""
+        if self.done:
+            return []
+        if self._peers is not None:
+            return list(self._peers)
+        if self._t is not None and self._t.posted:
+            peers = sorted({peer for q, peer in self._t.posted if q and not q.Test()})
+            if peers:
+                return peers
+        return [r for r in range(self._watch.size) if r != self._watch.rank]
 
     is_completed = test   # torch.distributed.Work name
 
@@ -227,7 +267,7 @@ class Completed(Handle):
     """The handle of work that finished at once (e.g. a collective over zero elements)."""
 
     def __init__(self, result=None):
-        self._gen = self._finish = self._t = None
+        self._gen = self._finish = self._t = self._watch = None
         self._reqs, self._result, self.done = (), result, True
 
 

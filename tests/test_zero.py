@@ -26,7 +26,7 @@ def test_a_stalled_rank_is_named_by_the_watchdog(stage):
     proc = run_mpi(3, "zero_fault.py", "stall", stage, timeout=60, env={"ENGINE_COMM_TIMEOUT": "3"})
     assert proc.returncode != 0, describe(proc)
     assert time.monotonic() - t0 < 40, "the job should end seconds after the timeout, not after the stall"
-    # the watchdog's line names the stalled rank (it waits collectives/debug.py ABORT_GRACE
+    # the watchdog's line names the stalled rank (it waits collectives/watchdog.py ABORT_GRACE
     # before MPI_Abort, so that the launcher forwards it), and names nobody else
     named = [ln for ln in proc.stderr.splitlines() if "ENGINE_COMM_TIMEOUT" in ln]
     assert named and all("rank 2 never arrived" in ln for ln in named), describe(proc)
