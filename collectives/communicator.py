@@ -48,7 +48,7 @@ from .movement import Movement
 from .ops import ACCEPTED, check_dtype
 from .p2p import PointToPoint
 from .reductions import Reductions
-from .transport import ACTIVE, Calls, Handle, Pool, TracingTransport, Transport, run
+from .transport import ACTIVE, Calls, Handle, Pool, TracingTransport, Traffic, Transport, run
 from .watchdog import Party
 
 _VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
@@ -72,11 +72,21 @@ class Communicator(Reductions, Movement, PointToPoint):
         self._transport_cls = TracingTransport if self._trace else Transport
         # direct.py's fast path: power-of-two size, no per-call checks or trace to honour
         fast = self._checker is None and not self._trace and self.size & (self.size - 1) == 0
-        self._direct = DirectPath(self._coll, self.rank, self.size, self._calls, self._choices) if fast else None
-        self._t = self._transport_cls(self._coll, self.rank, self.size, 0, True, None, np, self._pool)
+        self._traffic = Traffic()                 # payload bytes sent (bytes_sent)
+        self._direct = DirectPath(self._coll, self.rank, self.size, self._calls, self._choices,
+                                  self._traffic) if fast else None
+        self._t = self._transport_cls(self._coll, self.rank, self.size, 0, True, None, np, self._pool,
+                                     self._traffic)
 
     def __repr__(self):
         return f"Communicator({self.label!r}, rank={self.rank}, size={self.size})"
+
+    @property
+    def bytes_sent(self):
+        """Payload bytes this rank has sent on this communicator so far: every message of the
+        hand-written algorithms and of send/isend/sendrecv (not the debug handshake, nor
+        algo="mpi", whose messages the library chooses)."""
+        return self._traffic.sent
 
     def split(self, color, key=None, label=None):
         """Ranks passing the same color form a new Communicator, ordered by key (default: rank).
@@ -117,7 +127,8 @@ class Communicator(Reductions, Movement, PointToPoint):
         tag = seq % self._calls.bound
         poll = async_op or ACTIVE or self._watch is not None   # in flight or under a deadline: never block in MPI
         if poll or self._trace:
-            t = self._transport_cls(self._coll, self.rank, self.size, tag, not poll, f"{name}/{algo}", xp, self._pool)
+            t = self._transport_cls(self._coll, self.rank, self.size, tag, not poll, f"{name}/{algo}", xp, self._pool,
+                                   self._traffic)
         else:
             t = self._t
             t.tag, t.xp = tag, xp

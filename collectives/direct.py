@@ -90,9 +90,9 @@ class DirectPath:
     counter (transport.Calls), shared so both paths number calls alike; choices: its
     algo="auto" choices (cost.Choices): a plan is made only where auto chose this algorithm."""
 
-    def __init__(self, mpi, rank, size, calls, choices):
+    def __init__(self, mpi, rank, size, calls, choices, traffic=None):
         self.mpi, self.rank, self.size = mpi, rank, size
-        self.calls, self.choices = calls, choices
+        self.calls, self.choices, self.traffic = calls, choices, traffic
         self.plans, self.last = {}, {}       # plans by arrays and op, and the last one of each kind
 
     # ---- plans -----------------------------------------------------------------------------
@@ -131,6 +131,8 @@ class DirectPath:
             if peer is None:
                 send[:] = recv
                 continue
+            if self.traffic is not None:
+                self.traffic.sent += send.nbytes
             comm.Sendrecv(send, peer, tag, recv, peer, tag)
             if reduce_args is not None:
                 ufunc(*reduce_args)

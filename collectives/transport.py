@@ -93,17 +93,28 @@ class Calls:
         return seq % self.bound
 
 
+class Traffic:
+    """Payload bytes a communicator has sent (its algorithms' messages and its point-to-point
+    sends; not the debug handshake's metadata, nor what algo="mpi" hands the library)."""
+    __slots__ = ("sent",)
+
+    def __init__(self):
+        self.sent = 0
+
+
 class Transport:
     """One collective call's view: rank, size, tagged byte moves, scratch buffers."""
-    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held", "posted")
+    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held", "posted", "traffic")
 
-    def __init__(self, comm, rank, size, tag, blocking, label, xp, pool):
+    def __init__(self, comm, rank, size, tag, blocking, label, xp, pool, traffic=None):
         self.comm, self.rank, self.size, self.tag = comm, rank, size, tag
         self.blocking, self.label, self.xp, self.pool = blocking, label, xp, pool
+        self.traffic = Traffic() if traffic is None else traffic
         self._held = None
         self.posted = None if blocking else []        # (request, peer) of each request posted
 
     def isend(self, buf, dest):
+        self.traffic.sent += buf.nbytes
         req = self.comm.Isend([buf, BYTE], dest, self.tag)
         if self.posted is not None:
             self.posted.append((req, dest))
@@ -118,6 +129,7 @@ class Transport:
     def sendrecv(self, sbuf, dest, rbuf, source):
         """Send sbuf to dest while receiving rbuf from source; returns the requests to wait on
         (none in blocking mode, where it is one MPI_Sendrecv)."""
+        self.traffic.sent += sbuf.nbytes
         if self.blocking:
             self.comm.Sendrecv([sbuf, BYTE], dest, self.tag, [rbuf, BYTE], source, self.tag)
             return ()

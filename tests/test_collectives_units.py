@@ -47,3 +47,11 @@ def test_bench_sizes_and_busbw_factors():
     with pytest.raises(ValueError):
         parse_sizes("8XB")
     assert BUSBW["all_reduce"](4) == 1.5 and BUSBW["all_gather"](4) == 0.75 and BUSBW["broadcast"](4) == 1.0
+
+
+def test_bytes_sent_counts_every_payload_byte():
+    """Communicator.bytes_sent: a ring all-reduce of n bytes sends 2 (N-1)/N n per rank, a
+    send its bytes, the fast path's plans theirs (tests/mpi_workers/traffic_worker.py)."""
+    from mpi_util import describe, run_mpi
+    proc = run_mpi(4, "traffic_worker.py", timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("OK") == 4, describe(proc)
