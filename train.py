@@ -161,7 +161,8 @@ def prepare(argv):
         backend.set_device(cfg.device)
     except (MeshError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
-    policy.check_outputs(mesh.world, cfg.out_dir, {"metrics": cfg.metrics, "trace": cfg.trace})   # a collective
+    policy.check_outputs(mesh.world, cfg.out_dir, {"metrics": cfg.metrics, "trace": cfg.trace},   # a collective
+                         kept=() if cfg.resume or cfg.overwrite else ("metrics",))
     vocab = model_values["vocab_size"]
     data = load_dataset(cfg.data or None, cfg.tokenizer, cfg.val_fraction, model_values["block_size"],
                         vocab_size=vocab or None)

@@ -106,6 +106,7 @@ CASES = {
     "metrics in /proc": (["--metrics", "/proc/m.jsonl"], 2, "--metrics /proc/m.jsonl cannot be written"),
     "metrics read-only": (["--metrics", "{ro}/m.jsonl"], 2, "Read-only file system"),
     "metrics read-only file": (["--metrics", "/proc/self/status"], 2, "cannot be opened for writing"),
+    "metrics of another run": (["--metrics", "{tmp}/old.jsonl"], 2, "--metrics {tmp}/old.jsonl already holds another"),
     "trace in a missing dir": (["--trace", "{tmp}/no/t.json"], 2, "--trace {tmp}/no/t.json its directory"),
     "trace under a file": (["--trace", "{file}/t.json"], 2, "lies under"),
     # checkpoints
@@ -133,7 +134,7 @@ MPI_CASES = {
 }
 FILES = {"unknown.toml": b"[train]\nlearning_rate = 1e-3\n", "type.toml": b'lr = "fast"\n', "bad.toml": b"lr = = 3\n",
          "empty.txt": b"", "bin.txt": b"\x00\x01\x02" * 1000, "latin1.txt": "caf\xe9 ".encode("latin-1") * 500,
-         "short.txt": b"tiny corpus" * 5, "a-file": b"not a directory"}
+         "short.txt": b"tiny corpus" * 5, "a-file": b"not a directory", "old.jsonl": b'{"step": 1}\n'}
 
 
 def prepare_cases(table, tmp, out, ro, corpus):

@@ -106,7 +106,8 @@ def data_state(ckpt):
             raise TypeError(f"rng state is {type(state['rng']).__name__}, not a dict")
         return state
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt.path}: bad data state in the manifest ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"checkpoint {ckpt.path}: bad data state in the manifest "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def _same(a, b):
@@ -122,7 +123,7 @@ def resume_values(values, given, path, model_fields):
     checkpoint's, FROM_RUN too unless given. A given value that disagrees: ConfigError."""
     step_dir, manifest = read_sharded_manifest(path)
     config = manifest.get("config")
-    if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(config.get("train"), dict)):
+    if not (isinstance(config, dict) and all(isinstance(config.get(k), dict) for k in ("model", "train"))):
         raise CheckpointError(f"checkpoint {step_dir}: its manifest holds no run config (model and train)")
     checked = [("model", k) for k in model_fields] + [("train", k) for k in MUST_MATCH]
     for title, name in checked + [("train", k) for k in FROM_RUN]:
@@ -138,10 +139,12 @@ def resume_values(values, given, path, model_fields):
     return values
 
 
-def check_outputs(comm, out_dir, files):
+def check_outputs(comm, out_dir, files, kept=()):
     """A collective over ``comm``: every rank probes ``out_dir`` (it writes its shard there),
-    rank 0 also ``files`` ({flag name: path}, which it alone writes); the lowest rank's verdict
-    is raised as the same one-line ConfigError on every rank."""
+    rank 0 also ``files`` ({flag name: path}, which it alone writes), and refuses to truncate
+    a non-empty file of ``kept`` (the flag names whose file a fresh run would replace: another
+    run's metrics). The lowest rank's verdict is raised as the same one-line ConfigError on
+    every rank."""
     why = unwritable(out_dir, "dir")
     err = f"--out-dir {out_dir} {why}" if why else None
     if err is None and (comm is None or comm.rank == 0):
@@ -149,6 +152,10 @@ def check_outputs(comm, out_dir, files):
             why = path and unwritable(path, "file")
             if why:
                 err = f"{flag(name)} {path} {why}"
+                break
+            if path and name in kept and os.path.isfile(path) and os.path.getsize(path):
+                err = (f"{flag(name)} {path} already holds another run's lines ({os.path.getsize(path)} bytes); "
+                       "pass --overwrite to replace it, --resume to append to it, or another file")
                 break
     errors = [e for e in exchange(comm, err) if e]
     if errors:
