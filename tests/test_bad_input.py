@@ -205,7 +205,8 @@ def test_a_save_failing_mid_run_stops_every_rank_with_one_line(mode, rank, tmp_p
         assert json.load(f)["dir"] == "step_2"
 
 
-def test_a_diverged_finite_loss_is_not_good_and_never_rotates_the_last_good_out(tmp_path, corpus, monkeypatch):
+def test_a_diverged_finite_loss_is_not_good_and_never_rotates_the_last_good_out(tmp_path, corpus, monkeypatch,
+                                                                                capsys):
     """From step 4 on the loss is 6.9e24 (finite): those checkpoints are recorded as not good,
     and --keep 2 keeps step_3, the newest good one, besides the newest two."""
     import train
@@ -225,6 +226,10 @@ def test_a_diverged_finite_loss_is_not_good_and_never_rotates_the_last_good_out(
     good = {s: json.load(open(o / f"step_{s}" / "manifest.json"))["good"] for s in (3, 5, 6)}
     assert good == {3: True, 5: False, 6: False}
     assert "not good: loss 6.9e+24 > 4 x the run's lowest" in stdout and f"last good: {o / 'step_3'}" in stdout
+    import sample                                         # sampling from it (latest) says so
+    assert sample.main(["--ckpt", str(o), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: checkpoint {o / 'step_6'} is not a good one (loss 6.9e+24") and err.count("\n") == 1
 
 
 def test_resume_takes_the_model_config_from_the_manifest(tmp_path, out, corpus):
