@@ -13,14 +13,15 @@ counts, ``optim {dtype: {step}}``, whatever the layout saved. With --hf, OUT is 
 directory with model.safetensors and config.json (models/hf.py) that
 ``transformers.GPT2LMHeadModel.from_pretrained`` and ``sample.py --hf`` open. Every shard's
 size and sha256 is verified first. An existing output is never replaced without
-``--overwrite``. Bad input: one line ``error: ...``, exit code 2.
+``--overwrite``; an output that cannot be written is refused before any shard is read. Bad
+input: one line ``error: ...``, exit code 2.
 """
 import argparse
 import json
 import os
 import sys
 
-from engine.io import CheckpointError, save_safetensors
+from engine.io import CheckpointError, save_safetensors, unwritable
 from parallel.checkpoint import consolidate
 
 CONSOLIDATED = "mpi-transformer-engine/consolidated"
@@ -50,6 +51,9 @@ def write(ckpt, out, hf=False, optim=False, overwrite=False):
     existing output is replaced only with ``overwrite``."""
     if not overwrite:
         refuse_overwrite(out, hf)
+    why = unwritable(out, "dir" if hf else "file")       # before the (long) consolidation, not after it
+    if why:
+        raise ValueError(f"{out} {why}")
     params, moments, manifest = consolidate(ckpt, with_optim=True)
     if hf:
         from models.gpt import GPT, GPTConfig

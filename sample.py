@@ -74,6 +74,9 @@ def read_checkpoint(path):
         return path, manifest, {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     step_dir = resolve(path)
     manifest = load_json(os.path.join(step_dir, "manifest.json"))
+    if isinstance(manifest, dict) and manifest.get("good") is False:       # train.py: its loss had diverged
+        print(f"note: checkpoint {step_dir} is not a good one (loss {manifest.get('metrics', {}).get('loss')}, "
+              f"the run's lowest {manifest.get('best_loss')}); give --ckpt an earlier step_<N>", file=sys.stderr)
     if isinstance(manifest, dict) and manifest.get("format") == SHARDED:
         return step_dir, manifest, consolidate(step_dir)
     ckpt = load_checkpoint(step_dir)

@@ -18,37 +18,39 @@
 Flags come from the dataclasses GPTConfig (models/gpt.py), ParallelConfig (parallel/config.py)
 and TrainConfig (below); ``--config FILE.toml`` supplies the same fields, flags override it.
 ``--batch-size`` is the GLOBAL batch: every layout trains the model one process trains,
-composed by parallel/step.py ``build_step`` (tests: test_ddp_train, test_sp_train,
-test_pp_train, test_noise_layouts). This file keeps the flags, the start-up checks, the loop,
-logging (rank 0; totals over the ranks; MFU as PaLM's appendix B), metrics (``--metrics``,
-JSON lines) and checkpoints (parallel/checkpoint/: sharded, atomic, resumable at any layout).
-Bad input prints one line ``error: ...`` and exits 2 before anything is written; a NaN or
-inf loss stops the run naming the step (exit 1), the last checkpoint untouched.
+composed by parallel/step.py ``build_step`` (tests: test_ddp_train, test_sp_train, test_pp_train,
+test_noise_layouts). This file keeps the flags, the start-up checks, the loop, logging (rank 0;
+totals over the ranks; MFU as PaLM's appendix B), metrics (``--metrics``, JSON lines) and
+checkpoints (parallel/checkpoint/: sharded, atomic, resumable at any layout; policy.py: which are
+good, what a run may replace, what --resume takes from the manifest). Bad input, an unwritable
+output included, prints one line ``error: ...`` and exits 2 on every rank before anything is
+written; a NaN or inf loss or a failed save stops every rank with one line naming the last good
+checkpoint (exit 1).
 """
+import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from collectives import Mesh, MeshError
 from collectives.launch import env_rank, env_world
 from engine import backend
-from engine.checkpoint import list_checkpoints
 from engine.config import ConfigError, build, parse_values
 from engine.data import Batcher, DataError, load_dataset
-from engine.io import CheckpointError
+from engine.io import CheckpointError, one_line
 from engine.optim import cosine_lr
 from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPTConfig
 from parallel import LayoutError, ParallelConfig, build_step, check_layout, open_checkpoint
+from parallel.checkpoint import policy
 from parallel.trace import Tracer, mesh_labels, write_chrome_trace
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 class Diverged(RuntimeError):
@@ -59,7 +61,6 @@ def _f(default, help, **meta):
     return field(default=default, metadata=dict(help=help, **meta))
 
 
-ModelConfig = GPTConfig
 MODEL_DEFAULTS = dict(block_size=128, vocab_size=0, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
 MODEL_HELP = dict(block_size="context length: learned positions, and the length of each training window",
                   vocab_size="vocabulary size; 0: the data's (byte 256, char: the corpus's characters, .bin: meta.json)",
@@ -70,8 +71,7 @@ MODEL_HELP = dict(block_size="context length: learned positions, and the length 
 
 @dataclass
 class TrainConfig:
-    data: str = _f("", "UTF-8 text file, or nanoGPT-style uint16 .bin token file; '' = this Python's stdlib sources",
-                   metavar="PATH")
+    data: str = _f("", "UTF-8 text file or nanoGPT .bin token file; '' = this Python's stdlib sources", metavar="PATH")
     tokenizer: str = _f("byte", "tokenizer for text data", choices=("byte", "char"))
     val_fraction: float = _f(0.1, "fraction of the tokens (the last ones) held out for validation")
     batch_size: int = _f(12, "sequences per step")
@@ -90,21 +90,21 @@ class TrainConfig:
     ckpt_interval: int = _f(100, "steps between checkpoints (0: only at the end)")
     keep: int = _f(3, "checkpoints kept in out_dir (0: all)")
     out_dir: str = _f("out", "directory of the checkpoints step_<N>/ and latest", metavar="DIR")
-    resume: str = _f("", "resume from a checkpoint: an out dir (its latest) or a step_<N> dir",
-                    metavar="DIR")
-    overwrite: bool = _f(False, "start afresh even though out_dir holds checkpoints (they are deleted "
-                                "once the first new one is written)")
+    resume: str = _f("", "continue from an out dir (its latest) or a step_<N> dir: its model, dtype, tokenizer, data",
+                     metavar="DIR")
+    overwrite: bool = _f(False, "replace out_dir's checkpoints (--resume from it: the newer) at the first save")
+    good_factor: float = _f(4.0, "good checkpoint: loss finite, <= this x the run's lowest (0: any); --keep keeps it")
     seed: int = _f(1337, "seed of the initialisation, the batches and dropout")
     dtype: str = _f("float32", "parameter and activation dtype", choices=("float32", "float64"))
     device: str = _f("cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
     metrics: str = _f("", "write one JSON line per step to this file", metavar="FILE")
     mem_trace_interval: int = _f(25, "trace memory (tracemalloc) on step 1 and every N steps; 1: every step")
-    trace: str = _f("", "write a Chrome trace (Perfetto, chrome://tracing) of this run's second step (its first if "
-                        "it runs one): a row per rank, a box per forward, backward, weight-gradient, comm wait, "
-                        "dp reduction and optimizer step", metavar="FILE.json")
+    trace: str = _f("", "write a Chrome trace (Perfetto) of this run's second step (its first if it runs one): a "
+                        "row per rank, a box per forward, backward, weight-gradient, comm wait, dp reduction, update",
+                    metavar="FILE.json")
 
 
-SECTIONS = (("model", ModelConfig), ("parallel", ParallelConfig), ("train", TrainConfig))
+SECTIONS = (("model", GPTConfig), ("parallel", ParallelConfig), ("train", TrainConfig))
 
 
 def need(ok, msg):
@@ -115,23 +115,23 @@ def need(ok, msg):
 def parse_configs(argv):
     """(model field values, ParallelConfig, TrainConfig), every check passed. The GPTConfig is
     built once the data gives the vocabulary (vocab_size 0 = the data's); it is validated now."""
-    values = parse_values(argv, SECTIONS, description=__doc__, defaults={"model": MODEL_DEFAULTS}, helps=MODEL_HELP)
+    values = parse_values(argv, SECTIONS, description=__doc__, defaults={"model": MODEL_DEFAULTS}, helps=MODEL_HELP,
+                          given=(given := {}))
+    if values["train"].get("resume"):                           # the run's model, dtype, tokenizer, data
+        policy.resume_values(values, given, values["train"]["resume"], [f.name for f in fields(GPTConfig)])
     model = values["model"]
     need(model["vocab_size"] >= 0, f"vocab_size must be >= 0, got {model['vocab_size']}")
     build(GPTConfig, dict(model, vocab_size=model["vocab_size"] or 1), "model")
     par, cfg = build(ParallelConfig, values["parallel"], "parallel"), build(TrainConfig, values["train"], "train")
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval"):
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eps", "mem_trace_interval"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup", "eval_interval", "ckpt_interval", "keep", "seed", "weight_decay", "grad_clip"):
+    for name in ("warmup", "eval_interval", "ckpt_interval", "keep", "seed", "weight_decay", "grad_clip",
+                 "good_factor"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     need(0 < cfg.val_fraction < 1, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
     need(0 <= cfg.min_lr <= cfg.lr, f"min_lr must lie in [0, lr={cfg.lr}], got {cfg.min_lr}")
     need(all(0 <= b < 1 for b in cfg.betas), f"betas must lie in [0, 1), got {cfg.betas}")
-    need(cfg.eps > 0, f"eps must be positive, got {cfg.eps}")
-    need(cfg.mem_trace_interval >= 1, f"mem_trace_interval must be >= 1, got {cfg.mem_trace_interval}")
-    need(not cfg.trace or os.path.isdir(os.path.dirname(os.path.abspath(cfg.trace))),
-         f"trace {cfg.trace}: its directory does not exist")
     try:
         check_layout(par, model, cfg.batch_size)
     except LayoutError as e:
@@ -146,10 +146,9 @@ class Run:
     def __init__(self, model_cfg, par, cfg, data, mesh, step, batcher):
         self.model_cfg, self.par, self.cfg, self.data = model_cfg, par, cfg, data
         self.mesh, self.stepper, self.batcher, self.model = mesh, step, batcher, step.model
-        self.rank, self.world = mesh.world.rank, mesh.world.size
-        self.is_main = self.rank == 0
-        self.step, self.resumed_from, self.last_ckpt = 0, None, None
-        self.discard_old = cfg.overwrite and not cfg.resume   # --overwrite: old checkpoints go at the first save
+        self.rank, self.world, self.is_main = mesh.world.rank, mesh.world.size, mesh.world.rank == 0
+        self.step, self.resumed_from, self.last_good, self.doomed = 0, None, None, []
+        self.watch = policy.LossWatch(cfg.good_factor)      # the running minimum: is a checkpoint good?
 
 
 def prepare(argv):
@@ -162,67 +161,54 @@ def prepare(argv):
         backend.set_device(cfg.device)
     except (MeshError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
+    policy.check_outputs(mesh.world, cfg.out_dir, {"metrics": cfg.metrics, "trace": cfg.trace},   # a collective
+                         kept=() if cfg.resume or cfg.overwrite else ("metrics",))
     vocab = model_values["vocab_size"]
     data = load_dataset(cfg.data or None, cfg.tokenizer, cfg.val_fraction, model_values["block_size"],
                         vocab_size=vocab or None)
     need(not vocab or vocab >= data.vocab_size,
          f"vocab_size {vocab} is smaller than the data's vocabulary ({data.vocab_size})")
     model_cfg = build(GPTConfig, dict(model_values, vocab_size=vocab or data.vocab_size), "model")
-    ckpt = None
-    if cfg.resume:
-        ckpt = open_checkpoint(cfg.resume, mesh.world)          # manifest, shard sizes and sha256
-        where = f"checkpoint {ckpt.path}"
-        if ckpt.manifest.get("tokenizer") != data.tokenizer.to_json():
-            raise CheckpointError(f"{where} was trained with another tokenizer or vocabulary than the data gives")
-        saved_dtype = ckpt.manifest.get("config", {}).get("train", {}).get("dtype")
-        if saved_dtype != cfg.dtype:
-            raise CheckpointError(f"{where} was trained in {saved_dtype}, not --dtype {cfg.dtype}")
-        need(ckpt.step < cfg.max_steps, f"{where} is at step {ckpt.step} >= max_steps {cfg.max_steps}; "
-             "raise --max-steps")
-    inside = ckpt is not None and os.path.realpath(ckpt.path).startswith(os.path.realpath(cfg.out_dir) + os.sep)
-    need(not list_checkpoints(cfg.out_dir) or inside or cfg.overwrite,
-         f"out_dir {cfg.out_dir} already holds checkpoints; pass --resume {cfg.out_dir} to continue, "
-         "--overwrite to replace them, or another --out-dir")
+    ckpt = open_checkpoint(cfg.resume, mesh.world) if cfg.resume else None   # manifest, shard sizes and sha256
+    if ckpt is not None:
+        policy.check_resumable(ckpt, data.tokenizer, cfg.max_steps)
+    doomed = policy.would_replace(cfg.out_dir, ckpt)            # never replaced without --overwrite
+    if doomed and not cfg.overwrite:
+        policy.refuse_replacing(cfg.out_dir, ckpt, doomed)
     step = build_step(model_cfg, par, cfg, mesh)                # parallel/step.py: the layout composed
     run = Run(model_cfg, par, cfg, data, mesh, step, Batcher(data.train, cfg.batch_size, model_cfg.block_size,
                                                             seed=cfg.seed))
     if ckpt is not None:
         manifest = step.restore(ckpt)                           # any layout; a collective
-        try:
-            run.batcher.load_state_dict({"rng": manifest["rng"]["data"], "position": manifest["data"]["position"]})
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {ckpt.path}: bad data state in the manifest "
-                                  f"({type(e).__name__}: {e})") from None
-        run.step, run.resumed_from = ckpt.step, ckpt.path
+        run.batcher.load_state_dict(policy.data_state(ckpt))
+        run.step, run.resumed_from, run.watch.best = ckpt.step, ckpt.path, manifest.get("best_loss", math.inf)
+        run.last_good = ckpt.path if manifest.get("good", True) else None
+    run.doomed = doomed
     return run
 
 
 def save_checkpoint(run, rec):
     """Every rank writes what it owns into out_dir/step_<N> (parallel/step.py Step.save, atomic);
-    returns the path. The manifest holds what resuming needs besides the tensors."""
-    cfg = run.cfg
-    manifest = {
-        "config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
-        "tokenizer": run.data.tokenizer.to_json(),
-        "rng": {"data": run.batcher.rng.bit_generator.state},   # numpy Generator state (JSON)
+    returns the path. The manifest holds what resuming needs besides the tensors, and whether
+    the checkpoint is good (parallel/checkpoint/policy.py LossWatch)."""
+    cfg, run.why_not_good = run.cfg, run.watch.why_not_good(rec)
+    manifest = {"config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
+        "tokenizer": run.data.tokenizer.to_json(), "rng": {"data": run.batcher.rng.bit_generator.state},
         "data": {"source": run.data.source, "position": run.batcher.position,
                  "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
-        "metrics": rec}
-    path = run.stepper.save(cfg.out_dir, run.step, manifest, keep=cfg.keep or None)
-    if run.discard_old and run.is_main:                  # --overwrite: the previous run's checkpoints go
-        for _, old in list_checkpoints(cfg.out_dir):
-            if os.path.abspath(old) != os.path.abspath(path):
-                shutil.rmtree(old, ignore_errors=True)
-    run.discard_old = False
+        "metrics": rec, "good": run.why_not_good is None, "best_loss": run.watch.best}
+    path = run.stepper.save(cfg.out_dir, run.step, manifest, keep=None if run.doomed else cfg.keep or None)
+    if run.doomed and run.is_main:                       # --overwrite: what it replaces goes now, then --keep
+        policy.replace(cfg.out_dir, run.doomed, path, cfg.keep)
+    run.doomed, run.last_good = [], run.last_good if run.why_not_good else path
     return path
 
 
 # ---------------------------------------------------------------------------- loop
 def evaluate(run):
     """Mean loss over eval_iters fixed validation batches (the same windows every time)."""
-    cfg = run.cfg
-    batcher = Batcher(run.data.val, cfg.batch_size, run.model_cfg.block_size, seed=cfg.seed + 1)
-    return run.stepper.eval_loss([batcher.next() for _ in range(cfg.eval_iters)])
+    batcher = Batcher(run.data.val, run.cfg.batch_size, run.model_cfg.block_size, seed=run.cfg.seed + 1)
+    return run.stepper.eval_loss([batcher.next() for _ in range(run.cfg.eval_iters)])
 
 
 def train_step(run, lr):
@@ -241,26 +227,26 @@ def train_step(run, lr):
     return loss, norm
 
 
-def banner(run, peak, tracer):
+def banner(run, peak, tracer, say):
     """The start-up lines (rank 0): model, data, layout, MFU and memory conventions."""
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
-    say = print if run.is_main else (lambda *a, **k: None)
     say(f"model: {model.num_params():,} parameters | {asdict(run.model_cfg)}")
-    say(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | "
-        f"train {len(run.data.train):,} val {len(run.data.val):,} tokens | "
-        f"{cfg.batch_size * T * cfg.grad_accum} tokens/step")
-    if run.world > 1:
+    say(f"data: {run.data.source} | {type(run.data.tokenizer).__name__} vocab {run.data.vocab_size} | train "
+        f"{len(run.data.train):,} val {len(run.data.val):,} tokens | {cfg.batch_size * T * cfg.grad_accum} tokens/step")
+    many = run.world > 1
+    if many:
         say(run.stepper.describe(cfg.batch_size))
         # the launcher reports a rank killed by a signal by its PID: this line maps PIDs to ranks
         pids = run.mesh.world.all_gather(np.array([os.getpid()], dtype=np.int64))
         say("pids: " + " ".join(f"rank {r}={int(p)}" for r, p in enumerate(pids)))
-    say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}"
-        + (f", {run.world} ranks" if run.world > 1 else "") + f"), "
-        f"{model.flops_per_token() / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"
-        + (" (largest rank)" if run.world > 1 else "") + ", "
-        + ("every step" if tracer.every == 1 else f"traced on the first step and every {tracer.every}th step only"))
+    say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}" + (f", {run.world} ranks"
+        if many else "") + f"), {model.flops_per_token() / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"
+        + (" (largest rank), " if many else ", ") + ("every step" if tracer.every == 1 else
+                                                    f"traced on the first step and every {tracer.every}th step only"))
     if run.resumed_from:
         say(f"resumed from {run.resumed_from} at step {run.step}")
+    for note in run.data.notes if run.is_main else ():   # what the data loader decided (engine/data.py)
+        print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def train(run, tracer):
@@ -269,28 +255,21 @@ def train(run, tracer):
     tracer.every = cfg.mem_trace_interval
     peak = measure_peak_flops(cfg.dtype) * run.world
     flops_per_token, tokens_per_step = model.flops_per_token(), cfg.batch_size * T * cfg.grad_accum
-    banner(run, peak, tracer)
-    if run.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(cfg.metrics, "a" if run.resumed_from else "w") if cfg.metrics and run.is_main else None
+    banner(run, peak, tracer, say)
     model.train()
-    run.last_ckpt = run.resumed_from
     trace_step = run.step + min(2, cfg.max_steps - run.step) if cfg.trace else None   # the second step, warm
-    try:
+    metrics = open(cfg.metrics, "a" if run.resumed_from else "w") if cfg.metrics and run.is_main else None
+    with metrics or contextlib.nullcontext():
         while run.step < cfg.max_steps:
-            run.step += 1
-            step = run.step
+            run.step = step = run.step + 1
             lr = cosine_lr(step - 1, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
             if step == trace_step:                       # a barrier aligns the ranks' clocks
                 run.stepper.tracer = Tracer().start(run.mesh.world)
             tracer.begin(step)
             t0 = time.perf_counter()
-            try:
-                loss, norm = train_step(run, lr)
-            except Diverged as e:
-                raise Diverged(f"{e} (last good checkpoint: {run.last_ckpt or 'none written'})") from None
-            dt = time.perf_counter() - t0
-            mem = tracer.end()
+            loss, norm = train_step(run, lr)
+            run.watch.see(loss)
+            dt, mem = time.perf_counter() - t0, tracer.end()
             if run.world > 1:                            # the slowest rank's time, the largest peak
                 dt, mem = (float(v) for v in run.mesh.world.all_reduce(np.array([dt, mem], np.float64), op="max"))
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms_per_step": dt * 1e3,
@@ -298,9 +277,8 @@ def train(run, tracer):
                    "peak_bytes": int(mem)}
             last = step == cfg.max_steps
             if step % cfg.log_interval == 0 or last:
-                say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | "
-                    f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | "
-                    f"mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
+                say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | {rec['tokens_per_s']:7.0f} "
+                    f"tok/s | mfu {100 * rec['mfu']:5.2f}% | mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
             if step == trace_step:                       # gathered over the world, rank 0 writes
                 write_chrome_trace(cfg.trace, run.stepper.tracer, run.mesh.world, mesh_labels(run.mesh))
                 run.stepper.tracer = None
@@ -309,37 +287,34 @@ def train(run, tracer):
                 rec["val_loss"] = evaluate(run)
                 say(f"step {step:5d} | val loss {rec['val_loss']:.4f}", flush=True)
             if metrics:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                print(json.dumps(rec), file=metrics, flush=True)
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last:
-                run.last_ckpt = save_checkpoint(run, rec)
-                say(f"step {step:5d} | checkpoint {run.last_ckpt}", flush=True)
-    finally:
-        if metrics:
-            metrics.close()
+                path = save_checkpoint(run, rec)
+                say(f"step {step:5d} | checkpoint {path}" + (f" | not good: {run.why_not_good}; last good: "
+                    f"{run.last_good or 'none'}" if run.why_not_good else ""), flush=True)
     return 0
 
 
 def main(argv=None):
     tracer = MemoryTracer()                 # first, so the resident state is traced too
-    main_rank = env_rank() == 0
     try:
         run = prepare(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError, CheckpointError) as e:
-        if main_rank:                       # every rank fails alike; one line is enough
+        if env_rank() == 0:                       # every rank fails alike; one line is enough
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return train(run, tracer)
-    except Diverged as e:
-        if run.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print(f"interrupted at step {run.step}; resume from the last checkpoint: "
-              f"{run.last_ckpt or 'none written'}", file=sys.stderr)
-        return 130
-
+    except (Diverged, CheckpointError, OSError, KeyboardInterrupt) as e:
+        good, local = f"last good checkpoint: {run.last_good or 'none written'}", isinstance(e, OSError)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted at step {run.step}; resume from the {good}", file=sys.stderr)
+            return 130
+        if run.is_main or local:                # a divergence or a failed save: alike on every rank (agreed)
+            print(f"error: {f'rank {run.rank}: ' if local else ''}{one_line(e)} ({good})", file=sys.stderr, flush=True)
+        if local and run.world > 1:             # rank 0's own file (metrics, trace): the others cannot know
+            run.mesh.world.mpi.Abort(EXIT_FAILED)
+        return EXIT_FAILED
 
 if __name__ == "__main__":
     sys.exit(main())

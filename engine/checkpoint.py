@@ -95,7 +95,7 @@ def begin_write(out_dir, step, pid=None):
 def commit(out_dir, tmp, step, keep=None):
     """Publish a fully written (every file fsynced) temporary directory: fsync it, rename it
     to ``step_<step>`` (atomic on POSIX; an existing one is replaced whole), move ``latest``
-    and prune to the newest ``keep``. Returns the step directory."""
+    and prune to the newest ``keep`` (the newest good one always stays). Returns the step directory."""
     fsync_dir(tmp)
     name = f"step_{step}"
     final = os.path.join(out_dir, name)
@@ -146,11 +146,25 @@ def _remove_stale(out_dir):
             pass
 
 
+def is_good(step_dir):
+    """A checkpoint's verdict on itself: its manifest's "good" (train.py records whether its
+    loss was finite and had not diverged); True for a manifest without the field, False for
+    one that cannot be read."""
+    try:
+        with open(os.path.join(step_dir, "manifest.json")) as f:
+            return json.load(f).get("good", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prune(out_dir, keep, protect=None):
-    """Delete all but the newest ``keep`` step directories (never ``protect``)."""
+    """Delete all but the newest ``keep`` step directories, never ``protect`` and never the
+    newest good one (``is_good``): a run whose loss diverged keeps the checkpoint to go back to."""
     ckpts = list_checkpoints(out_dir)
+    good = next((p for _, p in reversed(ckpts) if is_good(p)), None)
+    spared = {os.path.abspath(p) for p in (protect, good) if p is not None}
     for _, path in ckpts[:max(len(ckpts) - keep, 0)]:
-        if protect is None or os.path.abspath(path) != os.path.abspath(protect):
+        if os.path.abspath(path) not in spared:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -132,9 +132,10 @@ def load_toml(path, sections):
     return out
 
 
-def parse_values(argv, sections, description=None, defaults=None, helps=None):
+def parse_values(argv, sections, description=None, defaults=None, helps=None, given=None):
     """{title: {field: value}} for each section: defaults < --config TOML < flags
-    (dataclass defaults not included; use when a config is completed later)."""
+    (dataclass defaults not included; use when a config is completed later). ``given``, a
+    dict, receives {title: set of the fields the user set, by TOML or by flag}."""
     parser = build_parser(sections, description, defaults, helps)
     ns = vars(parser.parse_args(argv))
     config = ns.pop("config", None)
@@ -146,6 +147,8 @@ def parse_values(argv, sections, description=None, defaults=None, helps=None):
         names = {f.name for f in dataclasses.fields(cls)}
         values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items() if k in names})
         result[title] = values
+        if given is not None:
+            given[title] = set(from_toml.get(title, {})) | (names & set(ns))
     return result
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import secrets
 import struct
+import tempfile
 
 import numpy as np
 
@@ -79,6 +80,42 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unwritable(path, kind="dir"):
+    """Why ``path`` (a directory to create or fill, or with kind="file" a file to create or
+    append to) cannot be written, in a few words; None if it can. Probes for real: a file is
+    created and removed in the directory that would hold the writes (the deepest existing
+    one), so a read-only filesystem, /proc or missing permissions are found, and nothing is
+    left behind. An existing file is opened for appending, never truncated."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        if kind == "file":
+            return "is a directory"
+        where = path
+    elif os.path.exists(path) and kind == "dir":
+        return "is a file, not a directory"
+    elif os.path.exists(path):
+        try:
+            with open(path, "ab"):
+                return None
+        except OSError as e:
+            return f"cannot be opened for writing ({e.strerror or e})"
+    else:
+        where = os.path.dirname(path)
+        while kind == "dir" and not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.exists(where):
+            return f"its directory {where} does not exist"
+        if not os.path.isdir(where):
+            return f"lies under {where}, which is a file"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=where)
+    except OSError as e:
+        return f"cannot be written: no file can be created in {where} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def atomic_write_bytes(path, data):

@@ -45,3 +45,15 @@ def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert (tmp_path / "model.safetensors").read_bytes() == b"someone's model"
     assert consolidate.main([str(tmp_path / "no-ckpt"), str(tmp_path / "model.safetensors"), "--overwrite"]) == 2
     assert "no-ckpt" in capsys.readouterr().err               # with --overwrite it gets to the checkpoint
+
+
+def test_an_unwritable_output_is_refused_before_any_shard_is_read(tmp_path, capsys):
+    import consolidate
+    (tmp_path / "a-file").write_text("x")
+    for out, words in (("/proc/model.safetensors", "no file can be created in /proc"),
+                       (str(tmp_path / "a-file" / "m.safetensors"), "which is a file"),
+                       (str(tmp_path / "a-file" / "gpt2"), "which is a file")):
+        hf = ["--hf"] if out.endswith("gpt2") else []
+        assert consolidate.main([str(tmp_path / "no-ckpt"), out, *hf]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out} ") and words in err and err.count("\n") == 1, err
