@@ -20,8 +20,11 @@ without spinning) in float32, with and without sequence-parallel regions (--tp-t
    The blockwise attention keeps no s x s matrix beyond its single-block path's P.
 2. Bytes each rank sends in one training step, from the Communicator's byte counter, beside
    Megatron's count for TP alone: per layer 2 all-reduces forward and 2 backward of s b h
-   elements, each all-reduce sending 2 (t - 1) / t of its bytes per rank (a ring), plus the
-   embedding's all-reduce and the output layer's and loss's.
+   elements, plus the embedding's forward all-reduce and the output layer's input gradient,
+   the loss's three all-reduces of s b numbers and the norm's one, each all-reduce sending
+   2 (t - 1) / t of its bytes per rank as a ring or Rabenseifner's algorithm does (at t = 2
+   every algorithm sends exactly its n bytes; at t = 4 recursive doubling, which auto picks
+   for small messages, sends 2 n, so the count there can exceed the formula).
 3. The largest GPT (n_layer fixed, n_embd grown in steps of 16 x tp, heads of 16) whose
    training step fits --mem-budget bytes per rank (tracemalloc peak of one step, parameters,
    gradients and AdamW moments included), per tp: JSON ``max_params``.
@@ -114,13 +117,15 @@ def step_peak(comm, cfg, b, regions):
     g = np.random.default_rng(2)
     x = g.integers(0, cfg.vocab_size, (b, cfg.block_size))
     y = g.integers(0, cfg.vocab_size, (b, cfg.block_size))
-    sent0 = comm.bytes_sent if hasattr(comm, "bytes_sent") else None
+    comms = [mesh.axis(a).comm for a in ("dp", "pp", "sp", "tp")] + [mesh.group("dp", "sp"), mesh.pp_ends()]
+    comms = [c for c in comms if c is not None]
+    sent0 = sum(c.bytes_sent for c in comms)
     step.forward_backward([(x, y)], step=1)
     step.clip_grad_norm(1.0)
     step.update(1e-3)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    sent = None if sent0 is None else comm.bytes_sent - sent0
+    sent = sum(c.bytes_sent for c in comms) - sent0
     return peak, sum(p.size for p in step.module.parameters()), sent
 
 

@@ -26,7 +26,7 @@ from engine import ops
 from engine.backend import get_array_module
 from engine.nn import Module, Parameter
 
-from .comm import copy_to_tp, gather_tokens, reduce_from_tp, scatter_tokens
+from .comm import copy_to_tp, gather_linear, reduce_from_tp, scatter_tokens
 
 
 def _take(p, index, axis):
@@ -47,8 +47,9 @@ class ColumnParallelLinear(Module):
                    comm, rows, tokens)
 
     def forward(self, x):
-        x = gather_tokens(x, self.comm) if self.tokens else copy_to_tp(x, self.comm)   # (B, T, in)
-        return ops.linear(x, self.weight, self.bias)                         # (B, T, in) -> (B, T, out/tp)
+        if self.tokens:                                                      # (B, T/tp, in) -> (B, T, out/tp)
+            return gather_linear(x, self.weight, self.bias, self.comm)
+        return ops.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # (B, T, in) -> (B, T, out/tp)
 
 
 class RowParallelLinear(Module):

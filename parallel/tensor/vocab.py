@@ -24,7 +24,7 @@ from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.backend import get_array_module
 from engine.nn import Module, Parameter
 
-from .comm import copy_to_tp, gather_tokens, reduce_from_tp, scatter_tokens
+from .comm import copy_to_tp, gather_linear, reduce_from_tp, scatter_tokens
 
 
 def padded_vocab(V, tp, granule=1):
@@ -107,8 +107,9 @@ class VocabParallelEmbedding(Module):
         return scatter_tokens(e, self.comm) if self.tokens else reduce_from_tp(e, self.comm)   # (B, T[/tp], C)
 
     def logits(self, x):
-        x = gather_tokens(x, self.comm) if self.tokens else copy_to_tp(x, self.comm)   # (B, T, C)
-        return ops.linear(x, self.weight)                              # (B, T, C) -> (B, T, Vp/tp)
+        if self.tokens:                                                # (B, T/tp, C) -> (B, T, Vp/tp)
+            return gather_linear(x, self.weight, None, self.comm)
+        return ops.linear(copy_to_tp(x, self.comm), self.weight)      # (B, T, C) -> (B, T, Vp/tp)
 
     def full_logits(self, logits):
         """(..., V) logits gathered from every rank's columns (..., Vp/tp), padding dropped: for
