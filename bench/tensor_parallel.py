@@ -22,9 +22,8 @@ without spinning) in float32, with and without sequence-parallel regions (--tp-t
    Megatron's count for TP alone: per layer 2 all-reduces forward and 2 backward of s b h
    elements, plus the embedding's forward all-reduce and the output layer's input gradient,
    the loss's three all-reduces of s b numbers and the norm's one, each all-reduce sending
-   2 (t - 1) / t of its bytes per rank as a ring or Rabenseifner's algorithm does (at t = 2
-   every algorithm sends exactly its n bytes; at t = 4 recursive doubling, which auto picks
-   for small messages, sends 2 n, so the count there can exceed the formula).
+   what the algorithm algo="auto" picks sends per rank: 2 (t - 1) / t of its bytes for the ring
+   and Rabenseifner's, n log2 t for recursive doubling (small messages).
 3. The largest GPT (n_layer fixed, n_embd grown in steps of 16 x tp, heads of 16) whose
    training step fits --mem-budget bytes per rank (tracemalloc peak of one step, parameters,
    gradients and AdamW moments included), per tp: JSON ``max_params``.
@@ -129,15 +128,29 @@ def step_peak(comm, cfg, b, regions):
     return peak, sum(p.size for p in step.module.parameters()), sent
 
 
+SENT = {"ring": lambda n, t: 2 * (t - 1) * (n // t), "rabenseifner": lambda n, t: 2 * (t - 1) * (n // t),
+        "recursive_doubling": lambda n, t: n * (t - 1).bit_length(), "tree": lambda n, t: 2 * n * (t - 1).bit_length()}
+
+
+def all_reduce_bytes(n, t):
+    """Bytes one rank sends in an all-reduce of n bytes over t ranks with the algorithm that
+    algo="auto" picks (collectives/cost.py): 2 (t-1)/t n for the ring and Rabenseifner's
+    algorithm, n log2 t for recursive doubling (t a power of two here)."""
+    if t == 1:
+        return 0
+    from collectives import cost
+    return SENT[cost.choose("all_reduce", t, n)](n, t)
+
+
 def wire_formula(cfg, b, t):
-    """Megatron's bytes per rank per step for TP alone: 4 all-reduces of s b h per layer, the
-    embedding's forward one and the output layer's input gradient; a ring all-reduce of n bytes
-    sends 2 (t - 1) / t n per rank. The loss adds three all-reduces of s b numbers (max; sum-exp
-    and target logit), the gradient norm one of 1 number (float64)."""
+    """Megatron's bytes per rank per step for TP alone: 4 all-reduces of s b h float32 per
+    layer, the embedding's forward one and the output layer's input gradient; the loss's
+    all-reduces of s b numbers (the max; the sum-exp and the target logit together) and the
+    gradient norm's one float64, each sent as collectives/cost.py's choice sends it."""
     s, h, L = cfg.block_size, cfg.n_embd, cfg.n_layer
-    ring = 2 * (t - 1) / t
     act = s * b * h * 4
-    return ring * (act * (4 * L + 2) + s * b * 4 * 3 + 8)
+    return (4 * L + 2) * all_reduce_bytes(act, t) + all_reduce_bytes(s * b * 4, t) + \
+        all_reduce_bytes(2 * s * b * 4, t) + all_reduce_bytes(8, t)
 
 
 def decode_seconds(comm, cfg, tokens=64):
