@@ -89,3 +89,20 @@ def test_tp_decoding_gives_one_process_tokens(launched):
         assert got.stdout == want.stdout and len(want.stdout) > 40, (got.stdout, want.stdout)
     bad = run_mpi(2, os.path.join(ROOT, "sample.py"), "--ckpt", out / "ref", "--tp", 4, timeout=60)
     assert bad.returncode != 0 and bad.stderr.count("error: --tp 4 needs mpiexec -n 4") == 1, describe(bad)
+
+
+def test_tp_checkpoint_exports_to_hugging_face_like_one_process(launched, tmp_path):
+    """consolidate.py --hf of a tp 4 checkpoint (padded vocabulary, token shards) gives the
+    GPT-2 directory one process's checkpoint gives: the same logits."""
+    import subprocess
+    import sys
+    from mpi_util import ROOT
+    from models.hf import load_hf
+    out, _ = launched
+    for tag in ("ref", "tp4-tokens"):
+        proc = subprocess.run([sys.executable, "consolidate.py", "--hf", str(out / tag), str(tmp_path / tag)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    idx = np.arange(16).reshape(1, 16) % 10
+    a, b = (load_hf(str(tmp_path / t))(idx)[0].data for t in ("ref", "tp4-tokens"))
+    assert a.dtype == np.float64 and np.allclose(a, b, rtol=1e-10, atol=1e-12)
