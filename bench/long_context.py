@@ -36,21 +36,13 @@ import numpy as np
 
 from collectives import Communicator
 from engine.flat import FlatParameters
+from engine.config import parse_bytes
 from engine.io import atomic_write_json
 from engine.optim import AdamW
 from models.gpt import GPT, GPTConfig
 from parallel.sequence.ring_attention import RingAttention, RingShift, block_forward
 from parallel.sequence import SequenceParallel, SequenceParallelError, check_config, layout_for
 from parallel.sequence.split import local_segments
-
-
-def parse_bytes(s):
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
-    s = str(s).strip().upper()
-    for u, m in units.items():
-        if s.endswith(u):
-            return int(float(s[:-len(u)]) * m)
-    return int(float(s))
 
 
 def idle(comm):

@@ -42,6 +42,7 @@ import numpy as np
 
 from collectives import Communicator, Mesh
 from engine.autograd import Tensor
+from engine.config import parse_bytes
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel import ParallelConfig, build_step
@@ -49,15 +50,6 @@ from parallel.tensor import shard_gpt
 from parallel.tensor.comm import token_range
 
 TRAIN = types.SimpleNamespace(seed=0, dtype="float32", lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-
-def parse_bytes(s):
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
-    s = str(s).strip().upper()
-    for u, m in units.items():
-        if s.endswith(u):
-            return int(float(s[:-len(u)]) * m)
-    return int(float(s))
 
 
 def done(world, sub):

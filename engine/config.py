@@ -34,6 +34,16 @@ def _kind(tp):
     return tp, 1
 
 
+def parse_bytes(s):
+    """A size such as "64MB", "512KB", "1GB" or "4096" in bytes (binary units)."""
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    s = str(s).strip().upper()
+    for u, m in units.items():
+        if s.endswith(u):
+            return int(float(s[:-len(u)]) * m)
+    return int(float(s))
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 

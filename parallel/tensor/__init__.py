@@ -2,7 +2,8 @@
 weights split over the tp ranks, so every rank holds 1/tp of each matrix.
 
     comm.py     the autograd-aware communication: copy_to_tp (identity forward, all-reduce
-                backward), reduce_from_tp (all-reduce forward, identity backward)
+                backward), reduce_from_tp (all-reduce forward, identity backward), and for
+                sequence-parallel regions gather_linear and scatter_tokens (Korthikanti et al.)
     layers.py   ColumnParallelLinear (QKV, the first MLP matrix), RowParallelLinear (the
                 attention projection, the second MLP matrix)
     vocab.py    VocabParallelEmbedding: the tied wte split by vocabulary rows, its output

@@ -50,7 +50,8 @@ def reduce_from_tp(x, comm):
 # The residual stream is split along tokens over tp: rank r holds tokens [r T/tp, (r+1) T/tp).
 # The operator pairs g / g-bar of the paper replace f / g above, same bytes:
 #
-#     gather_tokens   forward: all-gather along T   (B, T/tp, C) -> (B, T, C)   backward: reduce-scatter
+#     gather_linear   forward: all-gather along T   (B, T/tp, C) -> (B, T, C), then the column-
+#                     parallel product; backward: reduce-scatter dx (and all-gather x again for dW)
 #     scatter_tokens  forward: reduce-scatter       (B, T, C) -> (B, T/tp, C)   backward: all-gather
 #
 # An all-reduce is a reduce-scatter then an all-gather, so TP with these regions moves what TP
@@ -73,15 +74,6 @@ def _reduce_scatter_tokens(x, comm):
         raise ValueError(f"sequence-parallel regions: {T} tokens do not split over tp = {comm.size}")
     out = comm.reduce_scatter(_tokens_first(x).reshape(-1))        # (T/tp B C,)
     return out.reshape(T // comm.size, B, C).transpose(1, 0, 2)    # (B, T/tp, C)
-
-
-class GatherTokens(Function):
-    def forward(self, x, comm=None):
-        self.comm = comm
-        return _all_gather_tokens(x, comm)
-
-    def backward(self, g):
-        return (_reduce_scatter_tokens(g, self.comm),)
 
 
 class ScatterTokens(Function):
@@ -128,11 +120,6 @@ def gather_linear(x, weight, bias, comm):
         return ops.linear(x, weight, bias)
     args = (x, weight) if bias is None else (x, weight, bias)
     return GatherLinear.apply(*args, comm=comm)
-
-
-def gather_tokens(x, comm):
-    """All-gather along tokens forward, reduce-scatter backward (a no-op when tp = 1)."""
-    return x if comm.size == 1 else GatherTokens.apply(x, comm=comm)
 
 
 def scatter_tokens(x, comm):
