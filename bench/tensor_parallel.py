@@ -90,11 +90,9 @@ def activation_bytes(comm, cfg, b, regions, layers=4):
         x = Tensor(x0, requires_grad=True)
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
-        outs = []
         for block in list(model.blocks)[:layers]:
-            x = block(x)
-            outs.append(x)
-        held = tracemalloc.get_traced_memory()[0] - base
+            x = block(x)                                           # the graph holds what backward needs
+        held = tracemalloc.get_traced_memory()[0] - base - x.data.nbytes   # less the last output
         tracemalloc.stop()
     return held / layers
 

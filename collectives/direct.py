@@ -14,7 +14,9 @@ Plans. A training loop reduces the same buffers every step, so the first call on
 buffer and the ready-made message specs of every step (what MPI-4's persistent
 collectives, MPI_Allreduce_init, do explicitly). A repeat call only checks that the
 arrays are the same objects with the same dtype. A plan keeps its arrays alive; each
-DirectPath keeps at most PLANS of them, dropping the oldest.
+DirectPath keeps at most PLANS of them, dropping the oldest. A caller whose buffers live for
+one call only (tensor parallelism's activations) passes cache=False: the plan runs and is
+dropped, so it pins nothing.
 
 Placing the own block. An out-of-place all-gather must also copy its input into its own
 block of the output, and the block can travel from either place:
@@ -106,8 +108,10 @@ class DirectPath:
                 and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
                                      and _disjoint(x, out))))
 
-    def _remember(self, key, plan, x, out, op):
+    def _remember(self, key, plan, x, out, op, keep=True):
         plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
+        if not keep:                          # transient buffers (activations): run once, keep nothing
+            return plan
         if len(self.plans) >= PLANS:
             del self.plans[next(iter(self.plans))]
         self.plans[key] = self.last[key[-1]] = plan
@@ -142,7 +146,7 @@ class DirectPath:
 
     # ---- the collectives -------------------------------------------------------------------
 
-    def all_reduce(self, x, op, out):
+    def all_reduce(self, x, op, out, keep=True):
         """Communicator.all_reduce's fast path; None when it does not apply."""
         plan = self._find("ar", x, out, op)
         if plan is None:
@@ -162,10 +166,10 @@ class DirectPath:
                 steps.append((None, _bytes(buf), _bytes(src), None))
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
             plan.result = x if out is None else out
-            plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op)
+            plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op, keep)
         return self._run(plan)
 
-    def all_gather(self, x, out):
+    def all_gather(self, x, out, keep=True):
         """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
         plan = self._find("ag", x, out, None)
         if plan is None:
@@ -191,7 +195,7 @@ class DirectPath:
             plan.placements = None
             if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
                 plan.placements, plan.times = (input_first, copy_first), ([], [])
-            plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None)
+            plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None, keep)
         if plan.placements is not None:
             return self._run_trial(plan)
         return self._run(plan)
@@ -210,7 +214,7 @@ class DirectPath:
             plan.placements = None
         return result
 
-    def reduce_scatter(self, x, op, out):
+    def reduce_scatter(self, x, op, out, keep=True):
         """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
         plan = self._find("rs", x, out, op)
         if plan is None:
@@ -240,5 +244,5 @@ class DirectPath:
                 steps.append((None, _bytes(dst), _bytes(src), None))
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
             plan.result = dst if out is None else out
-            plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op)
+            plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op, keep)
         return self._run(plan)

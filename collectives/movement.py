@@ -27,11 +27,12 @@ _COPY_FIRST_BYTES = 16 << 20
 class Movement:
     """all_gather, broadcast, all_to_all, barrier (mixed into Communicator)."""
 
-    def all_gather(self, x, out=None, counts=None, algo="auto", async_op=False):
-        """Concatenate every rank's x (in rank order) on every rank."""
+    def all_gather(self, x, out=None, counts=None, algo="auto", async_op=False, cache=True):
+        """Concatenate every rank's x (in rank order) on every rank. cache=False: the buffers
+        live for this call only (no fast-path plan kept)."""
         if self._direct is not None and algo == "auto" and not async_op and out is not None and counts is None \
                 and not ACTIVE:
-            result = self._direct.all_gather(x, out)
+            result = self._direct.all_gather(x, out, cache)
             if result is not None:
                 return result
         n, r = self.size, self.rank

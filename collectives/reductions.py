@@ -34,10 +34,11 @@ def _check_out(name, x, out):
 class Reductions:
     """all_reduce, reduce_scatter, reduce (mixed into Communicator)."""
 
-    def all_reduce(self, x, op=SUM, out=None, algo="auto", async_op=False):
-        """Reduce x over all ranks; every rank gets the result (in x, or in out)."""
+    def all_reduce(self, x, op=SUM, out=None, algo="auto", async_op=False, cache=True):
+        """Reduce x over all ranks; every rank gets the result (in x, or in out). cache=False:
+        x and out live for this call only (the fast path keeps no plan of them)."""
         if self._direct is not None and algo == "auto" and not async_op and not ACTIVE:
-            result = self._direct.all_reduce(x, op, out)
+            result = self._direct.all_reduce(x, op, out, cache)
             if result is not None:
                 return result
         try:                                        # every argument check, before any message
@@ -64,10 +65,11 @@ class Reductions:
             gen = ALL_REDUCE[algo](t, src, buf, reducer(rop, dev, not stage) if dev else rop.ufunc)
         return self._go(gen, t, done, async_op)
 
-    def reduce_scatter(self, x, op=SUM, out=None, counts=None, algo="auto", async_op=False):
-        """Reduce x (all blocks) over all ranks; this rank gets block `rank` of the result."""
+    def reduce_scatter(self, x, op=SUM, out=None, counts=None, algo="auto", async_op=False, cache=True):
+        """Reduce x (all blocks) over all ranks; this rank gets block `rank` of the result.
+        cache=False: the buffers live for this call only (no fast-path plan kept)."""
         if self._direct is not None and algo == "auto" and not async_op and counts is None and not ACTIVE:
-            result = self._direct.reduce_scatter(x, op, out)
+            result = self._direct.reduce_scatter(x, op, out, cache)
             if result is not None:
                 return result
         n, r = self.size, self.rank

@@ -44,6 +44,17 @@ def is_grad_enabled():
     return _GRAD_ENABLED
 
 
+class _Node:
+    """What the graph keeps of a computed tensor: the Function that produced it, never its
+    data. An intermediate array therefore lives only while a Function saved it for backward
+    or the caller still holds the Tensor (a graph of Tensors would pin every op's output
+    until backward: the residual adds, the dropout outputs, the projections dropout reads)."""
+    __slots__ = ("_fn", "requires_grad")
+
+    def __init__(self, fn):
+        self._fn, self.requires_grad = fn, True
+
+
 class Tensor:
     __array_priority__ = 100  # numpy_array * tensor -> Tensor.__rmul__
 
@@ -52,8 +63,13 @@ class Tensor:
         self.requires_grad = requires_grad
         self.grad = None
         self.name = name
-        self._fn = None          # the Function that produced this tensor, while the graph lives
+        self._node = None        # computed tensors: its graph node (the Function), while the graph lives
         self._hooks = []         # called as hook(tensor) once this leaf's grad is complete
+
+    @property
+    def _fn(self):
+        """The Function that produced this tensor, while the graph lives (None: a leaf)."""
+        return None if self._node is None else self._node._fn
 
     # -- array-like attributes --------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -103,8 +119,9 @@ class Tensor:
         if grad.shape != self.shape:
             raise ValueError(f"upstream gradient shape {grad.shape} != tensor shape {self.shape}")
 
-        order = _topological_order(self)
-        grads = {id(self): grad}
+        root = self if self._fn is None else self._node
+        order = _topological_order(root)
+        grads = {id(root): grad}
         keep = {id(t) for t in inputs}
         for node in reversed(order):          # every consumer before what it consumed
             g = grads.pop(id(node), None)
@@ -231,9 +248,9 @@ class Function:
         data, extra = result if cls.has_aux else (result, None)
         out = Tensor(data)
         if _GRAD_ENABLED and any(fn.needs_input_grad):
-            fn.parents = tensors
+            fn.parents = tuple(t._node if t._fn is not None else t for t in tensors)   # leaves themselves
             out.requires_grad = True
-            out._fn = fn
+            out._node = _Node(fn)
         return out, extra
 
 

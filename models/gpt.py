@@ -135,7 +135,9 @@ class HeadsAttention(Function):
         heads = qkv.reshape(B, T, 3, n_head, self.hs)          # (B, T, 3, nh, hs) view
         q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (B, nh, T, hs) views
         y, _, self.state = attention_fwd(q, k, v, causal=True, keep_probs=is_grad_enabled() and any(self.needs_input_grad))
-        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+        out = y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)   # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+        self.state.o = out.reshape(B, T, n_head, self.hs).transpose(0, 2, 1, 3)   # O as a view of it: one copy kept
+        return out
 
     def backward(self, g):
         B, T, C = g.shape

@@ -103,8 +103,15 @@ class GELU(Function):
     """Hendrycks & Gimpel 2016, tanh approximation as in GPT-2:
         y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
     Computed as y = x * sigmoid(2u) (0.5 (1 + tanh u) = sigmoid(2u)), one exp instead of a
-    slower tanh; then dy/dx = s + x s (1 - s) 2u'(x) = s (1 + (1 - s) x (2c + 6ca x^2)), s = sigmoid(2u)."""
+    slower tanh; then dy/dx = s + x s (1 - s) 2u'(x) = s (1 + (1 - s) x (2c + 6ca x^2)), s = sigmoid(2u).
+    Only x is kept: backward recomputes s (one exp), so the layer holds its input and not also
+    a second (B, T, 4C) array (Korthikanti et al. 2022 count GeLU's input alone)."""
     def forward(self, x):
+        self.x = x
+        return x * self._sigmoid_2u(x)
+
+    @staticmethod
+    def _sigmoid_2u(x):
         xp = get_array_module(x)
         e = x * x
         e *= -2.0 * _GELU_C * _GELU_A
@@ -113,13 +120,12 @@ class GELU(Function):
         xp.minimum(e, 80.0, out=e)                                    # exp(80) fits float32: no overflow
         xp.exp(e, out=e)
         e += 1.0
-        s = xp.reciprocal(e, out=e)                                   # s = sigmoid(2u) = 1 / (1 + e^(-2u))
-        self.x, self.s = x, s
-        return x * s
+        return xp.reciprocal(e, out=e)                                # s = sigmoid(2u) = 1 / (1 + e^(-2u))
 
     def backward(self, g):
         xp = get_array_module(g)
-        x, s = self.x, self.s
+        x = self.x
+        s = self._sigmoid_2u(x)
         d = x * x
         d *= 6.0 * _GELU_C * _GELU_A
         d += 2.0 * _GELU_C

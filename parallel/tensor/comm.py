@@ -22,14 +22,14 @@ class CopyToTP(Function):
 
     def backward(self, g):
         g = g.copy()
-        self.comm.all_reduce(g)                     # sum of every rank's part of d loss / dx
+        self.comm.all_reduce(g, cache=False)        # sum of every rank's part of d loss / dx
         return (g,)
 
 
 class ReduceFromTP(Function):
     def forward(self, x, comm=None):
         y = x.copy()
-        comm.all_reduce(y)                          # sum of the partial products
+        comm.all_reduce(y, cache=False)             # sum of the partial products (a transient buffer)
         return y
 
     def backward(self, g):
@@ -72,7 +72,7 @@ def _reduce_scatter_tokens(x, comm):
     B, T, C = x.shape
     if T % comm.size:
         raise ValueError(f"sequence-parallel regions: {T} tokens do not split over tp = {comm.size}")
-    out = comm.reduce_scatter(_tokens_first(x).reshape(-1))        # (T/tp B C,)
+    out = comm.reduce_scatter(_tokens_first(x).reshape(-1), cache=False)   # (T/tp B C,)
     return out.reshape(T // comm.size, B, C).transpose(1, 0, 2)    # (B, T/tp, C)
 
 

@@ -50,12 +50,12 @@ class VocabParallelCrossEntropy(Function):
         mine = valid & (t >= lo) & (t < lo + Vl)                       # the target's logit lives here
         local_t = xp.where(mine, t - lo, 0)
         m = z.max(axis=1)                                              # (N,)
-        comm.all_reduce(m, op="max")
+        comm.all_reduce(m, op="max", cache=False)
         z -= m[:, None]
         zt = xp.where(mine, z[xp.arange(z.shape[0]), local_t], 0.0)    # (N,) shifted target logit, or 0
         xp.exp(z, out=z)
         both = xp.stack([z.sum(axis=1), zt])                           # (2, N): sum-exp, target logit
-        comm.all_reduce(both)
+        comm.all_reduce(both, cache=False)
         s, zt = both[0], both[1]
         loss = xp.log(s) - zt
         w = valid.astype(logits.dtype)
