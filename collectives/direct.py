@@ -108,9 +108,9 @@ class DirectPath:
                 and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
                                      and _disjoint(x, out))))
 
-    def _remember(self, key, plan, x, out, op, keep=True):
+    def _remember(self, key, plan, x, out, op, cache=True):
         plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
-        if not keep:                          # transient buffers (activations): run once, keep nothing
+        if not cache:                          # transient buffers (activations): run once, keep nothing
             return plan
         if len(self.plans) >= PLANS:
             del self.plans[next(iter(self.plans))]
@@ -146,7 +146,7 @@ class DirectPath:
 
     # ---- the collectives -------------------------------------------------------------------
 
-    def all_reduce(self, x, op, out, keep=True):
+    def all_reduce(self, x, op, out, cache=True):
         """Communicator.all_reduce's fast path; None when it does not apply."""
         plan = self._find("ar", x, out, op)
         if plan is None:
@@ -166,10 +166,10 @@ class DirectPath:
                 steps.append((None, _bytes(buf), _bytes(src), None))
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
             plan.result = x if out is None else out
-            plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op, keep)
+            plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op, cache)
         return self._run(plan)
 
-    def all_gather(self, x, out, keep=True):
+    def all_gather(self, x, out, cache=True):
         """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
         plan = self._find("ag", x, out, None)
         if plan is None:
@@ -195,7 +195,7 @@ class DirectPath:
             plan.placements = None
             if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
                 plan.placements, plan.times = (input_first, copy_first), ([], [])
-            plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None, keep)
+            plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None, cache)
         if plan.placements is not None:
             return self._run_trial(plan)
         return self._run(plan)
@@ -214,7 +214,7 @@ class DirectPath:
             plan.placements = None
         return result
 
-    def reduce_scatter(self, x, op, out, keep=True):
+    def reduce_scatter(self, x, op, out, cache=True):
         """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
         plan = self._find("rs", x, out, op)
         if plan is None:
@@ -244,5 +244,5 @@ class DirectPath:
                 steps.append((None, _bytes(dst), _bytes(src), None))
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
             plan.result = dst if out is None else out
-            plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op, keep)
+            plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op, cache)
         return self._run(plan)

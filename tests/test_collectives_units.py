@@ -55,3 +55,9 @@ def test_bytes_sent_counts_every_payload_byte():
     from mpi_util import describe, run_mpi
     proc = run_mpi(4, "traffic_worker.py", timeout=60)
     assert proc.returncode == 0 and proc.stdout.count("OK") == 4, describe(proc)
+
+
+def test_cache_false_pins_no_buffers():
+    from mpi_util import describe, run_mpi
+    proc = run_mpi(2, "cache_worker.py", timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("OK") == 2, describe(proc)

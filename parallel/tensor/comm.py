@@ -72,7 +72,8 @@ def _reduce_scatter_tokens(x, comm):
     B, T, C = x.shape
     if T % comm.size:
         raise ValueError(f"sequence-parallel regions: {T} tokens do not split over tp = {comm.size}")
-    out = comm.reduce_scatter(_tokens_first(x).reshape(-1), cache=False)   # (T/tp B C,)
+    out = get_array_module(x).empty(x.size // comm.size, dtype=x.dtype)   # its own array, not a view of
+    comm.reduce_scatter(_tokens_first(x).reshape(-1), out=out, cache=False)   # the (T B C,) input: (T/tp B C,)
     return out.reshape(T // comm.size, B, C).transpose(1, 0, 2)    # (B, T/tp, C)
 
 
