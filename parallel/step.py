@@ -1,5 +1,5 @@
-"""build_step: the one place that composes data parallelism / ZeRO, sequence parallelism and
-pipeline parallelism into one training step with one interface.
+"""build_step: the one place that composes data parallelism / ZeRO, sequence parallelism,
+pipeline parallelism and tensor parallelism into one training step with one interface.
 
     step = build_step(model_cfg, par, train, mesh)     # every rank, the same arguments
     loss = step.forward_backward(batches, step=n)      # batches: grad_accum global (B, T) pairs
@@ -7,7 +7,7 @@ pipeline parallelism into one training step with one interface.
     step.update(lr)
     val = step.eval_loss(val_batches)                  # the one-process mean loss
     path = step.save(out_dir, n, manifest, keep); step.restore(opened_checkpoint)
-    print(step.describe())
+    print(step.describe(batch_size))                 # the start-up banner's layout line
 
 The mesh (collectives/mesh.py): world rank = ((pp_rank * dp + dp_rank) * sp + sp_rank) * tp
 + tp_rank. Every rank builds the whole GPT from the seed, so its parameters are one
@@ -63,7 +63,11 @@ row-parallel biases. The tp collectives run inside the layers' forward and backw
 nothing above changes: ZeRO shards each tp rank's own slices over its dp x sp group
 (mesh.group("dp", "sp") holds the ranks of one tp coordinate), the pipeline's peers and the
 tied pair are per tp coordinate. The gradient norm sums over tp too, the replicated
-parameters counted on tp rank 0 only (their gradients are equal on every tp rank).
+parameters counted on tp rank 0 only (their gradients are equal on every tp rank). With
+--tp-token-shards (Korthikanti et al. 2022's sequence-parallel regions) the residual stream,
+LayerNorms and dropout hold tokens [r T/tp, (r+1) T/tp) of tp rank r, which is where the
+step locates the noise (Step._token_positions); the replicated parameters' gradients are then
+summed over tp inside their layers (copy_to_tp on the parameter), so they are equal again.
 
 Randomness (dropout, the sparse FFN's coin and Gumbel noise) is the model's counter-based
 generator (engine/random.py): the step sets (step, accumulation pass), each forward sets the
