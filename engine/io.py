@@ -38,6 +38,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as what it claims to be."""
 
 
+class DataError(ValueError):
+    """A data file or corpus that cannot be trained on (one-line message)."""
+
+
 def _dtypes():
     table = {"F16": np.float16, "BF16": bfloat16(), "F32": np.float32, "F64": np.float64,
              "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
