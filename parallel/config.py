@@ -15,7 +15,6 @@ composes what passed.
     sp > 1: block_size % sp == 0 (ulysses) or % 2 sp == 0 (ring: zigzag); no sparse QKV
 """
 import math
-import types
 from dataclasses import dataclass, field
 
 from .pipeline.schedules import SCHEDULES
@@ -95,8 +94,7 @@ def check_layout(par, model, batch_size):
                           f"{block} tokens: {e}") from None
     if par.tp > 1:
         try:
-            check_tensor(types.SimpleNamespace(**{k: get(k) or 0 for k in ("n_head", "n_embd", "ffn_sparsity",
-                                                                              "qkv_modules")}), par.tp)
+            check_tensor(model, par.tp)
         except TensorParallelError as e:
             raise LayoutError(str(e)) from None
     if par.tp_token_shards and par.tp > 1:

@@ -47,7 +47,7 @@ accumulates (no_sync); the last stage's loss is scaled by 1/m like the mean. The
                   summed between them (mesh.pp_ends()) before the dp reduction
     reduction     engine.finish_grads(): all-reduce (stage 0) / reduce-scatter (stage 1) over dp x sp
     norm^2        sum over pp and dp x sp of each rank's shard of squares, the last stage leaving
-                  out its copy of wte (ZeroEngine.grad_norm(exclude, also=pp_comm))
+                  out its copy of wte (ZeroEngine.grad_norm(exclude, also=(tp_comm, pp_comm)))
     update        AdamW on the shard, both copies of wte alike, so they stay equal
 
 Sums commute with averages, so every stage's gradient is exactly the one-process gradient of

@@ -176,7 +176,7 @@ class ZeroEngine:
         sq = np.array([self.local_grad_norm_sq(exclude)], dtype=np.float64)
         with self.timed_wait():
             self.comm.all_reduce(sq)
-            for c in ((also,) if hasattr(also, "all_reduce") else also):
+            for c in also:
                 if c.size > 1:
                     c.all_reduce(sq)
         return math.sqrt(float(sq[0]))

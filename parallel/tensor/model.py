@@ -14,6 +14,8 @@ rank's slice of it, in place (Shoeybi et al. 2019, figure 3):
 Parameter names stay the dense model's (``transformer.h.0.attn.c_attn.weight``), each holding
 this rank's slice. Per block: 2 all-reduces of (B, T, C) forward, 2 backward.
 """
+import types
+
 import numpy as np
 
 from .layers import (ColumnParallelLinear, ParallelSparseFFN, ReplicatedLayerNorm, RowParallelLinear,
@@ -26,7 +28,9 @@ class TensorParallelError(ValueError):
 
 
 def check_config(config, tp):
-    """Raise TensorParallelError unless a GPTConfig splits over tp ranks."""
+    """Raise TensorParallelError unless a GPTConfig (or a dict of its fields) splits over tp ranks."""
+    if isinstance(config, dict):
+        config = types.SimpleNamespace(**{"ffn_sparsity": 0, "qkv_modules": 0, **config})
     if tp < 1:
         raise TensorParallelError(f"tp must be >= 1, got {tp}")
     if config.n_head % tp:
