@@ -8,5 +8,15 @@ README's Benchmarks table lists each command). --json files are written atomical
     zero_memory.py   per-rank model-state bytes against the ZeRO formulas
     long_context.py  memory per rank and ring overlap under sequence parallelism
     pipeline.py      bubble and activation memory per pipeline schedule, against theory
+    tensor_parallel.py  activation bytes, wire bytes, the largest model and decode speed per tp
     sparse_decode.py, sparse_quality.py   the sparse layers' decoding speed and quality
 """
+import time
+
+
+def idle(comm):
+    """Wait at a barrier of ``comm`` without spinning a core (MPICH's barrier busy-polls), so
+    ranks outside the group being measured do not steal its cores."""
+    h = comm.barrier(async_op=True)
+    while not h.test():
+        time.sleep(0.002)

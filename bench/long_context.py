@@ -36,6 +36,7 @@ import numpy as np
 
 from collectives import Communicator
 from engine.flat import FlatParameters
+from bench import idle
 from engine.config import parse_bytes
 from engine.io import atomic_write_json
 from engine.optim import AdamW
@@ -43,13 +44,6 @@ from models.gpt import GPT, GPTConfig
 from parallel.sequence.ring_attention import RingAttention, RingShift, block_forward
 from parallel.sequence import SequenceParallel, SequenceParallelError, check_config, layout_for
 from parallel.sequence.split import local_segments
-
-
-def idle(comm):
-    """Wait for the others without spinning a core (MPICH's barrier busy-polls)."""
-    h = comm.barrier(async_op=True)
-    while not h.test():
-        time.sleep(0.002)
 
 
 def train_step_peak(sub, mode, T, a):

@@ -42,6 +42,7 @@ import numpy as np
 
 from collectives import Communicator, Mesh
 from engine.autograd import Tensor
+from bench import idle
 from engine.config import parse_bytes
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
@@ -57,10 +58,8 @@ def done(world, sub):
     core (MPICH's barrier busy-polls)."""
     if sub is not None:
         world.barrier()
-        return
-    h = world.barrier(async_op=True)
-    while not h.test():
-        time.sleep(0.002)
+    else:
+        idle(world)
 
 
 def formula_bytes(s, b, h, a, t, regions, dropout):

@@ -19,8 +19,7 @@ from engine.data import Batcher
 from engine.optim import cosine_lr
 from models.gpt import GPTConfig
 from parallel import ParallelConfig, build_step, check_layout
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from parallel.tensor.layers import ParallelSparseFFN
+from tp_slices import slice_of
 
 world = Communicator()
 W, R = world.size, world.rank
@@ -49,23 +48,6 @@ def run(comm, tp=1, accum=1, cfg=CFG, **layout):
     return rows, step
 
 
-def slice_of(step, name, full):
-    """This rank's slice of the one-process parameter ``full`` named ``name``."""
-    m = step.module
-    for part in name.rsplit(".", 1)[0].split("."):
-        m = getattr(m, part)
-    if isinstance(m, ColumnParallelLinear):
-        return full[m.rows]
-    if isinstance(m, ParallelSparseFFN) and name.rsplit(".", 1)[1] in ("w1", "w2", "c2", "cb"):
-        return full[m.units]
-    if isinstance(m, RowParallelLinear) and name.endswith("weight"):
-        return full[:, m.cols]
-    if isinstance(m, VocabParallelEmbedding):
-        rows = full[m.lo:m.lo + m.weight.shape[0]]
-        return np.concatenate([rows, np.zeros((m.weight.shape[0] - rows.shape[0], full.shape[1]))])
-    return full
-
-
 REFS = {}
 
 
@@ -83,7 +65,7 @@ def check(tag, comm, tp, accum=1, cfg=CFG, **layout):
     err = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     perr = 0.0
     for name, p in step.engine.named_full_params().items():
-        want = slice_of(step, name, ref_params[name])
+        want = slice_of(step.module, name, ref_params[name])
         if name.endswith(".attn.c_attn.bias"):          # [q | k | v]: k's gradient is 0 exactly (softmax
             n = p.shape[0] // 3                          # ignores a per-row shift), noise that AdamW scales
             p, want = np.concatenate([p[:n], p[2 * n:]]), np.concatenate([want[:n], want[2 * n:]])

@@ -20,7 +20,7 @@ from engine.autograd import Tensor
 from engine.nn import Embedding, Linear
 from models.gpt import GPT, GPTConfig
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_gpt
-from parallel.tensor.layers import ParallelSparseFFN
+from tp_slices import slice_of
 
 world = Communicator()
 W, R = world.size, world.rank
@@ -102,27 +102,9 @@ def gpt_case(comm, tokens=False, sparse=False, step=3):
     got.backward()
     err = rel(got.item(), loss.item())
     for name, p in tp.named_parameters():
-        want = ref[name]
-        owner = name.rsplit(".", 1)[0]
-        layer = _module(tp, owner)
-        if isinstance(layer, ColumnParallelLinear):
-            want = want[layer.rows]
-        elif isinstance(layer, ParallelSparseFFN) and name.rsplit(".", 1)[1] in ("w1", "w2", "c2", "cb"):
-            want = want[layer.units]
-        elif isinstance(layer, RowParallelLinear) and name.endswith("weight"):
-            want = want[:, layer.cols]
-        elif isinstance(layer, VocabParallelEmbedding):
-            rows = want[layer.lo:layer.lo + p.shape[0]]
-            want = np.concatenate([rows, np.zeros((p.shape[0] - rows.shape[0], want.shape[1]))])
+        want = slice_of(tp, name, ref[name])
         err = max(err, rel(p.grad, want))
     return err
-
-
-def _module(root, dotted):
-    m = root
-    for part in dotted.split("."):
-        m = getattr(m, part)
-    return m
 
 
 for t in range(1, W + 1):
