@@ -35,13 +35,19 @@ def test_round_trip_and_merges(tmp_path):
     assert BPETokenizer.from_dir(str(tmp_path / "missing")) is None
 
 
-def test_matches_hugging_face_tokenizers(tmp_path):
+def hf_reference(tmp_path):
+    """(the tokenizers module, our vocab, Hugging Face's byte-level BPE over the same files)."""
     tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers not installed")
     vocab = make_vocab()
     write_files(tmp_path, vocab)
     ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(tmp_path / "vocab.json"),
                                                                str(tmp_path / "merges.txt")))
     ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tokenizers, vocab, ref
+
+
+def test_matches_hugging_face_tokenizers(tmp_path):
+    tokenizers, vocab, ref = hf_reference(tmp_path)
     ref.add_special_tokens(["<|endoftext|>"])                  # id 264, past the vocabulary
     ours = BPETokenizer.from_dir(str(tmp_path))
     (tmp_path / "hf").mkdir()
@@ -100,12 +106,7 @@ def test_pre_tokenizer_splits_as_gpt2_with_and_without_regex():
 
 
 def test_ids_match_hugging_face_tokenizers_on_random_unicode(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers not installed")
-    vocab = make_vocab()
-    write_files(tmp_path, vocab)
-    ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(tmp_path / "vocab.json"),
-                                                               str(tmp_path / "merges.txt")))
-    ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizers, vocab, ref = hf_reference(tmp_path)
     ours = BPETokenizer.from_dir(str(tmp_path))
     for text in random_strings(1000, seed=1):
         assert ours.encode(text) == ref.encode(text).ids, repr(text)

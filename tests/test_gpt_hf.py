@@ -87,13 +87,18 @@ def test_our_checkpoint_opens_in_transformers(tmp_path):
     np.testing.assert_allclose(logits_of(model, idx()), hf_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_transformers_checkpoint_loads(tmp_path):
+def tiny_transformers_gpt2():
+    """(torch, a seeded transformers GPT2LMHeadModel of the CFG shape, in eval mode)."""
     torch = pytest.importorskip("torch", reason=TRANSFORMERS_REASON)
     transformers = pytest.importorskip("transformers", reason=TRANSFORMERS_REASON)
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=16, vocab_size=40,
                                      bos_token_id=None, eos_token_id=None)
-    hf = transformers.GPT2LMHeadModel(config).eval()
+    return torch, transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_transformers_checkpoint_loads(tmp_path):
+    torch, hf = tiny_transformers_gpt2()
     hf.save_pretrained(str(tmp_path))
     assert os.path.exists(tmp_path / "model.safetensors")
     ours = load_hf(tmp_path)
@@ -174,12 +179,7 @@ def test_load_hf_reads_sharded_directories(tmp_path):
 
 
 def test_sharded_transformers_checkpoint_loads(tmp_path):
-    torch = pytest.importorskip("torch", reason=TRANSFORMERS_REASON)
-    transformers = pytest.importorskip("transformers", reason=TRANSFORMERS_REASON)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=16, vocab_size=40,
-                                     bos_token_id=None, eos_token_id=None)
-    hf = transformers.GPT2LMHeadModel(config).eval()
+    torch, hf = tiny_transformers_gpt2()
     hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert not os.path.exists(tmp_path / "model.safetensors")
