@@ -28,6 +28,7 @@ written; a NaN or inf loss or a failed save stops every rank with one line namin
 checkpoint (exit 1).
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -37,8 +38,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from collectives import Mesh, MeshError
+from mpi4py import MPI
+
+from collectives import Mesh, MeshError, ulfm
 from collectives.launch import env_rank, env_world
+from elastic import contact
+from elastic.inplace import shrink_and_resume
 from engine import backend
 from engine.config import ConfigError, build, parse_values
 from engine.data import Batcher, DataError, load_dataset
@@ -48,6 +53,8 @@ from engine.perf import MemoryTracer, measure_peak_flops
 from models.gpt import GPTConfig
 from parallel import LayoutError, ParallelConfig, build_step, check_layout, open_checkpoint
 from parallel.checkpoint import policy
+from parallel.checkpoint.replicas import BuddyReplicas, default_store
+from parallel.checkpoint.sharded import exchange
 from parallel.trace import Tracer, mesh_labels, write_chrome_trace
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -99,6 +106,11 @@ class TrainConfig:
     device: str = _f("cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
     metrics: str = _f("", "write one JSON line per step to this file", metavar="FILE")
     mem_trace_interval: int = _f(25, "trace memory (tracemalloc) on step 1 and every N steps; 1: every step")
+    replica_every: int = _f(0, "copy each rank's shard into a buddy rank's RAM every N steps, for python -m elastic "
+                               "(parallel/checkpoint/replicas.py; 0: off)")
+    replica_dir: str = _f("", "where buddy replicas live ('': /dev/shm/mte-replicas-<uid>)", metavar="DIR")
+    on_failure: str = _f("abort", "when a rank dies: abort (python -m elastic relaunches the job) or shrink (go on "
+                                  "with the survivors; Open MPI's ULFM)", choices=("abort", "shrink"))
     trace: str = _f("", "write a Chrome trace (Perfetto) of this run's second step (its first if it runs one): a "
                         "row per rank, a box per forward, backward, weight-gradient, comm wait, dp reduction, update",
                     metavar="FILE.json")
@@ -126,8 +138,11 @@ def parse_configs(argv):
     for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "eps", "mem_trace_interval"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     for name in ("warmup", "eval_interval", "ckpt_interval", "keep", "seed", "weight_decay", "grad_clip",
-                 "good_factor"):
+                 "good_factor", "replica_every"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
+    need(not cfg.replica_every or env_world() > 1, "replica_every needs 2 or more ranks (a buddy holds each copy)")
+    need(cfg.on_failure != "shrink" or ulfm.available(), "on_failure shrink needs an MPI that can shrink a job "
+         "(Open MPI 5 launched with --with-ft ulfm); this one is " + " ".join(MPI.Get_library_version().split()[:3]))
     need(0 < cfg.val_fraction < 1, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
     need(0 <= cfg.min_lr <= cfg.lr, f"min_lr must lie in [0, lr={cfg.lr}], got {cfg.min_lr}")
@@ -147,25 +162,29 @@ class Run:
         self.model_cfg, self.par, self.cfg, self.data = model_cfg, par, cfg, data
         self.mesh, self.stepper, self.batcher, self.model = mesh, step, batcher, step.model
         self.rank, self.world, self.is_main = mesh.world.rank, mesh.world.size, mesh.world.rank == 0
-        self.step, self.resumed_from, self.last_good, self.doomed = 0, None, None, []
+        self.step, self.resumed_from, self.last_good, self.doomed, self.replicas = 0, None, None, [], None
+        self.resumed_at, self.peers = None, None            # the step of resumed_from; [pid, host] by rank
         self.watch = policy.LossWatch(cfg.good_factor)      # the running minimum: is a checkpoint good?
 
 
-def prepare(argv):
-    """Parse, load and check everything that bad input can break; write nothing."""
+def prepare(argv, world=None, data=None):
+    """Parse, load and check everything that bad input can break; write nothing. ``world``: the
+    job's Communicator (default: MPI's world); ``data``: the dataset, when already loaded."""
     model_values, par, cfg = parse_configs(argv)
+    if cfg.on_failure == "shrink":                              # a dead peer raises (collectives/ulfm.py)
+        ulfm.enable()
     if env_world() > 1 and par.comm_timeout > 0:                # read when the Communicators are made
         os.environ.setdefault("ENGINE_COMM_TIMEOUT", f"{par.comm_timeout:g}")
     try:
-        mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp, tp=par.tp)
+        mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp, tp=par.tp, world=world)
         backend.set_device(cfg.device)
     except (MeshError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
     policy.check_outputs(mesh.world, cfg.out_dir, {"metrics": cfg.metrics, "trace": cfg.trace},   # a collective
                          kept=() if cfg.resume or cfg.overwrite else ("metrics",))
     vocab = model_values["vocab_size"]
-    data = load_dataset(cfg.data or None, cfg.tokenizer, cfg.val_fraction, model_values["block_size"],
-                        vocab_size=vocab or None)
+    data = data or load_dataset(cfg.data or None, cfg.tokenizer, cfg.val_fraction, model_values["block_size"],
+                                vocab_size=vocab or None)
     need(not vocab or vocab >= data.vocab_size,
          f"vocab_size {vocab} is smaller than the data's vocabulary ({data.vocab_size})")
     model_cfg = build(GPTConfig, dict(model_values, vocab_size=vocab or data.vocab_size), "model")
@@ -182,21 +201,32 @@ def prepare(argv):
         manifest = step.restore(ckpt)                           # any layout; a collective
         run.batcher.load_state_dict(policy.data_state(ckpt))
         run.step, run.resumed_from, run.watch.best = ckpt.step, ckpt.path, manifest.get("best_loss", math.inf)
+        run.resumed_at = ckpt.step
         run.last_good = ckpt.path if manifest.get("good", True) else None
     run.doomed = doomed
+    if cfg.replica_every:                                       # a collective
+        run.replicas = BuddyReplicas(mesh.world, step, cfg.replica_every, cfg.replica_dir or default_store())
+    if cfg.on_failure == "shrink":                              # so that a stuck rank can be killed
+        run.peers = exchange(mesh.world, [os.getpid(), MPI.Get_processor_name()])
     return run
+
+
+def checkpoint_manifest(run, rec):
+    """What resuming needs besides the tensors, and whether the checkpoint is good
+    (parallel/checkpoint/policy.py LossWatch); the same on every rank."""
+    cfg, why_not = run.cfg, run.watch.why_not_good(rec)
+    return {"config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
+            "tokenizer": run.data.tokenizer.to_json(), "rng": {"data": run.batcher.rng.bit_generator.state},
+            "data": {"source": run.data.source, "position": run.batcher.position,
+                     "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
+            "metrics": rec, "good": why_not is None, "best_loss": run.watch.best}
 
 
 def save_checkpoint(run, rec):
     """Every rank writes what it owns into out_dir/step_<N> (parallel/step.py Step.save, atomic);
-    returns the path. The manifest holds what resuming needs besides the tensors, and whether
-    the checkpoint is good (parallel/checkpoint/policy.py LossWatch)."""
+    returns the path."""
     cfg, run.why_not_good = run.cfg, run.watch.why_not_good(rec)
-    manifest = {"config": {"model": asdict(run.model_cfg), "parallel": asdict(run.par), "train": asdict(cfg)},
-        "tokenizer": run.data.tokenizer.to_json(), "rng": {"data": run.batcher.rng.bit_generator.state},
-        "data": {"source": run.data.source, "position": run.batcher.position,
-                 "train_tokens": len(run.data.train), "val_tokens": len(run.data.val)},
-        "metrics": rec, "good": run.why_not_good is None, "best_loss": run.watch.best}
+    manifest = checkpoint_manifest(run, rec)
     path = run.stepper.save(cfg.out_dir, run.step, manifest, keep=None if run.doomed else cfg.keep or None)
     if run.doomed and run.is_main:                       # --overwrite: what it replaces goes now, then --keep
         policy.replace(cfg.out_dir, run.doomed, path, cfg.keep)
@@ -292,11 +322,16 @@ def train(run, tracer):
                 path = save_checkpoint(run, rec)
                 say(f"step {step:5d} | checkpoint {path}" + (f" | not good: {run.why_not_good}; last good: "
                     f"{run.last_good or 'none'}" if run.why_not_good else ""), flush=True)
+            if run.replicas is not None:                 # a buddy's RAM holds this step's shard
+                run.replicas.after_step(step, lambda: checkpoint_manifest(run, rec))
+    if run.replicas is not None:
+        run.replicas.close()
     return 0
 
 
 def main(argv=None):
     tracer = MemoryTracer()                 # first, so the resident state is traced too
+    contact.hello(env_rank())               # python -m elastic: its supervisor learns who died
     try:
         run = prepare(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError, CheckpointError) as e:
@@ -304,7 +339,16 @@ def main(argv=None):
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return train(run, tracer)
+        for shrinks in itertools.count():
+            try:
+                rc = train(run, tracer)
+                return ulfm.exit_now(rc) if shrinks else rc
+            except Exception as e:                  # a peer died: --on-failure shrink goes on (elastic/inplace.py)
+                if run.cfg.on_failure != "shrink" or not ulfm.is_failure(e):
+                    raise
+            run = shrink_and_resume(run, argv, prepare, shrinks)
+            if run is None:                         # the new layout needs fewer ranks than survived
+                return ulfm.exit_now(0)
     except (Diverged, CheckpointError, OSError, KeyboardInterrupt) as e:
         good, local = f"last good checkpoint: {run.last_good or 'none written'}", isinstance(e, OSError)
         if isinstance(e, KeyboardInterrupt):

@@ -35,6 +35,8 @@ The methods live by concept: reductions.py (all_reduce, reduce_scatter, reduce),
 movement.py (all_gather, broadcast, all_to_all, barrier), p2p.py (send, recv, ...);
 this file holds what they share: construction, split, and the per-call machinery.
 """
+import weakref
+
 import numpy as np
 from mpi4py import MPI
 
@@ -54,16 +56,21 @@ from .watchdog import Party
 _VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
 
 
+LIVE = weakref.WeakSet()     # every Communicator of this process (collectives/ulfm.py revokes them all)
+
+
 class Communicator(Reductions, Movement, PointToPoint):
     """A group of ranks (an mpi4py communicator) with hand-written collectives."""
 
     def __init__(self, comm=None, label=None):
         self.mpi = MPI.COMM_WORLD if comm is None else comm
+        LIVE.add(self)
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.label = label or ("world" if self.mpi == MPI.COMM_WORLD else f"comm{self.size}")
         self._coll = self.mpi.Dup()          # context of the collectives' own messages
         self._p2p = self.mpi.Dup()           # context of send/recv
-        self._calls = Calls(min(self._coll.Get_attr(MPI.TAG_UB) + 1, 1 << 20))
+        tag_ub = self._coll.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)   # Open MPI: world's only
+        self._calls = Calls(min(tag_ub + 1, 1 << 20))
         self._pool = Pool()
         self._choices = cost.Choices(self.size)          # algo="auto"
         debug, timeout, self._trace = env_flags()
@@ -87,6 +94,14 @@ class Communicator(Reductions, Movement, PointToPoint):
         hand-written algorithms and of send/isend/sendrecv (not the debug handshake, nor
         algo="mpi", whose messages the library chooses)."""
         return self._traffic.sent
+
+    def revoke(self):
+        """ULFM (collectives/ulfm.py): revoke every MPI communicator this one uses, so that any
+        rank waiting on it fails at once instead of waiting for a dead peer."""
+        for c in (self.mpi, self._coll, self._p2p):
+            c.Revoke()
+        if self._checker is not None:
+            self._checker.revoke()
 
     def split(self, color, key=None, label=None):
         """Ranks passing the same color form a new Communicator, ordered by key (default: rank).

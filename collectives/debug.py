@@ -34,7 +34,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import ops
-from .transport import ACTIVE, progress
+from .transport import ACTIVE, progress, test_all
 from .watchdog import wait_until
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier")
@@ -141,19 +141,23 @@ class Checker:
             MPI.Request.Waitall(recvs)
         else:
             def arrived():                      # moving in-flight collectives along meanwhile
-                if MPI.Request.Testall(recvs):
+                if test_all(recvs, self.party is not None):
                     return True
                 progress(block=False)
                 return False
 
             def missing():
-                return [k for k, q in zip(peers, recvs) if q and not q.Test()]
+                return [k for k, q in zip(peers, recvs) if q and not test_all([q], True)]
             if self.party is None:
                 while not arrived():
                     time.sleep(0)
             else:
                 wait_until(arrived, self.party, _describe(sig), missing)
         MPI.Request.Waitall(sends)
+
+    def revoke(self):
+        """ULFM: revoke this handshake's communicator (collectives/ulfm.py)."""
+        self.comm.Revoke()
 
     def _compare(self):
         rows = [tuple(int(v) for v in s) for s in self.sigs]

@@ -179,6 +179,35 @@ class TracingTransport(Transport):
 
 
 ACTIVE = []          # handles in flight in this process, oldest first
+ON_FAILURE = ["wait"]   # what a watched wait does when a request fails (a peer died): see test_all
+
+
+class PeerFailed(RuntimeError):
+    """A peer of a request failed (MPI reported ERR_PROC_FAILED or ERR_REVOKED) while failures
+    raise (collectives/ulfm.py): the job can shrink and go on."""
+
+
+def test_all(reqs, watched):
+    """MPI_Testall(reqs). When a request fails because its peer died, a watched wait (one with
+    the watchdog's deadline) either keeps the request pending -- ON_FAILURE "wait", the default:
+    the watchdog, not an exception on the first survivor to notice, names the dead rank when the
+    deadline passes -- or raises PeerFailed -- "raise", set by collectives/ulfm.py where the MPI
+    can shrink the job. An unwatched wait raises MPI's own exception."""
+    try:
+        if ON_FAILURE[0] != "raise":
+            return MPI.Request.Testall(reqs)
+        statuses = [MPI.Status() for _ in reqs]       # ULFM may complete a request in error
+        done = MPI.Request.Testall(reqs, statuses)
+        bad = next((st.Get_error() for st in statuses if st.Get_error() != MPI.SUCCESS), None) if done else None
+        if bad is not None:
+            raise MPI.Exception(bad)
+        return done
+    except MPI.Exception as e:
+        if not watched:
+            raise
+        if ON_FAILURE[0] == "raise":
+            raise PeerFailed(f"a peer failed: {e.Get_error_string()}") from None
+        return False
 
 
 def run(gen):
@@ -212,6 +241,7 @@ class Handle:
         self._watch, self._what, self._peers = watch, what, peers
         self._reqs = ()
         self._result = None
+        self._then = []
         self.done = False
         ACTIVE.append(self)
         self._advance(block=False)
@@ -226,13 +256,15 @@ class Handle:
         finally:
             if self._t is not None:
                 self._t.release()
+        for fn in self._then:
+            fn()
 
     def _advance(self, block):
         while not self.done:
             if self._reqs:
                 if block and len(ACTIVE) == 1:
                     MPI.Request.Waitall(self._reqs)
-                elif not MPI.Request.Testall(self._reqs):
+                elif not test_all(self._reqs, self._watch is not None):
                     if not block:
                         return False
                     progress(block=True)
@@ -243,6 +275,15 @@ class Handle:
                 self._reqs = ()
                 self._complete()
         return True
+
+    def then(self, fn):
+        """Call fn() once this handle completes, from whichever wait or test completes it (at
+        once if it is done already)."""
+        if self.done:
+            fn()
+        else:
+            self._then.append(fn)
+        return self
 
     def test(self):
         """Advance every handle in flight without blocking; whether this one is done."""

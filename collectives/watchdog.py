@@ -47,6 +47,13 @@ _sent = []             # requests of the watchdog's own messages in flight
 _state = {"qid": 0, "notice": None, "inquiry": None}
 
 
+def set_world(mpi_comm):
+    """Ask and answer on ``mpi_comm`` from now on (collectives/ulfm.py: the shrunk world)."""
+    global _WORLD, _ME
+    _WORLD, _ME = mpi_comm, mpi_comm.Get_rank()
+    _sent.clear()
+
+
 def _ranks(rs):
     rs = sorted(rs)
     return ("rank " if len(rs) == 1 else "ranks ") + ",".join(str(r) for r in rs)
@@ -88,14 +95,29 @@ class Wait:
 
 
 def _post(msg, dest):
-    _sent[:] = [q for q in _sent if not q.Test()]
-    _sent.append(_WORLD.isend(msg, dest, TAG))
+    """Send a watchdog message; to a dead rank it may fail (MPICH), which is an answer too:
+    that rank stays silent."""
+    try:
+        _sent[:] = [q for q in _sent if not q.Test()]
+    except MPI.Exception:
+        _sent.clear()
+    try:
+        _sent.append(_WORLD.isend(msg, dest, TAG))
+    except MPI.Exception:
+        pass
+
+
+def _probe(status):
+    try:
+        return _WORLD.Iprobe(MPI.ANY_SOURCE, TAG, status)
+    except MPI.Exception:                        # a dead rank (ULFM): nothing to answer
+        return False
 
 
 def _serve(wait, now):
     """Answer questions, file answers and notices that arrived (one Iprobe when none did)."""
     status = MPI.Status()
-    while _WORLD.Iprobe(MPI.ANY_SOURCE, TAG, status):
+    while _probe(status):
         src = status.Get_source()
         msg = _WORLD.recv(source=src, tag=TAG)
         if msg[0] == "q":

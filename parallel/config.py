@@ -15,7 +15,7 @@ composes what passed.
     sp > 1: block_size % sp == 0 (ulysses) or % 2 sp == 0 (ring: zigzag); no sparse QKV
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .pipeline.schedules import SCHEDULES
 from .pipeline.stage import PipelineConfigError, check_config as check_pipeline
@@ -129,3 +129,19 @@ def check_layout(par, model, batch_size):
             raise PipelineConfigError(f"{e} (batch_size / dp = {batch_per_replica} sequences per replica)") from None
     except PipelineConfigError as e:
         raise LayoutError(str(e)) from None
+
+
+def shrunk_sizes(par, model, batch_size, n_max):
+    """{n: dp} for every rank count n <= n_max that fits a layout, by the elastic layout rule:
+    keep pp, sp and tp (the model's shape sets them) and shrink dp, to the largest dp <= n / (pp
+    sp tp) that check_layout accepts (python -m elastic and --on-failure shrink use it)."""
+    per, out = par.pp * par.sp * par.tp, {}
+    for n in range(1, n_max + 1):
+        for dp in range(n // per, 0, -1):
+            try:
+                check_layout(replace(par, dp=dp), model, batch_size)
+            except LayoutError:
+                continue
+            out[n] = dp
+            break
+    return out

@@ -85,6 +85,8 @@ from engine.flat import placeholder
 from models.gpt import GPT
 
 from .checkpoint import check_params, load_sharded, save_sharded
+from .checkpoint.reshard import shard_file
+from .checkpoint.sharded import flat_layout, shard_tensors
 from .data import ZeroEngine
 from .pipeline import PipelineEngine, PipelineStage
 from .sequence import SequenceParallel
@@ -271,6 +273,21 @@ class Step:
         tp = None if slices is None else (self.mesh.tp_rank, self.mesh.tp_size, slices)
         return save_sharded(out_dir, step, eng.comm, eng.flat, eng.shard_state(), manifest, keep=keep, tp=tp,
                             **layout)
+
+    def shard(self):
+        """(record, tensors, steps) of this rank's checkpoint shard, without writing it: record
+        {"rank", "world", "stage", "tp", "file", "layout"} is fixed for the run (the keys save
+        exchanges), tensors {name: 1-D host view} and steps {dt: optimizer step} change every
+        step. For buddy replicas (parallel/checkpoint/replicas.py), which write it later."""
+        eng, layout = self.engine, self._layout()
+        slices, stage = layout.get("slices"), layout.get("stage")
+        tp = None if slices is None else (self.mesh.tp_rank, self.mesh.tp_size, slices)
+        tpk = None if tp is None else tp[:2]
+        N, r = eng.comm.size, eng.comm.rank
+        tensors, ranges, steps = shard_tensors(eng.flat, eng.shard_state(), r, N)
+        record = {"rank": r, "world": N, "stage": stage, "tp": tpk, "file": shard_file(r, N, stage, tpk),
+                  "ranges": ranges, "layout": None if r else flat_layout(eng.flat, N, tp)}
+        return record, tensors, steps
 
     def restore(self, ckpt):
         """Parameters and AdamW moments from an opened sharded checkpoint saved at any layout

@@ -63,9 +63,11 @@ def _describe(path):
 def would_replace(out_dir, ckpt=None):
     """[(step, path)] of the checkpoints in ``out_dir`` that a run resumed from ``ckpt`` (an
     Opened, or None: a fresh run) would overwrite, prune or hide behind ``latest``: those of
-    later steps when ``ckpt`` is one of ``out_dir``'s, else every one."""
+    later steps when ``ckpt`` is one of ``out_dir``'s (or continues it: a state recovered from
+    buddy replicas, recover.py, names the out dir of its run), else every one."""
     found = list_checkpoints(out_dir)
-    inside = ckpt is not None and os.path.dirname(os.path.realpath(ckpt.path)) == os.path.realpath(out_dir)
+    inside = ckpt is not None and os.path.realpath(out_dir) in (os.path.dirname(os.path.realpath(ckpt.path)),
+                                                                ckpt.manifest.get("continues"))
     return [(s, p) for s, p in found if s > ckpt.step] if inside else found
 
 

@@ -115,57 +115,22 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
         raise CheckpointError(err)
 
     tpk = None if tp is None else (tp[0], tp[1])
-    fpath = os.path.join(tmp, shard_file(r, N, stage, tpk))
+    fname = shard_file(r, N, stage, tpk)
     try:                                                      # this rank's shard, fsynced
-        tensors, ranges, steps = {}, {}, {}
-        for dt in flat.dtypes:
-            lo, hi = shard_range(flat.numel[dt], r, N, flat.align)
-            ranges[dt] = [lo, hi]
-            o = shard_state["optim"][dt]
-            for key, prefix in KEYS:
-                a = shard_state["params"][dt] if key == "params" else o[key]
-                a = np.ascontiguousarray(to_numpy(a)).reshape(-1)                    # (S,) host
-                if a.shape != (hi - lo,):
-                    raise ValueError(f"{dt} {key} shard has {a.size} elements, range [{lo}, {hi}) needs {hi - lo}")
-                tensors[f"{prefix}.{dt}"] = a
-            steps[dt] = int(o["step"])
-        save_safetensors(fpath, tensors, metadata={"format": FORMAT, "rank": str(r), "world": str(N)})
-        info = dict(file=shard_file(r, N, stage, tpk), ranges=ranges, steps=steps, **file_info(fpath))
+        tensors, ranges, steps = shard_tensors(flat, shard_state, r, N)
+        info = dict(file=fname, ranges=ranges, steps=steps, **write_shard(os.path.join(tmp, fname), tensors, r, N))
     except (OSError, ValueError, TypeError, KeyError) as e:
-        info = {"error": f"rank {r}: cannot write {fpath}: {type(e).__name__}: {one_line(e)}"}
-    layout = None if r else dict(                             # the stage's flat layout, from its rank 0
-        world=N, align=flat.align,
-        buffers={dt: {"numel": int(flat.numel[dt]), "padded": padded_size(flat.numel[dt], N, flat.align)}
-                 for dt in flat.dtypes},
-        params={name: {"dtype": dt, "offset": off, "numel": n, "shape": list(shape)}
-                for name, (dt, off, n, shape) in flat.index.items()},
-        **({} if tp is None else {"tp": {"rank": tp[0], "size": tp[1], "slices": tp[2]}}))
+        info = {"error": f"rank {r}: cannot write {os.path.join(tmp, fname)}: {type(e).__name__}: {one_line(e)}"}
     infos = exchange(group, {"shard": info, "per_rank": per_rank, "rank": r, "stage": stage, "tp": tpk,
-                             "layout": layout})
+                             "layout": None if r else flat_layout(flat, N, tp)})
     err = next((i["shard"]["error"] for i in infos if "error" in i["shard"]), None)
 
     path = None
     if g == 0:
         try:
             if err is None:
-                steps = infos[0]["shard"]["steps"]
-                if any(i["shard"]["steps"] != steps for i in infos):
-                    err = f"optimizer step counts differ between ranks: {[i['shard']['steps'] for i in infos]}"
-            if err is None:
-                views = []                                    # one per (stage, tp rank), in that order
-                part = (lambda i: (tuple(i["stage"] or ()), tuple(i["tp"] or ())))
-                for s, t in sorted({part(i) for i in infos}):
-                    mine = sorted((i for i in infos if part(i) == (s, t)), key=lambda i: i["rank"])
-                    views.append(dict(next(i["layout"] for i in mine if i["rank"] == 0),
-                                      optim={dt: {"step": n} for dt, n in steps.items()},
-                                      shards=[i["shard"] for i in mine], per_rank=[i["per_rank"] for i in mine],
-                                      **({"stage": list(s)} if s else {})))
-                layout = views[0] if stage is None and tp is None else \
-                    {"pipeline": {"pp": 1 if stage is None else stage[1], "tp": 1 if tp is None else tp[1],
-                                  "stages": views}}
-                atomic_write_json(os.path.join(tmp, "manifest.json"), dict(
-                    manifest, format=FORMAT, format_version=FORMAT_VERSION, step=step, **layout))
-                path = commit(out_dir, tmp, step, keep)
+                err = publish(tmp, out_dir, step, manifest, infos, keep)
+                path = None if err else os.path.join(out_dir, f"step_{step}")
         except OSError as e:
             err = f"cannot write the checkpoint {tmp}: {one_line(e)}"
         if err is not None:
@@ -174,6 +139,66 @@ def save_sharded(out_dir, step, comm, flat, shard_state, manifest, per_rank=None
     if err:
         raise CheckpointError(err)
     return path
+
+
+# -- the pieces of a save, also used to write a checkpoint from buddy replicas (replicas.py) --
+def shard_tensors(flat, shard_state, r, N):
+    """({"params.<dt>" | "exp_avg.<dt>" | "exp_avg_sq.<dt>": (S,) host array}, {dt: [lo, hi]},
+    {dt: optimizer step}) of rank r of N: what its shard file holds."""
+    tensors, ranges, steps = {}, {}, {}
+    for dt in flat.dtypes:
+        lo, hi = shard_range(flat.numel[dt], r, N, flat.align)
+        ranges[dt] = [lo, hi]
+        o = shard_state["optim"][dt]
+        for key, prefix in KEYS:
+            a = shard_state["params"][dt] if key == "params" else o[key]
+            a = np.ascontiguousarray(to_numpy(a)).reshape(-1)                        # (S,) host
+            if a.shape != (hi - lo,):
+                raise ValueError(f"{dt} {key} shard has {a.size} elements, range [{lo}, {hi}) needs {hi - lo}")
+            tensors[f"{prefix}.{dt}"] = a
+        steps[dt] = int(o["step"])
+    return tensors, ranges, steps
+
+
+def write_shard(fpath, tensors, r, N):
+    """Write (and fsync) one shard file; returns its {"sha256", "bytes"}."""
+    save_safetensors(fpath, tensors, metadata={"format": FORMAT, "rank": str(r), "world": str(N)})
+    return file_info(fpath)
+
+
+def flat_layout(flat, N, tp=None):
+    """The manifest's description of a flat layout sharded N ways (tp: (t, T, slices) or None)."""
+    return dict(world=N, align=flat.align,
+                buffers={dt: {"numel": int(flat.numel[dt]), "padded": padded_size(flat.numel[dt], N, flat.align)}
+                         for dt in flat.dtypes},
+                params={name: {"dtype": dt, "offset": off, "numel": n, "shape": list(shape)}
+                        for name, (dt, off, n, shape) in flat.index.items()},
+                **({} if tp is None else {"tp": {"rank": tp[0], "size": tp[1], "slices": tp[2]}}))
+
+
+def publish(tmp, out_dir, step, manifest, infos, keep=None):
+    """Write the manifest of the shards in ``tmp`` (``infos``: every rank's {"shard", "per_rank",
+    "rank", "stage", "tp", "layout"}) and commit ``tmp`` as out_dir/step_<step>. Returns None, or
+    a one-line error (nothing committed)."""
+    steps = infos[0]["shard"]["steps"]
+    if any(i["shard"]["steps"] != steps for i in infos):
+        return f"optimizer step counts differ between ranks: {[i['shard']['steps'] for i in infos]}"
+    views = []                                    # one per (stage, tp rank), in that order
+    part = (lambda i: (tuple(i["stage"] or ()), tuple(i["tp"] or ())))
+    for s, t in sorted({part(i) for i in infos}):
+        mine = sorted((i for i in infos if part(i) == (s, t)), key=lambda i: i["rank"])
+        views.append(dict(next(i["layout"] for i in mine if i["rank"] == 0),
+                          optim={dt: {"step": n} for dt, n in steps.items()},
+                          shards=[i["shard"] for i in mine], per_rank=[i["per_rank"] for i in mine],
+                          **({"stage": list(s)} if s else {})))
+    one = len(views) == 1 and not infos[0]["stage"] and not infos[0]["tp"]
+    stage, tp = infos[0]["stage"], infos[0]["tp"]
+    layout = views[0] if one else {"pipeline": {"pp": int(stage[1]) if stage else 1, "tp": int(tp[1]) if tp else 1,
+                                                "stages": views}}
+    atomic_write_json(os.path.join(tmp, "manifest.json"), dict(
+        manifest, format=FORMAT, format_version=FORMAT_VERSION, step=step, **layout))
+    commit(out_dir, tmp, step, keep)
+    return None
 
 
 # -- load ------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class Launch:
 
     def run(self, tag, group, args, quiet=False):
         """train.main on the ranks of ``group`` (a Communicator, the case's world): (rc, its stderr)."""
-        train.Mesh = lambda **kw: Mesh(world=group, **kw)
+        train.Mesh = lambda world=None, **kw: Mesh(world=group, **kw)
         argv = ["--data", self.data, *self.common, *args, "--out-dir", self.path(tag),
                 "--metrics", self.path(tag + ".jsonl")]
         log, err = io.StringIO(), io.StringIO()

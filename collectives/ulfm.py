@@ -1,0 +1,76 @@
+"""Shrinking a job in place when ranks die: MPI's User-Level Failure Mitigation (ULFM; Bland,
+Bouteiller, Herault, Bosilca and Dongarra 2013, "Post-failure recovery of MPI communication
+capability"), as Open MPI 5 implements it (mpiexec --with-ft ulfm --mca mpi_ft_detector true).
+
+    a peer dies        -> a survivor's wait on it fails with ERR_PROC_FAILED; under enable(),
+                          a watched wait raises PeerFailed (transport.py test_all)
+    revoke_all()       -> this rank revokes every communicator it holds (Communicator.revoke):
+                          every rank waiting on one of them fails too (ERR_REVOKED), so the
+                          failure reaches every survivor, whichever communicator it waits on
+    shrink(world)      -> MPI_Comm_agree (every survivor has stopped), then MPI_Comm_shrink:
+                          a new world of the survivors, in their old order, and who they are
+
+The caller rebuilds its Mesh and Step on the new world (train.py: elastic/inplace.py). Cost:
+the failure detector's heartbeat (mpi_ft_detector, milliseconds), one agreement and one
+shrink, O(log N) messages each. The MPICH wheel's ULFM does not work (available() is False):
+its users get relaunches (elastic/supervisor.py) instead.
+"""
+import os
+import sys
+
+from mpi4py import MPI
+
+from . import transport, watchdog
+from .communicator import LIVE, Communicator
+from .transport import PeerFailed
+
+FAILED = tuple(getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED") if hasattr(MPI, n))
+
+
+def available():
+    """Whether this MPI can shrink a job in place (Open MPI with ULFM)."""
+    return hasattr(MPI.Comm, "Shrink") and "Open MPI" in MPI.Get_library_version()
+
+
+def enable():
+    """From now on a watched wait whose peer failed raises PeerFailed (instead of waiting for
+    the watchdog's deadline)."""
+    transport.ON_FAILURE[0] = "raise"
+
+
+def is_failure(exc):
+    """Whether an exception says a peer failed: PeerFailed, or MPI's own failure classes."""
+    if isinstance(exc, PeerFailed):
+        return True
+    return isinstance(exc, MPI.Exception) and exc.Get_error_class() in FAILED
+
+
+def revoke_all():
+    """Revoke every communicator of this process (errors on already revoked ones are fine)."""
+    for c in list(LIVE):
+        try:
+            c.revoke()
+        except MPI.Exception:
+            pass
+
+
+def shrink(world):
+    """The survivors of ``world`` (a Communicator) as a new Communicator, and their world ranks
+    (ranks of ``world``) in order. Collective over the survivors."""
+    revoke_all()
+    try:
+        world.mpi.Agree(1)
+    except MPI.Exception:
+        pass                                     # a failure acknowledged; the shrink follows
+    new = world.mpi.Shrink()
+    survivors = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), world.mpi.Get_group())
+    watchdog.set_world(new)
+    return Communicator(new, "world"), list(survivors)
+
+
+def exit_now(code):
+    """End this process with ``code`` without MPI_Finalize, which waits for the dead ranks
+    after a shrink (Open MPI); output is flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
