@@ -88,6 +88,12 @@ class Communicator(Reductions, Movement, PointToPoint):
         algo="mpi", whose messages the library chooses)."""
         return self._traffic.sent
 
+    @property
+    def bytes_by_kind(self):
+        """bytes_sent per kind of call: {"all_reduce": ..., "all_gather": ..., "p2p": ...}
+        (transport.KINDS, every kind present), a copy."""
+        return dict(self._traffic.by_kind)
+
     def split(self, color, key=None, label=None):
         """Ranks passing the same color form a new Communicator, ordered by key (default: rank).
         color=None: this rank joins none and gets None."""
@@ -128,10 +134,10 @@ class Communicator(Reductions, Movement, PointToPoint):
         poll = async_op or ACTIVE or self._watch is not None   # in flight or under a deadline: never block in MPI
         if poll or self._trace:
             t = self._transport_cls(self._coll, self.rank, self.size, tag, not poll, f"{name}/{algo}", xp, self._pool,
-                                   self._traffic)
+                                   self._traffic, name)
         else:
             t = self._t
-            t.tag, t.xp = tag, xp
+            t.tag, t.xp, t.kind = tag, xp, name
         return t
 
     def _go(self, gen, t, done, async_op):
