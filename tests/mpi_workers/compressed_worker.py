@@ -2,7 +2,7 @@
 the MPI library's own all-gather, decoded here in the same order): bitwise equal for int8,
 int4 and bf16, even and uneven blocks (zero-sized included), one hop and, where N = 4, two
 hops over nodes of 2; the all-gather's output identical on every rank; error feedback keeps
-the error accumulated over 40 reductions within one quantization's bound, while without it
+the error accumulated over 80 reductions within one quantization's bound, while without it
 the error grows past ten times that bound. Prints "case ... ok" lines and "N failures"."""
 import sys
 
@@ -90,7 +90,7 @@ for kind in ("int8", "int4", "bf16"):
         report(f"all_gather {kind} {shape} N={N}", np.array_equal(out, want) and (same == same[0]).all())
 
 
-def accumulated(codec, feedback, hops, steps=40):
+def accumulated(codec, feedback, hops, steps=80):
     """max over t of |sum_{s <= t} (exact mean - reduced)|, and one quantization's bound."""
     g = np.random.default_rng(100 + r)
     x = (g.standard_normal(64 * N) + 0.3).astype(np.float32)       # the same gradient every step: a bias
