@@ -69,6 +69,11 @@ LayerNorms and dropout hold tokens [r T/tp, (r+1) T/tp) of tp rank r, which is w
 step locates the noise (Step._token_positions); the replicated parameters' gradients are then
 summed over tp inside their layers (copy_to_tp on the parameter), so they are equal again.
 
+Compressed communication (ZeRO++ qwZ / qgZ, bf16; parallel/data/wire.py): ``wire_of(par)``
+hands the ZeroEngine a Wire over the same dp x sp group, so the gathers and the gradient
+reduce-scatter carry codes instead of float32; nothing else in the step changes (refused with
+pp and tp by parallel/config.py).
+
 Randomness (dropout, the sparse FFN's coin and Gumbel noise) is the model's counter-based
 generator (engine/random.py): the step sets (step, accumulation pass), each forward sets the
 global rows and token positions it computes, so every layout draws one process's numbers.

@@ -66,7 +66,7 @@ def test_compressed_zero_keeps_replicas_identical_and_bytes_equal_the_formula(n)
     proc = run_mpi(n, "wire_train.py", timeout=180)
     assert proc.returncode == 0 and "0 failures" in proc.stdout, describe(proc)
     cases = [ln for ln in proc.stdout.splitlines() if ln.startswith("case ")]
-    assert len(cases) == (11 if n == 4 else 9) and all(ln.endswith(" ok") for ln in cases), describe(proc)
+    assert len(cases) == (12 if n == 4 else 9) and all(ln.endswith(" ok") for ln in cases), describe(proc)
 
 
 def test_train_logs_bytes_per_step(tmp_path, corpus):

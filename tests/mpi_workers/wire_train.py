@@ -1,6 +1,6 @@
 """Compressed ZeRO communication (parallel/data/wire.py) through build_step, on this launch's
 N ranks: for each case (ZeRO stage, --quant-weights, --quant-grads, --comm-dtype,
---error-feedback, --quant-node-size) trains a tiny GPT for 4 steps and checks after every
+--error-feedback, --quant-node-size; at N = 4 also dp 2 x sp 2) trains a tiny GPT for 4 steps and checks after every
 step that
   - every rank computes with bitwise the same weights (stage 3: every layer gathered);
   - where weights are compressed, those weights differ from the float32 master shards and lie
@@ -47,9 +47,10 @@ def used_weights(step):
 
 
 def run(case, world):
-    par = ParallelConfig(dp=world.size, bucket_mb=0.004, **case)
+    sp = case.get("sp", 1)                                            # sp: ring attention (p2p messages)
+    par = ParallelConfig(dp=world.size // sp, bucket_mb=0.004, **case)
     check_layout(par, CFG, B)
-    mesh = Mesh(dp=world.size, world=world)
+    mesh = Mesh(dp=world.size // sp, sp=sp, world=world)
     step = build_step(CFG, par, TRAIN, mesh)
     eng, losses, problems = step.engine, [], []
     for n in range(STEPS):
@@ -88,7 +89,8 @@ if __name__ == "__main__":
     world = Communicator()
     if world.size == 4:
         CASES += [dict(zero=3, quant_weights="int8", quant_grads="int4", quant_node_size=2, error_feedback=True),
-                  dict(zero=2, comm_dtype="bf16", quant_node_size=2)]
+                  dict(zero=2, comm_dtype="bf16", quant_node_size=2),
+                  dict(zero=3, sp=2, quant_weights="int8", quant_grads="int4", error_feedback=True)]
     base = {}
     for case in CASES:
         losses, problems = run(case, world)
