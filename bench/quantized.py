@@ -27,7 +27,7 @@ encoding and decoding; the model shows what the bytes would cost on a real link.
 
 Quality mode: --quality-steps steps (nanoGPT's schedule: warm-up 100, cosine to 1e-4, AdamW
 (0.9, 0.99), weight decay 0.1, clip 1) on tinyshakespeare char-level per option, the same
-batches; val_loss is the mean over 50 fixed validation batches. Goal: within 1% of fp32 for
+batches; val_loss is the mean over 50 fixed validation batches (--val-batches). Goal: within 1% of fp32 for
 qwZ and for qwZ + qgZ(int4) with error feedback.
 """
 import argparse
@@ -146,7 +146,7 @@ def bytes_mode(args, world, cfg, data):
 
 
 def quality_mode(args, world, cfg, data):
-    val = draw(Batcher(data.val, TRAIN["batch_size"], cfg.block_size, seed=1), 50)
+    val = draw(Batcher(data.val, TRAIN["batch_size"], cfg.block_size, seed=1), args.val_batches)
     rows, n = [], args.quality_steps
     for o in QUALITY:
         step = make_step(world, cfg, o)
@@ -180,11 +180,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per option (bytes mode)")
     p.add_argument("--quality", action="store_true", help="train each option and report its val loss instead")
     p.add_argument("--quality-steps", type=int, default=1000)
+    p.add_argument("--val-batches", type=int, default=50, help="validation batches of the val loss (quality mode)")
+    p.add_argument("--n-layer", type=int, default=MODEL["n_layer"])
+    p.add_argument("--n-embd", type=int, default=MODEL["n_embd"])
     p.add_argument("--data", default=DEFAULT_DATA, help=f"text file, char-level (default {DEFAULT_DATA})")
     args = p.parse_args(argv)
     world = Communicator()
     data = load_data(args.data, MODEL["block_size"])
-    cfg = GPTConfig(vocab_size=data.vocab_size, **MODEL)
+    cfg = GPTConfig(vocab_size=data.vocab_size, **dict(MODEL, n_layer=args.n_layer, n_embd=args.n_embd))
     rows = (quality_mode if args.quality else bytes_mode)(args, world, cfg, data)
     if args.json and world.rank == 0:
         atomic_write_json(args.json, rows)
