@@ -14,6 +14,8 @@ is what keeps ZeRO replicas identical when they compute with decoded weights.
                  (the tests' oracle) for finite float32; float64 input is rounded to float32 first; NaN
                  stays NaN (the rounding would carry it into the exponent)
 
+An int8 / int4 encoding of an array holding NaN or inf decodes to NaN everywhere (engine/
+quantize.py refuses such input; here that would stop one rank while the others wait for it).
 Decoding writes into an output of any float dtype; the arithmetic is engine/quantize.py's
 (float32, or float64 for a float64 output). Cost: O(n) elementwise work per encode or decode,
 a float64 temporary of n elements while quantizing; NumPy or CuPy by the input's module.
@@ -47,12 +49,25 @@ class Codec:
     def encode(self, x):
         """x (any float array, flattened) -> uint8 (wire_bytes(x.size),)."""
         if self.bits is not None:
-            return to_bytes(quantize(x.reshape(-1), self.bits, self.block))
+            try:
+                return to_bytes(quantize(x.reshape(-1), self.bits, self.block))
+            except ValueError:                  # NaN or inf (or beyond a float32 scale): NaN, not an error
+                return self._all_nan(x)
         u = x.reshape(-1).astype(np.float32).view(np.uint32)          # (n,) float32 bits
         u16 = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
         xp = get_array_module(u)
         u16 = xp.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FC0), u16)   # NaN stays NaN
         return u16.view(np.uint8)                                        # (2n,)
+
+    def _all_nan(self, x):
+        """The bytes of x that decode to NaN everywhere (NaN scales, zero codes): a gradient that
+        diverged on one rank reaches every rank as NaN, so all of them see the divergence and
+        stop together, where a refusal on one rank would leave the others waiting for its message."""
+        xp = get_array_module(x)
+        buf = xp.zeros(self.wire_bytes(x.size), dtype=np.uint8)
+        nb = -(-x.size // self.block)
+        buf[:4 * nb] = xp.full(nb, np.nan, dtype=np.float32).view(np.uint8)
+        return buf
 
     def decode(self, buf, out):
         """The uint8 bytes of ``encode`` -> out (1-D, its dtype; out.size elements), returns out."""

@@ -45,6 +45,12 @@ def test_codecs_size_and_error(kind):
             scale = pad.reshape(-1, 64).max(axis=1).repeat(64)[:n] / {"int8": 127, "int4": 7}.get(kind, 1)
             bound = np.abs(x) * 2.0 ** -8 if kind == "bf16" else scale / 2 * (1 + 1e-6)
             assert (np.abs(x - y) <= bound).all()
+    bad = np.array([1.0, np.inf, 2.0, np.nan] + [0.5] * 100, np.float32)
+    decoded = c.decode(c.encode(bad), np.empty(bad.size, np.float32))
+    if kind == "bf16":                                    # elementwise: inf stays inf, NaN NaN
+        assert decoded[1] == np.inf and np.isnan(decoded[3]) and np.isfinite(np.delete(decoded, [1, 3])).all()
+    else:                                                 # all NaN: the divergence reaches every rank
+        assert np.isnan(decoded).all()
     with pytest.raises(ValueError, match="kind must be one of"):
         Codec("int2")
     with pytest.raises(ValueError, match="block must be an int >= 1"):

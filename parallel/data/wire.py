@@ -11,7 +11,9 @@ arXiv 2306.10209), and how many bytes that puts on the wire per step.
               (collectives/compressed.py), optionally in two hops over nodes of node_size
               ranks, optionally with error feedback (one residual per bucket: + 4P bytes).
 
-Nothing set: the Communicator's own collectives, exactly as without this module.
+Nothing set: the Communicator's own collectives, exactly as without this module. The error
+feedback residuals live in memory only: checkpoints do not hold them, so a resumed run starts
+them at zero (and differs from the uninterrupted one by one step's quantization error).
 
 Bytes per step (``step_bytes``; all ranks together, N ranks, w(k) the codec's bytes for k
 elements, 4k or 8k uncompressed; exact for N a power of two, where every all-gather and
