@@ -4,6 +4,7 @@
     mpiexec -n 4 python train.py --dp 4 --zero 2       # 4 data-parallel ranks, ZeRO stage 2 (0-3)
     mpiexec -n 2 python train.py --dp 2 --grad-accum 4 # global batch = batch_size * grad_accum sequences
     mpiexec -n 4 python train.py --sp 4 --block-size 256             # each sequence split over 4 ranks (ring)
+    mpiexec -n 2 python train.py --dp 2 --zero 3 --quant-weights int8 --quant-grads int4 --error-feedback  # ZeRO++
     mpiexec -n 4 python train.py --dp 2 --sp 2 --sp-attention ulysses --zero 3   # 2 replicas x 2 sp ranks
     mpiexec -n 4 python train.py --pp 4 --micro-batches 4 --schedule 1f1b         # 4 pipeline stages
     mpiexec -n 4 python train.py --pp 2 --dp 2 --zero 1 --schedule zb-h1 --trace step.json   # 2 replicas x 2 stages
@@ -296,19 +297,25 @@ def train(run, tracer):
             if step == trace_step:                       # a barrier aligns the ranks' clocks
                 run.stepper.tracer = Tracer().start(run.mesh.world)
             tracer.begin(step)
+            sent0 = run.stepper.bytes_by_kind()          # bytes this rank sends in the step, per kind
             t0 = time.perf_counter()
             loss, norm = train_step(run, lr)
             run.watch.see(loss)
             dt, mem = time.perf_counter() - t0, tracer.end()
-            if run.world > 1:                            # the slowest rank's time, the largest peak
-                dt, mem = (float(v) for v in run.mesh.world.all_reduce(np.array([dt, mem], np.float64), op="max"))
+            sent = [n - sent0[k] for k, n in run.stepper.bytes_by_kind().items()]
+            v = np.array([dt, mem, sum(sent), *sent], np.float64)
+            if run.world > 1:                            # the slowest rank's time, the largest peak and bytes
+                v = run.mesh.world.all_reduce(v, op="max")
+            dt, mem = float(v[0]), float(v[1])
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms_per_step": dt * 1e3,
                    "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
-                   "peak_bytes": int(mem)}
+                   "peak_bytes": int(mem), "bytes_sent": int(v[2]),
+                   "bytes_by_kind": {k: int(n) for k, n in zip(sent0, v[3:]) if n}}
             last = step == cfg.max_steps
             if step % cfg.log_interval == 0 or last:
                 say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | {rec['tokens_per_s']:7.0f} "
-                    f"tok/s | mfu {100 * rec['mfu']:5.2f}% | mem {rec['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
+                    f"tok/s | mfu {100 * rec['mfu']:5.2f}% | mem {rec['peak_bytes'] / 2**20:6.1f} MiB | sent "
+                    f"{rec['bytes_sent'] / 2**20:.3f} MiB", flush=True)
             if step == trace_step:                       # gathered over the world, rank 0 writes
                 write_chrome_trace(cfg.trace, run.stepper.tracer, run.mesh.world, mesh_labels(run.mesh))
                 run.stepper.tracer = None

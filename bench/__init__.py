@@ -10,6 +10,7 @@ README's Benchmarks table lists each command). --json files are written atomical
     pipeline.py      bubble and activation memory per pipeline schedule, against theory
     tensor_parallel.py  activation bytes, wire bytes, the largest model and decode speed per tp
     sparse_decode.py, sparse_quality.py   the sparse layers' decoding speed and quality
+    quantized.py     ZeRO-3 with compressed gathers / gradients (ZeRO++, bf16): bytes, step time, val loss
 """
 import time
 

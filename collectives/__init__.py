@@ -18,6 +18,8 @@ Read in this order:
     barrier.py             dissemination barrier
     library.py             algo="mpi": the MPI library's own collectives (oracle and baseline)
     cost.py                alpha-beta-gamma model and algo="auto"
+    codecs.py              int8 / int4 blockwise and bf16 wire formats
+    compressed.py          ZeRO++'s encoded all-gather and all-to-all reduce-scatter (one or two hops)
     mesh.py                Mesh(dp, pp, sp, tp): one Communicator per axis
     debug.py               ENGINE_COMM_DEBUG consistency check, ENGINE_COMM_TIMEOUT watchdog
 """

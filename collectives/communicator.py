@@ -95,6 +95,12 @@ class Communicator(Reductions, Movement, PointToPoint):
         algo="mpi", whose messages the library chooses)."""
         return self._traffic.sent
 
+    @property
+    def bytes_by_kind(self):
+        """bytes_sent per kind of call: {"all_reduce": ..., "all_gather": ..., "p2p": ...}
+        (transport.KINDS, every kind present), a copy."""
+        return dict(self._traffic.by_kind)
+
     def revoke(self):
         """ULFM (collectives/ulfm.py): revoke every MPI communicator this one uses, so that any
         rank waiting on it fails at once instead of waiting for a dead peer."""
@@ -143,10 +149,10 @@ class Communicator(Reductions, Movement, PointToPoint):
         poll = async_op or ACTIVE or self._watch is not None   # in flight or under a deadline: never block in MPI
         if poll or self._trace:
             t = self._transport_cls(self._coll, self.rank, self.size, tag, not poll, f"{name}/{algo}", xp, self._pool,
-                                   self._traffic)
+                                   self._traffic, name)
         else:
             t = self._t
-            t.tag, t.xp = tag, xp
+            t.tag, t.xp, t.kind = tag, xp, name
         return t
 
     def _go(self, gen, t, done, async_op):

@@ -58,6 +58,7 @@ MAX_BYTES = 1 << 20          # larger reductions take the general path (pooled, 
 PLACE_TRIAL_BYTES = 2 << 20  # all-gathers from this size time both placements (see above)
 TRIALS = 4                   # calls timed per placement
 PLANS = 16
+KIND = {"ar": "all_reduce", "ag": "all_gather", "rs": "reduce_scatter"}
 _OP = OPS.get
 _ndarray = np.ndarray
 
@@ -67,7 +68,7 @@ class Plan:
     (None, dst bytes, src bytes, None) for a local copy; bytes are memoryviews (the cheapest
     message spec for mpi4py, and the cheapest copy)."""
     __slots__ = ("x", "out", "op", "dtype", "steps", "ufunc", "avg", "result", "final",
-                 "placements", "times")
+                 "placements", "times", "kind")
 
 
 def _flat(a):
@@ -110,6 +111,7 @@ class DirectPath:
 
     def _remember(self, key, plan, x, out, op, cache=True):
         plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
+        plan.kind = KIND[key[-1]]                # what Traffic counts its messages as
         if not cache:                          # transient buffers (activations): run once, keep nothing
             return plan
         if len(self.plans) >= PLANS:
@@ -136,7 +138,7 @@ class DirectPath:
                 send[:] = recv
                 continue
             if self.traffic is not None:
-                self.traffic.sent += send.nbytes
+                self.traffic.add(plan.kind, send.nbytes)
             comm.Sendrecv(send, peer, tag, recv, peer, tag)
             if reduce_args is not None:
                 ufunc(*reduce_args)

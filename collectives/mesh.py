@@ -130,6 +130,15 @@ class Mesh:
             self._groups["pp ends"] = self.world.split(color if end else None, key=c["pp"], label="pp ends")
         return self._groups["pp ends"]
 
+    def communicators(self):
+        """Every Communicator this mesh has built so far, the world first, each once (for
+        counting the bytes a rank sends: Communicator.bytes_by_kind)."""
+        out = [self.world]
+        for c in self._groups.values():
+            if c is not None and all(c is not o for o in out):
+                out.append(c)
+        return out
+
     def rank_of(self, dp=0, pp=0, sp=0, tp=0):
         """World rank at the given coordinates."""
         s = self.shape

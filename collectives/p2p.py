@@ -44,7 +44,7 @@ class PointToPoint:
             self.isend(x, dst, tag).wait()
             return
         self._log("->", dst, "send", buf.nbytes, tag)
-        self._traffic.sent += buf.nbytes
+        self._traffic.add("p2p", buf.nbytes)
         self._p2p.Send([buf, BYTE], dst, tag)
 
     def recv(self, x, src=None, tag=0):
@@ -58,7 +58,7 @@ class PointToPoint:
         _, stage = staging(x)
         buf = flat_in(x, stage)
         self._log("->", dst, "isend", buf.nbytes, tag)
-        self._traffic.sent += buf.nbytes
+        self._traffic.add("p2p", buf.nbytes)
         req = self._p2p.Isend([buf, BYTE], dst, tag)
 
         def steps(keep=buf):                  # a staged host copy must outlive the request
@@ -94,7 +94,7 @@ class PointToPoint:
         source = peer if recv_from is None else recv_from
         self._log("->", peer, "send", sbuf.nbytes, tag)
         self._log("<-", source, "recv", rbuf.nbytes, tag)
-        self._traffic.sent += sbuf.nbytes
+        self._traffic.add("p2p", sbuf.nbytes)
         if ACTIVE or self._watch is not None:
             reqs = [self._p2p.Irecv([rbuf, BYTE], source, tag), self._p2p.Isend([sbuf, BYTE], peer, tag)]
 

@@ -93,28 +93,38 @@ class Calls:
         return seq % self.bound
 
 
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "reduce", "barrier", "p2p")
+
+
 class Traffic:
     """Payload bytes a communicator has sent (its algorithms' messages and its point-to-point
-    sends; not the debug handshake's metadata, nor what algo="mpi" hands the library)."""
-    __slots__ = ("sent",)
+    sends; not the debug handshake's metadata, nor what algo="mpi" hands the library), in
+    total and per kind of call (KINDS: the collective's name, or "p2p")."""
+    __slots__ = ("sent", "by_kind")
 
     def __init__(self):
         self.sent = 0
+        self.by_kind = dict.fromkeys(KINDS, 0)
+
+    def add(self, kind, nbytes):
+        self.sent += nbytes
+        self.by_kind[kind] += nbytes
 
 
 class Transport:
     """One collective call's view: rank, size, tagged byte moves, scratch buffers."""
-    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held", "posted", "traffic")
+    __slots__ = ("comm", "rank", "size", "tag", "blocking", "label", "xp", "pool", "_held", "posted", "traffic",
+                 "kind")
 
-    def __init__(self, comm, rank, size, tag, blocking, label, xp, pool, traffic=None):
-        self.comm, self.rank, self.size, self.tag = comm, rank, size, tag
+    def __init__(self, comm, rank, size, tag, blocking, label, xp, pool, traffic=None, kind="p2p"):
+        self.comm, self.rank, self.size, self.tag, self.kind = comm, rank, size, tag, kind
         self.blocking, self.label, self.xp, self.pool = blocking, label, xp, pool
         self.traffic = Traffic() if traffic is None else traffic
         self._held = None
         self.posted = None if blocking else []        # (request, peer) of each request posted
 
     def isend(self, buf, dest):
-        self.traffic.sent += buf.nbytes
+        self.traffic.add(self.kind, buf.nbytes)
         req = self.comm.Isend([buf, BYTE], dest, self.tag)
         if self.posted is not None:
             self.posted.append((req, dest))
@@ -129,7 +139,7 @@ class Transport:
     def sendrecv(self, sbuf, dest, rbuf, source):
         """Send sbuf to dest while receiving rbuf from source; returns the requests to wait on
         (none in blocking mode, where it is one MPI_Sendrecv)."""
-        self.traffic.sent += sbuf.nbytes
+        self.traffic.add(self.kind, sbuf.nbytes)
         if self.blocking:
             self.comm.Sendrecv([sbuf, BYTE], dest, self.tag, [rbuf, BYTE], source, self.tag)
             return ()

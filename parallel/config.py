@@ -13,6 +13,9 @@ composes what passed.
     pp > 1: (B/dp) % micro_batches == 0, n_layer >= pp, interleaved: n_layer % (pp v) == 0
             and micro_batches % pp == 0; ZeRO 0-1 only (DeepSpeed likewise)
     sp > 1: block_size % sp == 0 (ulysses) or % 2 sp == 0 (ring: zigzag); no sparse QKV
+    compressed communication (--quant-weights, --quant-grads, --comm-dtype bf16; ZeRO++):
+            ZeRO >= 1, pp = tp = 1; --error-feedback needs --quant-grads; --quant-node-size
+            divides dp * sp and needs compressed gradients; bf16 needs something left to carry
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -60,6 +63,25 @@ class ParallelConfig:
     vocab_granule: int = _f(1, "with --tp: pad the vocabulary to a multiple of tp x this (Megatron's "
                                "make-vocab-size-divisible-by); padded rows never change a loss or a gradient")
     bucket_mb: float = _f(1.0, "gradient bucket size in MiB (each bucket is reduced as soon as backward fills it)")
+    quant_weights: str = _f("none", "ZeRO >= 1: the parameter all-gathers carry int8 blockwise codes (ZeRO++ qwZ; "
+                                    "~1.02 bytes per element at block 256 instead of 4): every rank computes with the "
+                                    "dequantized weights (error <= max|block| / 254 per element), AdamW updates the "
+                                    "owner's float32 master shard", choices=("none", "int8"))
+    quant_grads: str = _f("none", "ZeRO >= 1: the gradient reduce-scatter runs as an all-to-all of int8 or int4 "
+                                  "blockwise codes (ZeRO++ qgZ; ~1.02 or ~0.52 bytes per element at block 256 instead "
+                                  "of 4), dequantized and averaged in float32 (error <= max|block| / 254 or / 14 per "
+                                  "element and rank)", choices=("none", "int8", "int4"))
+    comm_dtype: str = _f("fp32", "ZeRO >= 1: gathered weights and reduced gradients not quantized above travel as "
+                                 "bfloat16 (2 bytes per element; relative error <= 2^-9), gradients summed in float32",
+                         choices=("fp32", "bf16"))
+    quant_block: int = _f(256, "elements per float32 scale of --quant-weights / --quant-grads (4 bytes per block "
+                               "on the wire; smaller blocks: less error, more bytes)", metavar="N")
+    error_feedback: bool = _f(False, "with --quant-grads: add each step's quantization residual to the next step's "
+                                     "gradient (1-bit Adam), so the error summed over steps stays one step's; "
+                                     "+4 bytes per parameter per rank")
+    quant_node_size: int = _f(0, "with compressed gradients: reduce them in two hops, inside nodes of this many "
+                                 "consecutive dp ranks, then across (ZeRO++ hierarchical qgZ; 1/G of the bytes cross "
+                                 "nodes); 0: one all-to-all", metavar="G")
     comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
                                     "when there are several ranks (0: no watchdog)")
 
@@ -71,6 +93,30 @@ class ParallelConfig:
 def need(ok, msg):
     if not ok:
         raise LayoutError(msg)
+
+
+def check_compression(par):
+    """The compressed-communication flags (parallel/data/wire.py) against the layout."""
+    qw, qg, bf = par.quant_weights != "none", par.quant_grads != "none", par.comm_dtype == "bf16"
+    need(isinstance(par.quant_block, int) and par.quant_block >= 1, f"quant_block must be >= 1, got {par.quant_block}")
+    need(not par.error_feedback or qg, "--error-feedback needs --quant-grads int8 or int4: it feeds back the "
+         "residual of the gradients' quantization")
+    for on, what in ((qw, f"--quant-weights {par.quant_weights}"), (qg, f"--quant-grads {par.quant_grads}"),
+                     (bf, "--comm-dtype bf16")):
+        if not on:
+            continue
+        need(par.zero >= 1, f"{what} needs --zero 1, 2 or 3: ZeRO stage 0 all-reduces full gradients and gathers "
+             "no parameters, so there is no gather or reduce-scatter to compress")
+        need(par.pp == 1 and par.tp == 1, f"{what} with --pp or --tp is not supported: the tied wte copies of the "
+             "first and last stage, and each tp rank's slices, would be quantized at different block boundaries")
+    need(not (bf and qw and qg), "--comm-dtype bf16 with both --quant-weights and --quant-grads leaves nothing to "
+         "carry as bfloat16; drop one of them")
+    g, group = par.quant_node_size, par.dp * par.sp
+    need(isinstance(g, int) and g >= 0, f"quant_node_size must be >= 0, got {g}")
+    if g:
+        need(qg or bf, f"--quant-node-size {g} needs compressed gradients (--quant-grads or --comm-dtype bf16): it "
+             "splits their reduce into two hops")
+        need(group % g == 0, f"--quant-node-size {g} does not divide the {group} ranks of the ZeRO group (dp x sp)")
 
 
 def check_layout(par, model, batch_size):
@@ -86,6 +132,7 @@ def check_layout(par, model, batch_size):
          "data-parallel rank takes an equal slice of the global batch")
     need(par.bucket_mb > 0 and math.isfinite(par.bucket_mb), f"bucket_mb must be positive, got {par.bucket_mb}")
     need(par.comm_timeout >= 0, f"comm_timeout must be >= 0, got {par.comm_timeout}")
+    check_compression(par)
     block = get("block_size")
     try:                                  # every window of block_size tokens is split over the sp ranks
         check_sequence(par.sp, par.sp_attention, block, block_size=block)

@@ -69,6 +69,11 @@ LayerNorms and dropout hold tokens [r T/tp, (r+1) T/tp) of tp rank r, which is w
 step locates the noise (Step._token_positions); the replicated parameters' gradients are then
 summed over tp inside their layers (copy_to_tp on the parameter), so they are equal again.
 
+Compressed communication (ZeRO++ qwZ / qgZ, bf16; parallel/data/wire.py): ``wire_of(par)``
+hands the ZeroEngine a Wire over the same dp x sp group, so the gathers and the gradient
+reduce-scatter carry codes instead of float32; nothing else in the step changes (refused with
+pp and tp by parallel/config.py).
+
 Randomness (dropout, the sparse FFN's coin and Gumbel noise) is the model's counter-based
 generator (engine/random.py): the step sets (step, accumulation pass), each forward sets the
 global rows and token positions it computes, so every layout draws one process's numbers.
@@ -87,7 +92,7 @@ from models.gpt import GPT
 from .checkpoint import check_params, load_sharded, save_sharded
 from .checkpoint.reshard import shard_file
 from .checkpoint.sharded import flat_layout, shard_tensors
-from .data import ZeroEngine
+from .data import Wire, ZeroEngine
 from .pipeline import PipelineEngine, PipelineStage
 from .sequence import SequenceParallel
 from .tensor import shard_gpt
@@ -121,12 +126,22 @@ def build_step(model_cfg, par, train, mesh):
                 p.data, p.grad = placeholder(p.data.shape, p.data.dtype), None
     engine = ZeroEngine(model if stage is None else stage, grad_comm, stage=par.zero, lr=train.lr,
                         betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
-                        bucket_bytes=int(par.bucket_mb * 2**20))
+                        bucket_bytes=int(par.bucket_mb * 2**20), wire=wire_of(par, grad_comm))
     pipe = None
     if stage is not None:
         pipe = PipelineEngine(mesh.pp_comm, model_cfg, stage, par.schedule, par.micro_batches, par.virtual_stages,
                               seq, tie_comm=mesh.pp_ends())
     return Step(model, par, mesh, engine, seq=seq, stage=stage, pipe=pipe, replicated=replicated)
+
+
+def wire_of(par, grad_comm):
+    """The Wire (parallel/data/wire.py) of par's compression flags over the ZeRO group: what
+    is not quantized travels as bf16 under --comm-dtype bf16 (a collective when two hops)."""
+    bf16 = "bf16" if par.comm_dtype == "bf16" else None
+    weights = par.quant_weights if par.quant_weights != "none" else bf16
+    grads = par.quant_grads if par.quant_grads != "none" else bf16
+    return Wire(grad_comm, weights=weights, grads=grads, block=par.quant_block, error_feedback=par.error_feedback,
+                node_size=par.quant_node_size)
 
 
 class Step:
@@ -232,6 +247,15 @@ class Step:
         if self.tracer is not None:
             self.tracer.add("optim", 0, 0, t0, time.perf_counter())
 
+    def bytes_by_kind(self):
+        """{kind: bytes} this rank has sent so far over every communicator of its mesh and wire
+        (collectives/transport.py KINDS): train.py logs the difference per step."""
+        total = {}
+        for c in self.mesh.communicators() + self.engine.wire.communicators():
+            for kind, n in c.bytes_by_kind.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
     # -- evaluation ----------------------------------------------------------------------------
     def eval_loss(self, batches):
         """Mean loss of the global batches (x, y), forward only, averaged over the replicas."""
@@ -315,4 +339,5 @@ class Step:
         tokens = f" of {T // par.sp} tokens" if self.seq is not None else ""
         return (f"layout: {world} ranks, {' '.join(parts)} ZeRO stage {par.zero} | {rows} sequences{tokens} per "
                 f"rank per micro-batch | gradients averaged over {self.engine.comm.size} ranks (dp x sp) | "
-                f"buckets {self.engine.buckets.describe()}")
+                f"buckets {self.engine.buckets.describe()}"
+                + (f" | {self.engine.wire.describe()}" if self.engine.wire.describe() else ""))

@@ -32,6 +32,8 @@ Shard geometry: a buffer of padded length N*S splits into rank shards [k S, (k+1
 bucket [lo, hi) sends count_k = |[lo, hi) & [k S, (k+1) S)| elements to rank k; these
 blocks are consecutive in k, which is exactly the Communicator's uneven-block layout.
 Averaging: op "avg" over the gradient communicator (sum, then one division by N).
+Compressed (``wire``, parallel/data/wire.py: ZeRO++'s qgZ, or bf16): the reduce-scatter of
+modes "scatter" / "scatter_copy" becomes an all-to-all of encoded blocks reduced in float32.
 """
 from contextlib import contextmanager
 
@@ -67,12 +69,13 @@ class GradBuckets:
     accumulate, stages 0-1: ZeroEngine.no_sync); ``hooks_paused()``: hooks ignored inside (a
     nested recompute backward, parallel/data/fsdp.py)."""
 
-    def __init__(self, flat, comm, mode="all_reduce", bucket_bytes=1 << 20, shards=None):
+    def __init__(self, flat, comm, mode="all_reduce", bucket_bytes=1 << 20, shards=None, wire=None):
         if mode not in MODES:
             raise ValueError(f"GradBuckets: mode must be one of {MODES}, got {mode!r}")
         if mode == "scatter_copy" and shards is None:
             raise ValueError("GradBuckets: mode 'scatter_copy' needs the gradient shards")
         self.flat, self.comm, self.mode, self.shards = flat, comm, mode, shards
+        self.wire = wire                            # parallel/data/wire.py: compressed reduce-scatter
         self._enabled, self._paused = True, False
         self.hook_launches = 0                      # buckets started from a hook (not by finish)
         self.buckets, self._of = [], {}
@@ -142,7 +145,12 @@ class GradBuckets:
             b.handle = self.comm.all_reduce(self.flat.grad[b.dt][b.lo:b.hi], op="avg", async_op=True)
         else:
             x = self.flat.grad[b.dt][b.lo:b.hi] if self.mode == "scatter" else b.buf
-            b.handle = self.comm.reduce_scatter(x, op="avg", counts=b.counts, async_op=True)
+            if self.wire is None:
+                b.handle = self.comm.reduce_scatter(x, op="avg", counts=b.counts, async_op=True)
+            else:                                  # "scatter": the result must land in the own block
+                r, start = self.comm.rank, sum(b.counts[:self.comm.rank])
+                own = x[start:start + b.counts[r]] if self.mode == "scatter" else None
+                b.handle = self.wire.reduce_scatter(x, b.counts, b, own=own, async_op=True)
         self.launched.append(b)
 
     # -- after backward -------------------------------------------------------------------

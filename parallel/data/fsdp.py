@@ -26,7 +26,8 @@ forward per layer per step; memory: the layers' inputs instead of all activation
 Parameters outside every layer (for GPT: wte, tied to the output layer, wpe and ln_f)
 form the root unit, gathered for the whole step as FSDP's root: ``gather_root()`` before
 the forward, ``free_root()`` after the update. Memory per rank: 16P/N, plus the root, plus
-at most two gathered layers (the one computing and the one prefetched).
+at most two gathered layers (the one computing and the one prefetched). The gathers go
+through the engine's Wire (parallel/data/wire.py), which may carry int8 codes (ZeRO++'s qwZ).
 """
 
 from engine.autograd import Function, Tensor, no_grad
@@ -138,14 +139,14 @@ class ShardedLayers:
         if unit.gathered or unit.handles is not None:
             return
         eng = self.engine
-        comm, N, r = eng.comm, eng.comm.size, eng.comm.rank
+        N, r = eng.comm.size, eng.comm.rank
         unit.handles = []
         for dt, lo, hi in unit.segments:
             shard = eng.param_shards[dt]
             S = shard.size
             mine = shard[min(max(lo - r * S, 0), S):min(max(hi - r * S, 0), S)]   # this rank's overlap
             buf = get_array_module(shard).empty(hi - lo, dtype=shard.dtype)         # (hi - lo,) = flat[lo:hi]
-            h = comm.all_gather(mine, out=buf, counts=overlap_counts(lo, hi, S, N), async_op=True)
+            h = eng.wire.all_gather(mine, buf, counts=overlap_counts(lo, hi, S, N), async_op=True)   # maybe encoded
             unit.handles.append((dt, lo, buf, h))
 
     def prefetch(self, i):

@@ -25,6 +25,11 @@ state and updates the full buffer on every rank (classic DDP).
     norm = eng.clip_grad_norm(1.0)
     eng.step(lr)                        # update the shard, gather parameters
     eng.zero_grad()
+
+Compressed communication (``wire``, parallel/data/wire.py; ZeRO++, Wang et al. 2023): the
+parameter gathers may carry int8 codes or bf16 (every rank computes with the decoded values;
+stages 1-2 then keep the float32 master shard apart from the full buffer, + 4P/N bytes) and the
+gradient reduce-scatter may run as an all-to-all of int8 / int4 / bf16 blocks reduced in float32.
 """
 import math
 import time
@@ -38,6 +43,7 @@ from engine.optim import AdamW, clip_grad_norm_, grad_norm_sq
 
 from .buckets import GradBuckets
 from .fsdp import ShardedLayers
+from .wire import Wire
 
 STAGES = (0, 1, 2, 3)
 
@@ -51,12 +57,17 @@ class ZeroEngine:
     stage    0..3; layers: stage 3's sub-Modules gathered one at a time, each taking one tensor
              and returning one (parallel/data/fsdp.py; None: ``model.blocks``, else its children);
              parameters outside them form the root, gathered for the whole step
-    AdamW hyper-parameters as engine/optim.py; bucket_bytes: gradient bucket size."""
+    AdamW hyper-parameters as engine/optim.py; bucket_bytes: gradient bucket size; wire: a
+             parallel/data/wire.py Wire over comm (compressed gathers / reduce-scatter; stage >= 1)."""
 
     def __init__(self, model, comm, stage=0, layers=None, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.0, bucket_bytes=1 << 20, align=1):
+                 weight_decay=0.0, bucket_bytes=1 << 20, align=1, wire=None):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
+        self.wire = Wire(comm) if wire is None else wire
+        if stage == 0 and (self.wire.weights or self.wire.grads):
+            raise ValueError("ZeRO stage 0 gathers no parameters and all-reduces gradients: nothing to compress")
+        master = self.wire.weights is not None             # the float32 shard apart from what ranks compute with
         self.model, self.comm, self.stage = model, comm, stage
         N, r = comm.size, comm.rank
         self.flat = flat = FlatParameters(model.named_parameters(), world=N, align=align)
@@ -70,7 +81,7 @@ class ZeroEngine:
             else:
                 mask = flat.decay_mask[dt][lo:hi].copy()
                 flat.decay_mask[dt] = None                      # only the shard's mask is kept
-                p = data[lo:hi] if stage < 3 else data[lo:hi].copy()
+                p = data[lo:hi] if stage < 3 and not master else data[lo:hi].copy()
                 g = grad[lo:hi] if stage == 1 else xp.zeros(hi - lo, dtype=data.dtype)
                 if stage >= 2:                                  # no full gradient buffer
                     flat.grad[dt] = placeholder(grad.shape, grad.dtype, xp)
@@ -84,12 +95,16 @@ class ZeroEngine:
             for prm in flat.params:
                 prm.grad = None
         mode = ("all_reduce", "scatter", "scatter_copy", "scatter_copy")[stage]
-        self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 else None)
+        self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 else None,
+                                   wire=self.wire if self.wire.grads is not None else None)
         self.layers = None
         if stage == 3:
             self.layers = ShardedLayers(self, layers)
         self._wait_s = 0.0              # seconds blocked waiting on collectives (comm_wait)
         self._sync = True               # False inside no_sync()
+        if master and stage < 3:        # compute with the decoded weights from the start
+            for dt in flat.dtypes:
+                self._gather_params(dt)
 
     # -- forward and backward -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -196,13 +211,18 @@ class ZeroEngine:
         for dt, opt in self.optim.items():
             opt.step(lr)
             if self.stage in (1, 2):
-                self._gather_into(self.param_shards[dt], self.flat.data[dt])
+                self._gather_params(dt)
         if self.layers is not None:
             self.layers.free_root()
 
     def _gather_into(self, shard, full):
         with self.timed_wait():
             self.comm.all_gather(shard, out=full)             # in place: shard is full's own block
+
+    def _gather_params(self, dt):
+        """Stages 1-2: the full parameter buffer from every rank's shard (wire: decoded codes)."""
+        with self.timed_wait():
+            self.wire.all_gather(self.param_shards[dt], self.flat.data[dt])
 
     def zero_grad(self):
         if self.stage <= 1:
@@ -247,7 +267,7 @@ class ZeroEngine:
                 copy_into(opt.exp_avg, o["m"])
                 copy_into(opt.exp_avg_sq, o["v"])
                 if self.stage < 3:
-                    self._gather_into(self.param_shards[dt], self.flat.data[dt])
+                    self._gather_params(dt)
             opt.step_count = int(o["step"])
 
     def full_state(self):
