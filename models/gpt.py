@@ -64,11 +64,31 @@ class GPTConfig:
         help="sparse FFN: probability, per training step and layer, of the hard (one-hot) mask"))
     qkv_modules: int = field(default=0, metadata=dict(
         help="sparse QKV: module count S (must divide n_embd; 0: dense c_attn; the paper: 16)"))
+    # The Terraformer of Jaszczur et al. 2021, section 5 (models/terraformer.py); each composes with the above
+    reversible: bool = field(default=False, metadata=dict(
+        help="reversible layers (RevNet / Reformer): two residual streams, inputs recomputed in backward"))
+    rev_streams: str = field(default="copy", metadata=dict(
+        help="with --reversible: copy (Reformer: both streams start as the embedding, averaged at the end) or "
+             "split (RevNet: the n_embd channels halved, each layer n_embd/2 wide)", choices=("copy", "split")))
+    attention: str = field(default="full", metadata=dict(
+        help="full (causal softmax attention) or lsh (Reformer: shared query-key, hashed into buckets, chunked)",
+        choices=("full", "lsh")))
+    lsh_chunk: int = field(default=32, metadata=dict(help="LSH: chunk length (must divide block_size)"))
+    lsh_buckets: int = field(default=4, metadata=dict(
+        help="LSH: buckets per hash round, 1 or even, at most 2 block_size / lsh_chunk"))
+    lsh_hashes: int = field(default=2, metadata=dict(help="LSH: hash rounds, combined by their log-sum-exp"))
+    loss_sparsity: int = field(default=0, metadata=dict(
+        help="sparse loss layer: the output projection as a multiplicative layer of S modules (0: the tied wte)"))
+
+    @property
+    def terraformer(self):
+        """True when a Terraformer layer is on (models/terraformer.py builds the model)."""
+        return self.reversible or self.attention == "lsh" or self.loss_sparsity > 0
 
     @property
     def sparse(self):
-        """True when any layer is a sparse one (no Hugging Face GPT-2 layout)."""
-        return self.ffn_sparsity > 0 or self.qkv_modules > 0
+        """True when any layer is a sparse or Terraformer one (no Hugging Face GPT-2 layout)."""
+        return self.ffn_sparsity > 0 or self.qkv_modules > 0 or self.terraformer
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -101,9 +121,11 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.ffn_hard_prob must be in [0, 1], got {self.ffn_hard_prob!r}")
         if self.qkv_modules and self.n_embd % self.qkv_modules:
             raise ValueError(f"GPTConfig.qkv_modules ({self.qkv_modules}) must divide n_embd ({self.n_embd})")
+        from .terraformer import check_config                  # the Terraformer's own fields
+        check_config(self)
 
 
-def _dropout(x, p, noise, layer, site, training):
+def residual_dropout(x, p, noise, layer, site, training):
     """Dropout whose mask is the counter-based draw at (layer, site) for x's global rows and
     tokens (engine/random.py), so every layout and every recomputation masks alike."""
     if p == 0 or not training:
@@ -112,7 +134,7 @@ def _dropout(x, p, noise, layer, site, training):
     return ops.dropout(x, p, u=u)
 
 
-def _layer_norm(dim, bias):
+def layer_norm(dim, bias):
     if bias:
         return LayerNorm(dim)
     return LayerNorm(dim, bias=False)   # only with config.bias=False (no Hugging Face layout)
@@ -188,7 +210,7 @@ class CausalSelfAttention(Module):
             else:
                 y = self.attention_fn(q, k, v)                 # (B, nh, T, hs)
             y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, nh * hs))   # (B, T, nh, hs) -> (B, T, nh hs)
-        return _dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
+        return residual_dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
 
 
 class MLP(Module):
@@ -202,7 +224,7 @@ class MLP(Module):
 
     def forward(self, x):
         h = ops.gelu(self.c_fc(x))                             # (B, T, 4C)
-        return _dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
+        return residual_dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
 
 
 class Block(Module):
@@ -210,9 +232,9 @@ class Block(Module):
 
     def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
         super().__init__()
-        self.ln_1 = _layer_norm(config.n_embd, config.bias)
+        self.ln_1 = layer_norm(config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config, rng, noise, layer, attention_fn)
-        self.ln_2 = _layer_norm(config.n_embd, config.bias)
+        self.ln_2 = layer_norm(config.n_embd, config.bias)
         if config.ffn_sparsity:                                # Jaszczur et al. 2021: sparse FFN
             self.mlp = SparseFFN(config.n_embd, 4 * config.n_embd, N=config.ffn_sparsity,
                                  d_lowrank=config.ffn_lowrank, temperature=config.ffn_temperature,
@@ -235,7 +257,7 @@ class Transformer(Module):
         self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng)    # (V, C), also the output layer
         self.wpe = Embedding(config.block_size, config.n_embd, rng=rng)    # (block_size, C)
         self.h = ModuleList([Block(config, rng, noise, i) for i in range(config.n_layer)])
-        self.ln_f = _layer_norm(config.n_embd, config.bias)
+        self.ln_f = layer_norm(config.n_embd, config.bias)
 
 
 def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
@@ -258,7 +280,7 @@ def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
             raise ValueError(f"positions must be in [0, {config.block_size}), "
                              f"got [{int(pos.min())}, {int(pos.max())}]")
     x = wte(idx) + wpe(pos)                                     # (B, T, C) + (T, C) or (B, T, C)
-    return _dropout(x, config.dropout, noise, -1, "embed", training)
+    return residual_dropout(x, config.dropout, noise, -1, "embed", training)
 
 
 def head(ln_f, wte, x, targets=None):
