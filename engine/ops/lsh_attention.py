@@ -68,19 +68,29 @@ def _take(a, perm):
     return get_array_module(a).take_along_axis(a, idx, axis=2)
 
 
-def _window(a, c, fill):
-    """Chunks (B, H, n, c, ...) of a (B, H, n c, ...) with the previous chunk in front:
-    (B, H, n, 2c, ...); chunk 0's look-back is ``fill``."""
-    xp = get_array_module(a)
+def _chunks(a, c):
+    """a (B, H, n c, ...) -> its chunks (B, H, n, c, ...), a view."""
     B, H, T = a.shape[:3]
-    ch = a.reshape((B, H, T // c, c) + a.shape[3:])                   # (B, H, n, c, ...)
-    prev = xp.full_like(ch[:, :, :1], fill)
-    prev = xp.concatenate([prev, ch[:, :, :-1]], axis=2)               # chunk j-1 at place j
-    return xp.concatenate([prev, ch], axis=3), ch                      # (B, H, n, 2c, ...), (B, H, n, c, ...)
+    return a.reshape((B, H, T // c, c) + a.shape[3:])
+
+
+def _window(a, c, fill):
+    """Each chunk of a (B, H, n c, ...) behind the chunk before it, (B, H, n, 2c, ...), in one
+    array; chunk 0's look-back is ``fill``."""
+    ch = _chunks(a, c)                                                 # (B, H, n, c, ...)
+    out = get_array_module(a).empty(ch.shape[:3] + (2 * c,) + ch.shape[4:], dtype=a.dtype)
+    out[:, :, :, c:] = ch
+    out[:, :, 1:, :c] = ch[:, :, :-1]                                  # chunk j-1 in front of chunk j
+    out[:, :, 0, :c] = fill
+    return out
 
 
 class _Round:
-    """One hash round on padded arrays: the sort, the chunk windows, the masked scores."""
+    """One hash round on padded arrays: the sort, the chunk windows, the masked scores.
+
+    Within one bucket the sorted order is the position order, so a window key (sorted index
+    (j-1) c + kk, query jc + qq) of the query's bucket precedes it iff kk <= c + qq: the causal
+    mask is one static (c, 2c) pattern, and the self key of query qq is window key c + qq."""
 
     def __init__(self, b, c):
         xp = get_array_module(b)
@@ -88,23 +98,30 @@ class _Round:
         self.c = c
         self.perm = xp.argsort(b * T + xp.arange(T), axis=-1, kind="stable")   # (B, H, T) by (bucket, pos)
         self.inv = xp.argsort(self.perm, axis=-1)
-        self.bw, self.bc = _window(_take(b, self.perm), c, -1)        # buckets of keys / queries
-        self.pw, self.pc = _window(self.perm, c, -1)                   # positions of keys / queries
+        sb = _take(b, self.perm)
+        self.bw, self.bc = _window(sb, c, -1), _chunks(sb, c)          # buckets of keys / queries
+        self.future = xp.arange(2 * c)[None, :] > c + xp.arange(c)[:, None]   # (c, 2c)
 
     def scores(self, q, k, scale, mask_self):
-        """Masked scores (B, H, n, c, 2c) of the sorted queries against their windows' keys."""
-        xp = get_array_module(q)
-        _, qc = _window(_take(q, self.perm), self.c, 0)
-        kw, _ = _window(_take(k, self.perm), self.c, 0)
+        """Masked scores (B, H, n, c, 2c) of the sorted queries against their windows' keys, the
+        chunked queries (B, H, n, c, D), the windows' keys (B, H, n, 2c, D) and the lone rows."""
+        xp, c = get_array_module(q), self.c
+        qc = _chunks(_take(q, self.perm), c)                          # (B, H, n, c, D)
+        kw = _window(_take(k, self.perm), c, 0)                        # (B, H, n, 2c, D)
         s = qc @ kw.swapaxes(-1, -2)                                   # (B, H, n, c, 2c)
         s *= scale
-        seen = (self.bw[..., None, :] == self.bc[..., :, None]) & (self.pw[..., None, :] <= self.pc[..., :, None])
-        seen, lone = self_rule(seen, self.pw[..., None, :] == self.pc[..., :, None], mask_self)
-        s[~seen] = _NEG_INF
+        unseen = self.bw[..., None, :] != self.bc[..., :, None]       # another bucket (or no look-back)
+        unseen |= self.future
+        lone = None
+        if mask_self:                                                  # the self key only where nothing else
+            lone = unseen.sum(axis=-1) == 2 * c - 1                    # (B, H, n, c)
+            qq = xp.arange(c)
+            s[..., qq, c + qq] = xp.where(lone, s[..., qq, c + qq], _NEG_INF)
+        s[unseen] = _NEG_INF
         return s, qc, kw, lone
 
     def values(self, v):
-        return _window(_take(v, self.perm), self.c, 0)[0]             # (B, H, n, 2c, D)
+        return _window(_take(v, self.perm), self.c, 0)                 # (B, H, n, 2c, D)
 
     def unsort(self, a):
         """(B, H, n, c, ...) in sorted order -> (B, H, T, ...) in position order."""
@@ -128,11 +145,11 @@ def self_rule(seen, is_self, mask_self):
     return seen & ~(is_self & ~lone[..., None]), lone
 
 
-def lone_penalty(lone):
-    """-1e5 for each round (R, ...) in which a token is lone, unless it is lone in every round."""
+def lone_penalty(lone, dtype):
+    """-1e5 (as dtype) for each round (R, ...) in which a token is lone, unless it is lone in every round."""
     if lone is None:
         return 0.0
-    return -SELF_PENALTY * (lone & ~lone.all(axis=0))
+    return (lone & ~lone.all(axis=0)).astype(dtype) * dtype.type(-SELF_PENALTY)
 
 
 def _pad(qk, v, buckets, c):
@@ -170,7 +187,7 @@ class LSHAttention(Function):
             lses.append(rnd.unsort((m + xp.log(l))[..., 0]))           # (B, H, T)
             lones.append(None if lone is None else rnd.unsort(lone))
         lse = xp.stack(lses)                                           # (R, B, H, T): each round's softmax
-        eff = lse + lone_penalty(None if not mask_self else xp.stack(lones))
+        eff = lse + lone_penalty(None if not mask_self else xp.stack(lones), lse.dtype)
         LSE = xp.logaddexp.reduce(eff, axis=0)                         # (B, H, T)
         w = xp.exp(eff - LSE)                                          # (R, B, H, T) round weights
         o = sum(w[r][..., None] * outs[r] for r in range(len(outs)))   # (B, H, T, D)
@@ -188,7 +205,7 @@ class LSHAttention(Function):
         for r in range(b.shape[0]):
             rnd = _Round(b[r], self.c)
             s, qc, kw, _ = rnd.scores(q, k, self.scale, self.mask_self)
-            chunked = lambda a: _window(_take(a, rnd.perm), self.c, 0)[1]   # (B, H, T, ...) -> (B, H, n, c, ...)
+            chunked = lambda a: _chunks(_take(a, rnd.perm), self.c)    # (B, H, T, ...) -> (B, H, n, c, ...)
             s -= chunked(lse[r])[..., None]
             p = xp.exp(s, out=s)                                       # P_r (B, H, n, c, 2c)
             p *= chunked(w[r])[..., None]                              # w_r P_r
@@ -215,7 +232,7 @@ def lsh_mask(buckets, c, mask_self=True):
     dc = chunk[..., :, None] - chunk[..., None, :]
     seen = (buckets[..., :, None] == buckets[..., None, :]) & ((dc == 0) | (dc == 1)) & (pos[None, :] <= pos[:, None])
     seen, lone = self_rule(seen, xp.eye(T, dtype=bool), mask_self)
-    return xp.where(seen, 0.0, _NEG_INF), lone_penalty(lone) + xp.zeros(buckets.shape)
+    return xp.where(seen, 0.0, _NEG_INF), lone_penalty(lone, np.dtype(np.float64)) + xp.zeros(buckets.shape)
 
 
 def lsh_reference(qk, v, buckets, chunk, mask_self=True):
@@ -268,6 +285,6 @@ def lsh_decode(q, k_all, v_all, b_q, b_all, start, mask_self=True):
         outs.append((p / l) @ v_all)                                   # (B, H, Tn, D)
         lses.append((m + xp.log(l))[..., 0])
         lones.append(lone)
-    eff = xp.stack(lses) + lone_penalty(xp.stack(lones) if mask_self else None)
+    eff = xp.stack(lses) + lone_penalty(xp.stack(lones) if mask_self else None, q.dtype)
     w = xp.exp(eff - xp.logaddexp.reduce(eff, axis=0))                # (R, B, H, Tn)
     return sum(w[r][..., None] * o for r, o in enumerate(outs))
