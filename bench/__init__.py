@@ -10,6 +10,7 @@ README's Benchmarks table lists each command). --json files are written atomical
     pipeline.py      bubble and activation memory per pipeline schedule, against theory
     tensor_parallel.py  activation bytes, wire bytes, the largest model and decode speed per tp
     sparse_decode.py, sparse_quality.py   the sparse layers' decoding speed and quality
+    terraformer.py   reversible and LSH memory, the sparse loss layer's decoding, Terraformer quality
 """
 import time
 

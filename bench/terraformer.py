@@ -11,8 +11,8 @@ its baseline in the same launch:
            the two models' steps alternating; wall and CPU time of this process).
            Shape: n_embd 128, 4 heads, T 256, batch 4, byte vocabulary, float32.
   seq      the same peak against sequence length 512 .. --max-seq (step times: median of 2):
-           full attention (the engine's blockwise kernel, memory linear in T) against LSH attention (chunk 64, n_buckets = T / 64, 2 rounds) and
-           LSH + reversible; the longest length within --mem-budget (default: full attention's
+           full attention (the engine's blockwise kernel, memory linear in T) against LSH
+           attention (chunk 64, n_buckets = T / 64, 2 rounds) and LSH + reversible; the longest length within --mem-budget (default: full attention's
            peak at 1024). Shape: n_embd 64, 2 heads, 2 layers, batch 1.
   decode   unbatched decoding s/token at bench.sparse_decode's paper shape (d 1024, 24 layers,
            vocab 32000, FFN sparsity 64, 16 QKV modules): dense, the Scaling Transformer (sparse
