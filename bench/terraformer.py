@@ -17,7 +17,8 @@ its baseline in the same launch:
   decode   unbatched decoding s/token at bench.sparse_decode's paper shape (d 1024, 24 layers,
            vocab 32000, FFN sparsity 64, 16 QKV modules): dense, the Scaling Transformer (sparse
            FFN + QKV) and + the sparse loss layer (S = 4), each thread count in its own child
-           process (the BLAS reads its thread count at start), the three variants side by side.
+           process (the BLAS reads its thread count at start); the three models are held at
+           once and decode one token each in turn (median of --tokens per variant).
   quality  val loss after the same steps on the same batches (bench/train_step.py's nanoGPT CPU
            config: 4 layers, C 128, block 64, batch 12) for dense, Scaling Transformer (FFN
            sparsity 32, 4 QKV modules) and Terraformer (+ reversible, LSH chunk 16 x 4 buckets x
@@ -40,9 +41,11 @@ import tracemalloc
 
 import numpy as np
 
+from engine.autograd import no_grad
 from engine.data import Batcher, DataError, load_dataset
 from engine.io import atomic_write_json
 from engine.optim import cosine_lr
+from models.generate import KVCache, next_logits
 from models.gpt import GPTConfig
 from models.terraformer import build_model
 
@@ -136,23 +139,37 @@ DECODE = {"dense": {}, "scaling": dict(ffn="N", qkv="S"), "scaling+loss": dict(f
 
 
 def decode_rows(shape, tokens, warmup=2, prompt_len=8, seed=0):
-    """This process's decode s/token for each variant (the BLAS threads are the environment's)."""
+    """This process's decode s/token for each variant (the BLAS threads are the environment's):
+    the three models are held at once and decode in turn, one token each, so that load from
+    other processes hits every variant alike; s/token is each one's median."""
     s = sparse_decode.SHAPES[shape]
     block = prompt_len + warmup + tokens
-    prompt = np.random.default_rng(seed).integers(0, s["vocab_size"], prompt_len)
-    rows, dense = [], None
+    prompt = np.random.default_rng(seed).integers(0, s["vocab_size"], prompt_len)[None]   # (1, T0)
+    models, state = {}, {}
     for name, v in DECODE.items():
         cfg = GPTConfig(block_size=block, vocab_size=s["vocab_size"], n_layer=s["n_layer"], n_head=s["n_head"],
                         n_embd=s["n_embd"], ffn_sparsity=s["N"] if "ffn" in v else 0,
                         qkv_modules=s["S"] if "qkv" in v else 0, loss_sparsity=v.get("loss", 0))
-        model = build_model(cfg, rng=seed).eval()
-        params = model.num_params()
-        sec = statistics.median(sparse_decode.time_decode(model, prompt, warmup, tokens))
-        del model
-        gc.collect()
+        models[name] = build_model(cfg, rng=seed).eval()
+        caches = [KVCache(block) for _ in models[name].blocks]
+        with no_grad():
+            state[name] = (caches, next_logits(models[name], prompt, caches), [])   # prefill, untimed
+    with no_grad():
+        for i in range(warmup + tokens):
+            for name, model in models.items():
+                caches, logits, times = state[name]
+                tok = logits.argmax(axis=1)[:, None]                   # (1, 1) greedy
+                t0 = time.perf_counter()
+                logits = next_logits(model, tok, caches)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+                state[name] = (caches, logits, times)
+    rows, dense = [], None
+    for name, model in models.items():
+        sec = statistics.median(state[name][2])
         dense = sec if name == "dense" else dense
         rows.append(dict(part="decode", model=name, shape=shape, n_layer=s["n_layer"], seq_len=block,
-                         s_per_token=sec, speedup_vs_dense=dense / sec, params=params))
+                         s_per_token=sec, speedup_vs_dense=dense / sec, params=model.num_params()))
         print(f"  decode {shape}/{name}: {sec * 1e3:.1f} ms/token", file=sys.stderr, flush=True)
     return rows
 

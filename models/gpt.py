@@ -125,7 +125,7 @@ class GPTConfig:
         check_config(self)
 
 
-def residual_dropout(x, p, noise, layer, site, training):
+def _dropout(x, p, noise, layer, site, training):
     """Dropout whose mask is the counter-based draw at (layer, site) for x's global rows and
     tokens (engine/random.py), so every layout and every recomputation masks alike."""
     if p == 0 or not training:
@@ -134,10 +134,13 @@ def residual_dropout(x, p, noise, layer, site, training):
     return ops.dropout(x, p, u=u)
 
 
-def layer_norm(dim, bias):
+def _layer_norm(dim, bias):
     if bias:
         return LayerNorm(dim)
     return LayerNorm(dim, bias=False)   # only with config.bias=False (no Hugging Face layout)
+
+
+residual_dropout, layer_norm = _dropout, _layer_norm   # the same pieces for models/terraformer.py
 
 
 class HeadsAttention(Function):
@@ -210,7 +213,7 @@ class CausalSelfAttention(Module):
             else:
                 y = self.attention_fn(q, k, v)                 # (B, nh, T, hs)
             y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, nh * hs))   # (B, T, nh, hs) -> (B, T, nh hs)
-        return residual_dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
+        return _dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
 
 
 class MLP(Module):
@@ -224,7 +227,7 @@ class MLP(Module):
 
     def forward(self, x):
         h = ops.gelu(self.c_fc(x))                             # (B, T, 4C)
-        return residual_dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
+        return _dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
 
 
 class Block(Module):
@@ -232,9 +235,9 @@ class Block(Module):
 
     def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
         super().__init__()
-        self.ln_1 = layer_norm(config.n_embd, config.bias)
+        self.ln_1 = _layer_norm(config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config, rng, noise, layer, attention_fn)
-        self.ln_2 = layer_norm(config.n_embd, config.bias)
+        self.ln_2 = _layer_norm(config.n_embd, config.bias)
         if config.ffn_sparsity:                                # Jaszczur et al. 2021: sparse FFN
             self.mlp = SparseFFN(config.n_embd, 4 * config.n_embd, N=config.ffn_sparsity,
                                  d_lowrank=config.ffn_lowrank, temperature=config.ffn_temperature,
@@ -257,7 +260,7 @@ class Transformer(Module):
         self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng)    # (V, C), also the output layer
         self.wpe = Embedding(config.block_size, config.n_embd, rng=rng)    # (block_size, C)
         self.h = ModuleList([Block(config, rng, noise, i) for i in range(config.n_layer)])
-        self.ln_f = layer_norm(config.n_embd, config.bias)
+        self.ln_f = _layer_norm(config.n_embd, config.bias)
 
 
 def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
@@ -280,7 +283,7 @@ def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
             raise ValueError(f"positions must be in [0, {config.block_size}), "
                              f"got [{int(pos.min())}, {int(pos.max())}]")
     x = wte(idx) + wpe(pos)                                     # (B, T, C) + (T, C) or (B, T, C)
-    return residual_dropout(x, config.dropout, noise, -1, "embed", training)
+    return _dropout(x, config.dropout, noise, -1, "embed", training)
 
 
 def head(ln_f, wte, x, targets=None):
