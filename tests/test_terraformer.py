@@ -71,6 +71,10 @@ def test_terraformer_under_dp_and_zero_equals_one_process(corpus, tmp_path):
     # the checkpoint of a dp 2 ZeRO-3 run: one file, and sample.py decodes it (KV cache, LSH buckets)
     out = tmp_path / "ref.safetensors"
     assert consolidate_py.main([str(tmp_path / "dp2-z3"), str(out)]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert consolidate_py.main([str(tmp_path / "dp2-z3"), str(tmp_path / "hf"), "--hf"]) == 2
+    assert "no Terraformer layers" in err.getvalue() and not (tmp_path / "hf").exists()
     texts = []
     for ckpt in (str(tmp_path / "dp2-z3"), str(out)):
         buf = io.StringIO()
