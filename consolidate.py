@@ -63,6 +63,9 @@ def write(ckpt, out, hf=False, optim=False, overwrite=False):
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt}: its manifest has no usable model config "
                                   f"({type(e).__name__}: {e}), needed for --hf") from None
+        if config.terraformer:                        # not a GPT: refuse before building one
+            raise ValueError("--hf: Hugging Face GPT-2 has no Terraformer layers (reversible, LSH attention, "
+                             "sparse loss); keep the engine checkpoint")
         model = GPT(config, rng=0)
         model.astype(next(iter(params.values())).dtype)
         model.load_state_dict(params)

@@ -85,7 +85,8 @@ def read_checkpoint(path):
 
 def load(args):
     """(model, tokenizer) from --ckpt or --hf."""
-    from models.gpt import GPT, GPTConfig
+    from models.gpt import GPTConfig
+    from models.terraformer import build_model
     if args.ckpt:
         path, manifest, params = read_checkpoint(args.ckpt)
         try:
@@ -93,7 +94,7 @@ def load(args):
             tokenizer = tokenizer_from_json(manifest["tokenizer"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path}: bad manifest ({type(e).__name__}: {e})") from None
-        model = GPT(config, np.random.default_rng(0))
+        model = build_model(config, np.random.default_rng(0))
         dtype = manifest.get("config", {}).get("train", {}).get("dtype", "float32")
         if dtype != "float32":
             model.astype(dtype)

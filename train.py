@@ -11,6 +11,7 @@
     mpiexec -n 2 python train.py --pp 2 --schedule interleaved --virtual-stages 2  # 2 layer chunks per rank
     mpiexec -n 8 python train.py --pp 2 --sp 2 --dp 2 --zero 1 --sp-attention ulysses   # 2 stages x 2 sp x 2 replicas
     python train.py --data input.txt --tokenizer char --max-steps 2000 --out-dir out-char   # any UTF-8 text
+    python train.py --reversible --attention lsh --loss-sparsity 4 --ffn-sparsity 32   # a Terraformer (dp, ZeRO 0-3)
     python train.py --config run.toml --lr 3e-4        # TOML supplies fields, flags override it
     python train.py --resume out                       # continue an interrupted run from out/latest
     python train.py --help                             # every flag, generated from the dataclasses below

@@ -33,7 +33,8 @@ from engine.data import Batcher, DataError, load_dataset
 from engine.flat import FlatParameters
 from engine.io import atomic_write_json
 from engine.optim import AdamW, clip_grad_norm_, cosine_lr
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPTConfig
+from models.terraformer import build_model
 
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
@@ -52,7 +53,7 @@ class EngineTrainer:
     """The engine's step: parameters and gradients in one flat buffer, one AdamW over it."""
 
     def __init__(self, cfg, seed=1337):
-        self.model = GPT(cfg, rng=seed)
+        self.model = build_model(cfg, rng=seed)                 # a GPT, or a Terraformer (bench/terraformer.py)
         self.initial = {k: v.copy() for k, v in self.model.state_dict().items()}
         self.decay = {n for n, p in self.model.named_parameters() if p.decay}
         self.flat = FlatParameters(self.model.named_parameters())

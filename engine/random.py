@@ -31,6 +31,7 @@ arithmetic wraps modulo 2^64).
     with noise.located(rows, pos):                # this rank's global rows (B,) and positions (T,)
         u = noise.uniform(layer=3, site=SITES["attn"], shape=(B, T, C))   # (B, T, C) in [0, 1)
     coin = noise.scalar(layer=3, site=SITES["ffn_coin"])   # one number per (step, micro, layer)
+    rot = noise.shared_normal(layer=3, site=SITES["lsh"], shape=(2, 16, 4))   # the same on every rank
 """
 from contextlib import contextmanager
 
@@ -42,7 +43,7 @@ GOLDEN = 0x9E3779B97F4A7C15          # 2^64 / golden ratio: SplitMix64's increme
 M1, M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 MASK = (1 << 64) - 1
 
-SITES = {"embed": 0, "attn": 1, "mlp": 2, "ffn_coin": 3, "ffn_gumbel": 4, "ffn_dropout": 5}
+SITES = {"embed": 0, "attn": 1, "mlp": 2, "ffn_coin": 3, "ffn_gumbel": 4, "ffn_dropout": 5, "lsh": 6}
 
 
 def mix_int(z):
@@ -126,6 +127,21 @@ class CounterRNG:
     def scalar(self, layer, site):
         """One uniform in [0, 1) per (step, micro, layer, site): the same on every rank."""
         return (self._key(layer, site) >> 11) * 2.0 ** -53
+
+    def shared_normal(self, layer, site, shape, step=None):
+        """Standard normals (float64, host) keyed by (seed, step, micro, layer, site, index) only:
+        the same for every row, token and rank (LSH attention's random rotations). ``step``
+        given: that step and pass 0 instead of the cursor's (a fixed draw, e.g. for evaluation).
+        Box-Muller on pairs of uniforms."""
+        c = self.cursor
+        key = key_of(self.seed, c.step, c.micro, layer, site) if step is None else key_of(self.seed, step, 0,
+                                                                                            layer, site)
+        n = int(np.prod(shape, dtype=np.int64))
+        with np.errstate(over="ignore"):
+            z = mix(np.uint64(key) + (np.arange(1, 2 * n + 1, dtype=np.uint64) * np.uint64(GOLDEN)))
+        u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53                    # (2n,) in (0, 1)
+        r = np.sqrt(-2.0 * np.log(u[:n]))
+        return (r * np.cos(2 * np.pi * u[n:])).reshape(tuple(shape))
 
     def uniform(self, layer, site, shape, dtype=np.float64, like=None):
         """Uniforms (B, T, *features) in [0, 1) for the cursor's rows and positions; float32

@@ -30,6 +30,7 @@ class KVCache:
     def __init__(self, capacity):
         self.capacity, self.length, self.k, self.v = capacity, 0, None, None
         self.conv_state = None      # sparse QKV: z of the last 2 positions, (B, 2, S, M) (models/sparse_qkv.py)
+        self.buckets = None         # LSH attention: bucket ids of the cached keys, (R, B, nh, t) (models/terraformer.py)
 
     def append(self, k, v):
         """Store k, v (B, nh, T, hs); return every cached key and value and the position of k's first row."""

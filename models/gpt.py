@@ -64,11 +64,31 @@ class GPTConfig:
         help="sparse FFN: probability, per training step and layer, of the hard (one-hot) mask"))
     qkv_modules: int = field(default=0, metadata=dict(
         help="sparse QKV: module count S (must divide n_embd; 0: dense c_attn; the paper: 16)"))
+    # The Terraformer of Jaszczur et al. 2021, section 5 (models/terraformer.py); each composes with the above
+    reversible: bool = field(default=False, metadata=dict(
+        help="reversible layers (RevNet / Reformer): two residual streams, inputs recomputed in backward"))
+    rev_streams: str = field(default="copy", metadata=dict(
+        help="with --reversible: copy (Reformer: both streams start as the embedding, averaged at the end) or "
+             "split (RevNet: the n_embd channels halved, each layer n_embd/2 wide)", choices=("copy", "split")))
+    attention: str = field(default="full", metadata=dict(
+        help="full (causal softmax attention) or lsh (Reformer: shared query-key, hashed into buckets, chunked)",
+        choices=("full", "lsh")))
+    lsh_chunk: int = field(default=32, metadata=dict(help="LSH: chunk length (must divide block_size)"))
+    lsh_buckets: int = field(default=4, metadata=dict(
+        help="LSH: buckets per hash round, 1 or even, at most 2 block_size / lsh_chunk"))
+    lsh_hashes: int = field(default=2, metadata=dict(help="LSH: hash rounds, combined by their log-sum-exp"))
+    loss_sparsity: int = field(default=0, metadata=dict(
+        help="sparse loss layer: the output projection as a multiplicative layer of S modules (0: the tied wte)"))
+
+    @property
+    def terraformer(self):
+        """True when a Terraformer layer is on (models/terraformer.py builds the model)."""
+        return self.reversible or self.attention == "lsh" or self.loss_sparsity > 0
 
     @property
     def sparse(self):
-        """True when any layer is a sparse one (no Hugging Face GPT-2 layout)."""
-        return self.ffn_sparsity > 0 or self.qkv_modules > 0
+        """True when any layer is a sparse or Terraformer one (no Hugging Face GPT-2 layout)."""
+        return self.ffn_sparsity > 0 or self.qkv_modules > 0 or self.terraformer
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -101,6 +121,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.ffn_hard_prob must be in [0, 1], got {self.ffn_hard_prob!r}")
         if self.qkv_modules and self.n_embd % self.qkv_modules:
             raise ValueError(f"GPTConfig.qkv_modules ({self.qkv_modules}) must divide n_embd ({self.n_embd})")
+        from .terraformer import check_config                  # the Terraformer's own fields
+        check_config(self)
 
 
 def _dropout(x, p, noise, layer, site, training):
@@ -116,6 +138,9 @@ def _layer_norm(dim, bias):
     if bias:
         return LayerNorm(dim)
     return LayerNorm(dim, bias=False)   # only with config.bias=False (no Hugging Face layout)
+
+
+residual_dropout, layer_norm = _dropout, _layer_norm   # the same pieces for models/terraformer.py
 
 
 class HeadsAttention(Function):

@@ -47,8 +47,9 @@ def to_hf(state_dict):
 
 def _refuse_sparse(config):
     if config.sparse:
-        raise ValueError("Hugging Face GPT-2 has no sparse layers: a model with ffn_sparsity or qkv_modules "
-                         "> 0 (Jaszczur et al. 2021) cannot be converted; keep it as an engine checkpoint")
+        raise ValueError("Hugging Face GPT-2 has no sparse or Terraformer layers: a model with ffn_sparsity, "
+                         "qkv_modules or loss_sparsity > 0, reversible or LSH attention (Jaszczur et al. 2021) "
+                         "cannot be converted; keep it as an engine checkpoint")
 
 
 def expected_shapes(config):

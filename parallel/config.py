@@ -16,6 +16,7 @@ composes what passed.
     compressed communication (--quant-weights, --quant-grads, --comm-dtype bf16; ZeRO++):
             ZeRO >= 1, pp = tp = 1; --error-feedback needs --quant-grads; --quant-node-size
             divides dp * sp and needs compressed gradients; bf16 needs something left to carry
+    Terraformer layers (--reversible, --attention lsh, --loss-sparsity): pp = sp = tp = 1
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -133,6 +134,15 @@ def check_layout(par, model, batch_size):
     need(par.bucket_mb > 0 and math.isfinite(par.bucket_mb), f"bucket_mb must be positive, got {par.bucket_mb}")
     need(par.comm_timeout >= 0, f"comm_timeout must be >= 0, got {par.comm_timeout}")
     check_compression(par)
+    terra = [f for f, on in (("--reversible", get("reversible")), ("--attention lsh", get("attention") == "lsh"),
+                             ("--loss-sparsity", get("loss_sparsity"))) if on]
+    if terra:                             # the Terraformer (models/terraformer.py) trains under dp and ZeRO 0-3
+        need(par.pp == 1, f"--pp {par.pp} with {terra[0]} is not supported yet: a pipeline stage would cut the "
+             "reversible stack and its two streams; use --dp (any ZeRO stage)")
+        need(par.sp == 1, f"--sp {par.sp} with {terra[0]} is not supported yet: LSH buckets and chunks span the "
+             "whole sequence; use --dp (any ZeRO stage)")
+        need(par.tp == 1, f"--tp {par.tp} with {terra[0]} is not supported yet: no Megatron slices of the "
+             "Terraformer's layers; use --dp (any ZeRO stage)")
     block = get("block_size")
     try:                                  # every window of block_size tokens is split over the sp ranks
         check_sequence(par.sp, par.sp_attention, block, block_size=block)

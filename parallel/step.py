@@ -87,7 +87,7 @@ import numpy as np
 
 from engine import backend, no_grad
 from engine.flat import placeholder
-from models.gpt import GPT
+from models.terraformer import build_model
 
 from .checkpoint import check_params, load_sharded, save_sharded
 from .checkpoint.reshard import shard_file
@@ -107,7 +107,7 @@ def build_step(model_cfg, par, train, mesh):
     (checked); train: an object with seed, dtype, lr, betas, eps, weight_decay; mesh: the Mesh
     of par's shape. Builds the model from train.seed, installs sharded attention (sp > 1),
     keeps this rank's stage (pp > 1) and the ZeroEngine over the gradient group."""
-    model = GPT(model_cfg, np.random.default_rng(train.seed))
+    model = build_model(model_cfg, np.random.default_rng(train.seed))   # a GPT or a Terraformer
     if train.dtype != "float32":
         model.astype(train.dtype)
     replicated = []                                     # tp > 1: parameters every tp rank holds whole

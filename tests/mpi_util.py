@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "mpi_workers")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -69,3 +71,19 @@ def assert_bad_input(proc, words, out_dir):
 def train_help():
     """What ``python train.py --help`` prints."""
     return subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+
+
+def run_errors(out, tag, want_metrics, want_params, keys=("loss", "grad_norm", "val_loss"), skip=lambda n: False):
+    """(largest relative difference of the logged ``keys``, of the final parameters) between
+    case ``tag``'s run under ``out`` (its --metrics file and last checkpoint) and a reference's
+    metrics ({step: row}) and consolidated parameters; asserts the same steps and names."""
+    from parallel.checkpoint import consolidate
+    got = metrics(os.path.join(out, f"{tag}.jsonl"))
+    assert sorted(got) == sorted(want_metrics), tag
+    err = max(abs(got[s][k] - want_metrics[s][k]) / abs(want_metrics[s][k])
+              for s in want_metrics for k in keys if k in want_metrics[s])
+    final = consolidate(os.path.join(out, tag))
+    assert sorted(final) == sorted(want_params), tag
+    perr = max(float(np.max(np.abs(final[n] - w)) / max(float(np.max(np.abs(w))), 1e-300))
+               for n, w in want_params.items() if not skip(n))
+    return err, perr

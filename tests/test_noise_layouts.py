@@ -5,9 +5,7 @@ process's losses, gradient norms, validation losses and final parameters within 
 relative (tests/mpi_workers/noise_cli.py runs every case in ONE 8-rank launch)."""
 import re
 
-import numpy as np
-
-from mpi_util import describe, metrics, run_mpi
+from mpi_util import describe, metrics, run_errors, run_mpi
 
 TINY = ["--n-layer", "4", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "12",
         "--eval-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2", "--dtype", "float64",
@@ -36,13 +34,8 @@ def test_dropout_and_sparse_noise_equal_one_process_on_every_layout(corpus, tmp_
     assert refs["ref"][5]["loss"] != refs["ref-ga2"][5]["loss"] != refs["ref-qkv"][5]["loss"]
     worst = {}
     for tag, against in AGAINST.items():
-        got, want = metrics(tmp_path / f"{tag}.jsonl"), refs[against]
-        assert sorted(got) == [1, 2, 3, 4, 5], tag
-        err = max(abs(got[s][k] - want[s][k]) / abs(want[s][k]) for s in want for k in KEYS if k in want[s])
-        final = consolidate(str(tmp_path / tag))
-        assert sorted(final) == sorted(params[against]), tag
-        perr = max(float(np.max(np.abs(final[n] - w)) / max(float(np.max(np.abs(w))), 1e-300))
-                   for n, w in params[against].items() if not n.endswith(".bk"))
+        assert sorted(refs[against]) == [1, 2, 3, 4, 5], tag
+        err, perr = run_errors(str(tmp_path), tag, refs[against], params[against], KEYS, lambda n: n.endswith(".bk"))
         worst[tag] = (err, perr)
         assert err < 1e-10 and perr < 1e-10, (tag, err, perr)
     print(worst)

@@ -96,7 +96,7 @@ def test_config_validation():
 
 def test_hugging_face_export_refuses_sparse_models(tmp_path):
     from models.hf import save_hf
-    with pytest.raises(ValueError, match="no sparse layers"):
+    with pytest.raises(ValueError, match="no sparse or Terraformer layers"):
         save_hf(model("sparse_ff"), str(tmp_path))
     assert not os.listdir(tmp_path)
 

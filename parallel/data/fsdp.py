@@ -23,6 +23,12 @@ backward re-gathers the parameters and re-runs the layer's forward with recordin
 counter-based generator's cursor restored, so the recomputation draws the same masks). Cost: one more
 forward per layer per step; memory: the layers' inputs instead of all activations.
 
+A model that runs its layers itself (the Terraformer's reversible stack, engine/reversible.py)
+takes this gatherer through ``model.manage_layers(self)`` instead: its forwards are not wrapped,
+and the stack calls ``enter(i, step)`` (gather layer i, prefetch i + step) and ``leave(i)``
+(free it) around each layer, in forward and again in backward, where its reversible
+recomputation is the recomputation above; nothing but the stack's output pair is kept.
+
 Parameters outside every layer (for GPT: wte, tied to the output layer, wpe and ln_f)
 form the root unit, gathered for the whole step as FSDP's root: ``gather_root()`` before
 the forward, ``free_root()`` after the update. Memory per rank: 16P/N, plus the root, plus
@@ -93,7 +99,8 @@ class ShardedLayers:
     def __init__(self, engine, layers=None):
         self.engine, self.buckets = engine, engine.buckets
         flat = engine.flat
-        layers = default_layers(engine.model) if layers is None else list(layers)
+        own = layers is None                              # the model's own blocks
+        layers = default_layers(engine.model) if own else list(layers)
         owner, name_of = {}, {id(p): n for n, p in zip(flat.names, flat.params)}
         for i, m in enumerate(layers):
             for p in m.parameters():
@@ -104,12 +111,15 @@ class ShardedLayers:
                                      "a shared parameter must stay outside the layers (the root)")
                 owner[id(p)] = i
         self.units = []
+        take = getattr(engine.model, "manage_layers", None)
+        managed = own and take is not None and take(self)   # the model calls enter / leave itself
         for i, m in enumerate(layers):
             params = [p for p in flat.params if owner.get(id(p)) == i]
             unit = Unit(f"layer {i}", m, params, self._segments(params, name_of))
             unit.index = len(self.units)
             self.units.append(unit)
-            object.__setattr__(m, "forward", self._wrap(unit))  # instance attribute: Module.__call__ finds it
+            if not managed:
+                object.__setattr__(m, "forward", self._wrap(unit))  # instance attribute: Module.__call__ finds it
         rest = [p for p in flat.params if id(p) not in owner]
         self.root = Unit("root", None, rest, self._segments(rest, name_of))
         for unit in self.units + [self.root]:
@@ -185,6 +195,14 @@ class ShardedLayers:
         for p in unit.params:
             p.data = placeholder(p.shape, p.dtype, get_array_module(p.data))
         unit.gathered = False
+
+    def enter(self, i, step):
+        """Layer i is about to compute (a model that runs its layers itself): gather it, prefetch i + step."""
+        self.ensure(self.units[i])
+        self.prefetch(i + step)
+
+    def leave(self, i):
+        self.free(self.units[i])
 
     def gather_root(self):
         self.ensure(self.root)
