@@ -107,6 +107,10 @@ CASES = {
     "node size not dividing": (["--zero", "2", "--quant-grads", "int8", "--quant-node-size", "3"], 2,
                                "--quant-node-size 3 does not divide the 1 ranks"),
     "zero quant block": (["--zero", "2", "--quant-grads", "int8", "--quant-block", "0"], 2, "quant_block must be >= 1"),
+    # elastic training (train.py, parallel/checkpoint/replicas.py, collectives/ulfm.py)
+    "replicas on one process": (["--replica-every", "5"], 2, "replica_every needs 2 or more ranks"),
+    "negative replica interval": (["--replica-every", "-1"], 2, "replica_every must be >= 0"),
+    "shrink without ulfm": (["--on-failure", "shrink"], 2, "on_failure shrink needs an MPI that can shrink a job"),
     # the Terraformer's layers (models/terraformer.py)
     "lsh chunk": (["--attention", "lsh", "--lsh-chunk", "5"], 2, "block_size (32) must be divisible by lsh_chunk (5)"),
     "lsh odd buckets": (["--attention", "lsh", "--lsh-chunk", "8", "--lsh-buckets", "3"], 2, "must be 1 or even"),

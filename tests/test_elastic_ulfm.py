@@ -17,7 +17,8 @@ import pytest
 from mpi_util import ROOT, TRAIN, describe, losses, mpiexec
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
-ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true"]
+ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true",
+        "--mca", "mpi_ft_detector_timeout", "5"]   # heartbeats: a busy 2-core machine misses the default's
 MAX = 10
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "12",
         "--eval-iters", "1", "--eval-interval", "0", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2",
@@ -36,10 +37,11 @@ pytestmark = pytest.mark.skipif(not open_mpi(), reason="needs Open MPI's ULFM (t
                                                        ".ci/run runs this file with the Open MPI wheel")
 
 
-def launch(n, script, *args, faults="", timeout=180):
+def launch(n, script, *args, faults="", ft=False, timeout=180):
+    """mpiexec (Open MPI) of a script; ft: under ULFM (the clean references run without)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", ENGINE_FAULTS=faults)
     env.pop("ENGINE_COMM_TIMEOUT", None)
-    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", *ULFM, "-n", str(n), sys.executable, script,
+    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", *(ULFM if ft else ()), "-n", str(n), sys.executable, script,
            *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
@@ -73,7 +75,7 @@ def shrink_run(tmp_path, corpus, layout, faults):
     try:
         return launch(4, FAULTS, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", dp, "--ckpt-interval", 100,
                       "--replica-every", 2, "--replica-dir", store, "--on-failure", "shrink", "--comm-timeout", 30,
-                      "--out-dir", tmp_path / "out", "--metrics", tmp_path / "run.jsonl", faults=faults)
+                      "--out-dir", tmp_path / "out", "--metrics", tmp_path / "run.jsonl", faults=faults, ft=True)
     finally:
         shutil.rmtree(store, ignore_errors=True)
 
