@@ -192,6 +192,12 @@ ACTIVE = []          # handles in flight in this process, oldest first
 ON_FAILURE = ["wait"]   # what a watched wait does when a request fails (a peer died): see test_all
 
 
+def abandon_all():
+    """Forget every handle in flight (collectives/ulfm.py, after revoking their communicators:
+    they can never complete, and progress() must not trip over them again)."""
+    ACTIVE.clear()
+
+
 class PeerFailed(RuntimeError):
     """A peer of a request failed (MPI reported ERR_PROC_FAILED or ERR_REVOKED) while failures
     raise (collectives/ulfm.py): the job can shrink and go on."""

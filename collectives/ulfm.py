@@ -58,6 +58,7 @@ def shrink(world):
     """The survivors of ``world`` (a Communicator) as a new Communicator, and their world ranks
     (ranks of ``world``) in order. Collective over the survivors."""
     revoke_all()
+    transport.abandon_all()
     try:
         world.mpi.Agree(1)
     except MPI.Exception:

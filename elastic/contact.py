@@ -7,10 +7,9 @@ kernel closes its connection at once, without the goodbye. The supervisor (Liste
 every close with its time and whether it said goodbye. Launched with the launcher's automatic
 clean-up off (MPICH: -disable-auto-cleanup), the survivors live on until the watchdog names
 the missing rank and aborts the job, so a dead rank is one whose connection
-closed without a goodbye first (nothing else ends before the first failure: the launcher's
-teardown, tens of milliseconds later even when MPICH aborts on its own, or the watchdog's abort,
-seconds later, follow it); elastic/supervisor.py lost_ranks. A stuck rank keeps its connection
-and is named by the watchdog instead. No pickle: text lines.
+closed without a goodbye before the watchdog spoke (elastic/supervisor.py lost_ranks, which
+also covers MPICH ending the job at once). A stuck rank keeps its connection and is named by
+the watchdog instead. No pickle: text lines.
 """
 import atexit
 import os
@@ -97,17 +96,17 @@ class Listener:
                     return
             time.sleep(0.01)
 
-    def dead(self, before=None, tight=0.010):
-        """World ranks killed: with ``before`` (the time the watchdog reported a missing rank, so
-        the survivors were alive until then), every connection that closed without a goodbye
-        at least half a second before it; without, the first one that did (nothing ends
-        before the first failure: the launcher's teardown follows it) and any other that did
-        within ``tight`` seconds of it (killed together)."""
+    def dead(self, before):
+        """World ranks whose connection closed without a goodbye at least half a second before
+        ``before`` (the time the watchdog reported a missing rank: the survivors were alive)."""
         with self.lock:
-            gone = sorted((t, r) for t, r, bye in self.closes if not bye and r is not None)
-        if before is not None:
-            return {r for t, r in gone if t <= before - 0.5}
-        return {r for t, r in gone if t - gone[0][0] <= tight} if gone else set()
+            return {r for t, r, bye in self.closes if not bye and r is not None and t <= before - 0.5}
+
+    def first_dead(self):
+        """The rank whose connection closed first, if it closed without a goodbye."""
+        with self.lock:
+            first = min(self.closes, default=None)
+        return {first[1]} if first and not first[2] and first[1] is not None else set()
 
     def said_bye(self):
         with self.lock:

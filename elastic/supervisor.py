@@ -8,12 +8,15 @@ the launch fails it
 
   1. finds the lost ranks. Every rank keeps a connection to the supervisor and says goodbye
      when it exits on its own (elastic/contact.py); the launcher's clean-up is off
-     (-disable-auto-cleanup), so the survivors live on until the collectives' watchdog names
-     the missing rank ("rank 2 never arrived", collectives/watchdog.py) and aborts the job. Lost:
-     the first ranks whose connection closed without a goodbye (killed), and
-     those the watchdog names that never said goodbye (stuck: a stuck rank is a dead rank). A
-     rank that exited with an error of its own is not lost; a failure that names nobody loses
-     nobody;
+     (-disable-auto-cleanup), so the survivors usually live on until the collectives' watchdog
+     names the missing rank ("rank 2 never arrived", collectives/watchdog.py) and aborts the
+     job: lost are then the ranks whose connection closed without a goodbye before that, and
+     those the watchdog names that never said goodbye (stuck: a stuck rank is a dead rank).
+     Where MPICH ends the job within milliseconds of the death instead, lost is the rank the
+     launcher reports ending first by a signal (Hydra's "PID p ... EXIT CODE: 9", p mapped
+     to its rank by its hello; without such a report, the first connection to close): ranks
+     killed together are then told apart only by the watchdog's path. A rank that exited with
+     an error of its own is not lost; a failure that names nobody loses nobody;
   2. picks the newest whole state: the survivors' buddy replicas (parallel/checkpoint/recover.py,
      written to tmpfs as a sharded checkpoint: no disk checkpoint is read or written), a state
      recovered after an earlier failure, or the run's last disk checkpoint in --out-dir, and
@@ -50,6 +53,8 @@ from .contact import ENV as CONTACT
 from .contact import Listener
 
 WATCHDOG = re.compile(r"ENGINE_COMM_TIMEOUT: ranks? ([\d,]+)(?: \(world ranks? ([\d,]+)\))? never arrived")
+HYDRA_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT \S+")        # MPICH's report of the first process to end
+HYDRA_CODE = re.compile(r"^=\s+EXIT CODE: (\d+)")
 
 
 def say(msg):
@@ -141,12 +146,22 @@ class Launch:
 def lost_ranks(lines, listener):
     """{world rank: why} of the ranks this launch lost (module docstring, step 1); lines:
     (time read, text) of its output."""
-    named, when = set(), None
+    named, when, pid = set(), None, None
     for t, line in lines:
         if (m := WATCHDOG.search(line)):
             named |= set(map(int, (m.group(2) or m.group(1)).split(",")))
             when = t if when is None else when
-    lost = {r: "died (its connection closed without a goodbye)" for r in listener.dead(before=when)}
+        elif (m := HYDRA_PID.search(line)):
+            pid = int(m.group(1))
+        elif (m := HYDRA_CODE.search(line)) and pid is not None and int(m.group(1)) not in (9, 137):
+            pid = None                           # the first process to end ended on its own
+    by_pid = {p: r for r, p in listener.ranks.items()}
+    if when is not None:                         # the survivors lived until the watchdog spoke
+        lost = {r: "died (its connection closed without a goodbye)" for r in listener.dead(before=when)}
+    elif pid in by_pid and by_pid[pid] not in listener.said_bye():
+        lost = {by_pid[pid]: "killed (the launcher saw it end first, by a signal)"}
+    else:                                        # no launcher report: the first connection to close
+        lost = {r: "died (its connection closed first, without a goodbye)" for r in listener.first_dead()}
     for r in sorted(named - listener.said_bye()):
         lost.setdefault(r, "did not answer the watchdog (stuck)")
     return lost

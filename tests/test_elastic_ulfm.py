@@ -18,7 +18,8 @@ from mpi_util import ROOT, TRAIN, describe, losses, mpiexec
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
 ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true",
-        "--mca", "mpi_ft_detector_timeout", "5"]   # heartbeats: a busy 2-core machine misses the default's
+        "--mca", "mpi_ft_detector_thread", "true", "--mca", "mpi_ft_detector_period", "1",
+        "--mca", "mpi_ft_detector_timeout", "10"]   # heartbeats from a thread: a busy rank misses none
 MAX = 10
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "12",
         "--eval-iters", "1", "--eval-interval", "0", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2",
