@@ -17,38 +17,20 @@ import sys
 
 import pytest
 
-from mpi_util import ROOT, TRAIN, describe, losses, mpiexec, run_mpi
+from elastic_cases import LAYOUTS, TINY, CleanRuns, assert_losses_after, dp_of, write_corpus
+from mpi_util import ROOT, describe, mpiexec, run_mpi
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
-MAX = 10
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "12",
-        "--eval-iters", "1", "--eval-interval", "0", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2",
-        "--dtype", "float64", "--dropout", "0.1", "--max-steps", str(MAX), "--keep", "0"]
-LAYOUTS = {"dp4": ["--zero", "1"], "pp2": ["--pp", "2", "--micro-batches", "2", "--zero", "1"],
-           "zero3": ["--zero", "3"]}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "squares.txt"
-    path.write_text("".join(f"{i} squared is {i * i}.\n" for i in range(3000)), encoding="utf-8")
-    return str(path)
+    return write_corpus(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, corpus):
-    """{layout: out dir of an uninterrupted 4-rank run with a checkpoint at every step}, on demand."""
-    made = {}
-
-    def get(layout):
-        if layout not in made:
-            out = tmp_path_factory.mktemp(f"clean-{layout}")
-            proc = run_mpi(4, TRAIN, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", 4 // (1 + (layout == "pp2")),
-                           "--ckpt-interval", 1, "--out-dir", out / "out", timeout=180)
-            assert proc.returncode == 0, describe(proc)
-            made[layout] = out / "out"
-        return made[layout]
-    return get
+    return CleanRuns(tmp_path_factory, corpus, lambda n, *args: run_mpi(n, *args, timeout=180))
 
 
 def elastic(tmp_path, corpus, layout, faults, *extra, ckpt=100, timeout=240):
@@ -56,7 +38,7 @@ def elastic(tmp_path, corpus, layout, faults, *extra, ckpt=100, timeout=240):
     env = dict(os.environ, ENGINE_FAULTS=faults, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     for key in ("ENGINE_COMM_TIMEOUT", "ENGINE_COMM_DEBUG"):
         env.pop(key, None)
-    dp = 4 // (1 + (layout == "pp2"))
+    dp = dp_of(layout)
     cmd = [sys.executable, "-m", "elastic", "-n", "4", "--replica-every", "2", "--comm-timeout", "2",
            "--mpiexec", mpiexec(), *extra, "--", FAULTS, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", str(dp),
            "--ckpt-interval", str(ckpt), "--out-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "elastic.jsonl")]
@@ -72,25 +54,13 @@ def last_resume(proc):
     return int(step), int(n), int(dp), what
 
 
-def reference(tmp_path, corpus, clean, layout, step, dp):
-    """Losses of the clean run resumed at the new layout (dp) from its step checkpoint."""
-    ranks = dp * (2 if layout == "pp2" else 1)
-    proc = run_mpi(ranks, TRAIN, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", dp, "--resume",
-                   clean(layout) / f"step_{step}", "--out-dir", tmp_path / "ref", "--metrics", tmp_path / "ref.jsonl",
-                   timeout=180)
-    assert proc.returncode == 0, describe(proc)
-    return losses(tmp_path / "ref.jsonl")
-
-
 def assert_exact_after(tmp_path, corpus, clean, proc, layout, want_ranks, want_source):
     assert proc.returncode == 0, describe(proc)
     assert "elastic: finished after" in proc.stdout, describe(proc)
     step, n, dp, source = last_resume(proc)
     assert (n, source) == (want_ranks, want_source), describe(proc)
-    got, ref = losses(tmp_path / "elastic.jsonl"), reference(tmp_path, corpus, clean, layout, step, dp)
-    assert max(got) == MAX and sorted(ref) == list(range(step + 1, MAX + 1))
-    for s in ref:                                      # the last launch's rows (the file is appended)
-        assert abs(got[s][0] - ref[s][0]) <= 1e-10 * abs(ref[s][0]), (s, got[s], ref[s])
+    ref = clean.resumed(tmp_path, layout, step, dp, dp * (2 if layout == "pp2" else 1))
+    assert_losses_after(tmp_path / "elastic.jsonl", ref, step)
     return step
 
 

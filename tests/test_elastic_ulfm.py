@@ -14,19 +14,13 @@ import sys
 
 import pytest
 
-from mpi_util import ROOT, TRAIN, describe, losses, mpiexec
+from elastic_cases import LAYOUTS, TINY, CleanRuns, assert_losses_after, dp_of, write_corpus
+from mpi_util import ROOT, describe, mpiexec
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
 ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true",
         "--mca", "mpi_ft_detector_thread", "true", "--mca", "mpi_ft_detector_period", "1",
         "--mca", "mpi_ft_detector_timeout", "10"]   # heartbeats from a thread: a busy rank misses none
-MAX = 10
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "12",
-        "--eval-iters", "1", "--eval-interval", "0", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2",
-        "--dtype", "float64", "--dropout", "0.1", "--max-steps", str(MAX), "--keep", "0"]
-LAYOUTS = {"dp4": ["--zero", "1"], "zero3": ["--zero", "3"], "pp2": ["--pp", "2", "--micro-batches", "2", "--zero", "1"]}
-
-
 def open_mpi():
     try:
         return "Open MPI" in subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -49,30 +43,17 @@ def launch(n, script, *args, faults="", ft=False, timeout=180):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "squares.txt"
-    path.write_text("".join(f"{i} squared is {i * i}.\n" for i in range(3000)), encoding="utf-8")
-    return str(path)
+    return write_corpus(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, corpus):
-    made = {}
-
-    def get(layout):
-        if layout not in made:
-            out = tmp_path_factory.mktemp(f"clean-{layout}") / "out"
-            dp = 2 if layout == "pp2" else 4
-            proc = launch(4, TRAIN, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", dp, "--ckpt-interval", 1,
-                          "--out-dir", out)
-            assert proc.returncode == 0, describe(proc)
-            made[layout] = out
-        return made[layout]
-    return get
+    return CleanRuns(tmp_path_factory, corpus, launch)
 
 
 def shrink_run(tmp_path, corpus, layout, faults):
     store = f"/dev/shm/test-ulfm-{os.getpid()}-{tmp_path.name}"
-    dp = 2 if layout == "pp2" else 4
+    dp = dp_of(layout)
     try:
         return launch(4, FAULTS, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", dp, "--ckpt-interval", 100,
                       "--replica-every", 2, "--replica-dir", store, "--on-failure", "shrink", "--comm-timeout", 30,
@@ -88,13 +69,7 @@ def assert_exact(tmp_path, corpus, clean, proc, layout, ranks):
     assert got, describe(proc)
     step, n, dp = map(int, got[-1])
     assert n == ranks, describe(proc)
-    ref = launch(n, TRAIN, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", dp, "--resume",
-                 clean(layout) / f"step_{step}", "--out-dir", tmp_path / "ref", "--metrics", tmp_path / "ref.jsonl")
-    assert ref.returncode == 0, describe(ref)
-    mine, want = losses(tmp_path / "run.jsonl"), losses(tmp_path / "ref.jsonl")
-    assert max(mine) == MAX and sorted(want) == list(range(step + 1, MAX + 1))
-    for s in want:
-        assert abs(mine[s][0] - want[s][0]) <= 1e-10 * abs(want[s][0]), (s, mine[s], want[s])
+    assert_losses_after(tmp_path / "run.jsonl", clean.resumed(tmp_path, layout, step, dp, n), step)
     return step
 
 
