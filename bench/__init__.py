@@ -11,6 +11,7 @@ README's Benchmarks table lists each command). --json files are written atomical
     tensor_parallel.py  activation bytes, wire bytes, the largest model and decode speed per tp
     sparse_decode.py, sparse_quality.py   the sparse layers' decoding speed and quality
     quantized.py     ZeRO-3 with compressed gathers / gradients (ZeRO++, bf16): bytes, step time, val loss
+    int8_decode.py, int8_quality.py       int8 weight-only decoding's speed (and bytes read) and quality
 """
 import time
 

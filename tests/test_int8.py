@@ -172,3 +172,20 @@ def test_int8_decode_bench_smoke(tmp_path, capsys):
         assert f["weight_bytes_per_token"] / 4 < i["weight_bytes_per_token"] < f["weight_bytes_per_token"] / 2.5
     assert "both_int8" in capsys.readouterr().out
     assert int8_decode.main(["--threads", "0"]) == 2
+
+
+def test_int8_quality_bench_smoke(tmp_path, capsys):
+    """Trains with train.py (2 steps) and compares float32 with int8 on that checkpoint."""
+    from bench import int8_quality
+    data = tmp_path / "tiny.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 80)
+    out = tmp_path / "quality.json"
+    assert int8_quality.main(["--data", str(data), "--variants", "dense", "--steps", "2", "--windows", "2",
+                              "--prompts", "1", "--new", "4", "--out-dir", str(tmp_path / "runs"),
+                              "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["variant"] == "dense" and row["steps"] == 2 and row["positions"] == 2 * 128
+    assert 0 <= row["argmax_agreement"] <= 1 and 0 <= row["greedy_agreement"] <= 1
+    assert row["ppl_ratio"] == pytest.approx(row["ppl_int8"] / row["ppl_f32"])
+    assert "argmax same" in capsys.readouterr().out
+    assert int8_quality.main(["--variants", "sparse_only"]) == 2
