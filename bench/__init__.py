@@ -15,6 +15,8 @@ README's Benchmarks table lists each command). --json files are written atomical
 """
 import time
 
+from engine.io import atomic_write_json
+
 
 def idle(comm):
     """Wait at a barrier of ``comm`` without spinning a core (MPICH's barrier busy-polls), so
@@ -22,3 +24,12 @@ def idle(comm):
     h = comm.barrier(async_op=True)
     while not h.test():
         time.sleep(0.002)
+
+
+def report(title, head, lines, rows, json_path=None):
+    """Print a benchmark's table (title, header, rule, one line per row) and, with ``json_path``,
+    write its rows as JSON."""
+    print(title)
+    print("\n".join([head, "-" * len(head), *lines]))
+    if json_path:
+        atomic_write_json(json_path, rows)

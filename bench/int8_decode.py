@@ -38,7 +38,8 @@ from engine.nn import Embedding, Parameter
 from models.quantized import Int8SparseFFN, quantize_gpt
 from models.sparse_ffn import SparseFFN
 
-from .sparse_decode import SHAPES, build, time_decode
+from . import report
+from .sparse_decode import SHAPES, add_decode_args, build, decode_shapes, time_decode
 
 VARIANTS = (("dense", "dense", False), ("int8", "dense", True), ("both", "both", False), ("both_int8", "both", True))
 
@@ -101,31 +102,24 @@ def child(threads, shape, prompt, warmup, tokens):
     return rows
 
 
-def table(rows):
-    head = (f"{'shape':<6} {'threads':>7} {'variant':<10} {'s/token':>9} {'speed-up':>9} "
-            f"{'weight MB/token':>15} {'bytes / dense':>13} {'GB/s':>6}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['shape']:<6} {r['threads']:>7} {r['variant']:<10} {r['s_per_token']:>9.4f} "
-                     f"{r['speedup']:>8.2f}x {r['weight_bytes_per_token'] / 1e6:>15.1f} "
-                     f"{1 / r['bytes_ratio']:>13.3f} {r['gb_per_s']:>6.1f}")
-    return "\n".join(lines)
+HEAD = (f"{'shape':<6} {'threads':>7} {'variant':<10} {'s/token':>9} {'speed-up':>9} "
+        f"{'weight MB/token':>15} {'bytes / dense':>13} {'GB/s':>6}")
+
+
+def line(r):
+    return (f"{r['shape']:<6} {r['threads']:>7} {r['variant']:<10} {r['s_per_token']:>9.4f} "
+            f"{r['speedup']:>8.2f}x {r['weight_bytes_per_token'] / 1e6:>15.1f} "
+            f"{1 / r['bytes_ratio']:>13.3f} {r['gb_per_s']:>6.1f}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="paper", help="comma-separated: paper, small, tiny")
+    add_decode_args(p, "paper")
     p.add_argument("--threads", default="1,2", help="comma-separated BLAS thread counts, one child process each")
-    p.add_argument("--prompt", type=int, default=8, help="prompt tokens (prefilled, untimed)")
-    p.add_argument("--warmup", type=int, default=2, help="decoded tokens not timed")
-    p.add_argument("--tokens", type=int, default=8, help="decoded tokens timed (median)")
-    p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    shapes = [s for s in args.shapes.split(",") if s]
-    bad = [s for s in shapes if s not in SHAPES]
-    if bad or not shapes:
-        print(f"error: unknown shape {bad[0] if bad else '(none)'!r}; choose from {', '.join(SHAPES)}", file=sys.stderr)
+    shapes = decode_shapes(args)
+    if shapes is None:
         return 2
     try:
         threads = [int(t) for t in args.threads.split(",") if t]
@@ -134,18 +128,12 @@ def main(argv=None):
     if not threads or min(threads) < 1:
         print(f"error: --threads must be positive integers, got {args.threads!r}", file=sys.stderr)
         return 2
-    if min(args.prompt, args.tokens) < 1 or args.warmup < 0:
-        print("error: --prompt and --tokens must be >= 1, --warmup >= 0", file=sys.stderr)
-        return 2
     if args.child:
         atomic_write_json(args.json, [r for s in shapes for r in run_variants(s, args.prompt, args.warmup, args.tokens)])
         return 0
     rows = [r for s in shapes for t in threads for r in child(t, s, args.prompt, args.warmup, args.tokens)]
-    print("unbatched greedy decoding, KV cache: float32 against per-channel int8 weights; speed-up over dense "
-          "float32 at the same thread count")
-    print(table(rows))
-    if args.json:
-        atomic_write_json(args.json, rows)
+    report("unbatched greedy decoding, KV cache: float32 against per-channel int8 weights; speed-up over dense "
+           "float32 at the same thread count", HEAD, [line(r) for r in rows], rows, args.json)
     return 0
 
 

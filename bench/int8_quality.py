@@ -29,9 +29,11 @@ import numpy as np
 
 from engine.autograd import no_grad
 from engine.data import Batcher, DataError, load_dataset
-from engine.io import CheckpointError, atomic_write_json
+from engine.io import CheckpointError
 from models.gpt import GPT, GPTConfig
 from models.quantized import quantize_gpt
+
+from . import report
 
 VARIANTS = {"dense": [], "both": ["--ffn-sparsity", "32", "--qkv-modules", "4"]}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,15 +107,14 @@ def evaluate(name, ckpt, windows_n, prompts_n, new):
                 generated=prompts_n * new)
 
 
-def table(rows):
-    head = (f"{'variant':<7} {'steps':>5} {'ppl f32':>8} {'ppl int8':>8} {'ratio':>7} "
-            f"{'argmax same':>11} {'greedy same':>11} {'1st diff':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['variant']:<7} {r['steps']:>5} {r['ppl_f32']:>8.4f} {r['ppl_int8']:>8.4f} "
-                     f"{r['ppl_ratio']:>7.4f} {100 * r['argmax_agreement']:>10.2f}% "
-                     f"{100 * r['greedy_agreement']:>10.2f}% {r['first_difference']:>8.1f}")
-    return "\n".join(lines)
+HEAD = (f"{'variant':<7} {'steps':>5} {'ppl f32':>8} {'ppl int8':>8} {'ratio':>7} "
+        f"{'argmax same':>11} {'greedy same':>11} {'1st diff':>8}")
+
+
+def line(r):
+    return (f"{r['variant']:<7} {r['steps']:>5} {r['ppl_f32']:>8.4f} {r['ppl_int8']:>8.4f} "
+            f"{r['ppl_ratio']:>7.4f} {100 * r['argmax_agreement']:>10.2f}% "
+            f"{100 * r['greedy_agreement']:>10.2f}% {r['first_difference']:>8.1f}")
 
 
 def main(argv=None):
@@ -144,11 +145,9 @@ def main(argv=None):
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"int8 weight-only against float32, greedy; data: {rows[0]['data']}; "
-          f"{rows[0]['positions']} teacher-forced positions, {rows[0]['generated']} generated tokens per variant")
-    print(table(rows))
-    if args.json:
-        atomic_write_json(args.json, rows)
+    report(f"int8 weight-only against float32, greedy; data: {rows[0]['data']}; {rows[0]['positions']} "
+           f"teacher-forced positions, {rows[0]['generated']} generated tokens per variant",
+           HEAD, [line(r) for r in rows], rows, args.json)
     return 0
 
 
