@@ -12,8 +12,8 @@ so its tested bound holds per weight: |W[o, i] - Q[o, i] s_o| <= s_o / 2.  Activ
 (weight-only: x, LayerNorm, attention and the KV cache are unchanged).
 
 Why, and the kernel.  Decoding one token is a chain of matrix-vector products that read every
-weight once, so its time is the bytes of weights read: int8 reads in + 4 bytes per row of
-``in * 4``.  BLAS has no int8 GEMV, so ``matmul_t`` walks Q in blocks of rows that fit in the
+weight once, so it is bound by the bytes of weights read: int8 reads in + 4 bytes per row where
+float32 reads 4 in.  BLAS has no int8 GEMV, so ``matmul_t`` walks Q in blocks of rows that fit in the
 cache (``BLOCK`` elements, ``R = BLOCK // in`` rows): each block is cast int8 -> float into one
 reused buffer and multiplied there by one BLAS call, so DRAM sees 1 byte per weight and the
 float copy lives only in cache.  Cost per product: in*out bytes from memory, one cast pass and
