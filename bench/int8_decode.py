@@ -10,9 +10,11 @@ vocab 32000, FFN sparsity 64, 16 QKV modules; 335M parameters dense), KV cache, 
   int8        the same model with every matrix a token is multiplied by as per-channel int8
   both        float32, sparse FFN and sparse QKV
   both_int8   the sparse model in int8 (controller, gathered unit rows, E and the kernels)
-Each float model is built, timed, quantized in place (so int8 has exactly its weights) and timed
-again; one model lives at a time. s/token is the median of ``--tokens`` timed steps after
-``--warmup``; speed-up is dense float32's s/token over the variant's, at the same thread count.
+The four models are held at once (each int8 one quantized from the float one of the same seed, so
+with exactly its weights; 3.1 GB at the paper shape) and decode in turn, one token each per round,
+so that load from other processes on a shared machine falls on all alike. s/token is the median
+of ``--tokens`` timed steps after ``--warmup``; speed-up is dense float32's s/token over the
+variant's, at the same thread count.
 Weight bytes per token: the bytes of parameters one decoding step reads (every matrix in full,
 except the embeddings' looked-up rows and a sparse FFN's d_ff/N chosen rows of W1 and W2; wte
 in full, as it is also the output layer), int8 counting codes and scales; GB/s is bytes / s.
@@ -29,17 +31,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
+from engine.autograd import no_grad
 from engine.int8 import Int8Weight
 from engine.io import atomic_write_json
 from engine.nn import Embedding, Parameter
+from models.generate import KVCache, next_logits
 from models.quantized import Int8SparseFFN, quantize_gpt
 from models.sparse_ffn import SparseFFN
 
 from . import report
-from .sparse_decode import SHAPES, add_decode_args, build, decode_shapes, time_decode
+from .sparse_decode import SHAPES, add_decode_args, build, decode_shapes
 
 VARIANTS = (("dense", "dense", False), ("int8", "dense", True), ("both", "both", False), ("both_int8", "both", True))
 
@@ -59,29 +64,43 @@ def weight_bytes_per_token(model):
     return int(total)
 
 
+def time_interleaved(models, prompt, warmup, tokens):
+    """Seconds of each timed decode step of each model, the models taking turns token by token
+    (the first to go rotates), so a load that comes and goes on a shared machine weighs on every
+    variant alike. Prefill and warm-up untimed; greedy."""
+    caches = [[KVCache(m.config.block_size) for _ in m.blocks] for m in models]
+    times = [[] for _ in models]
+    with no_grad():
+        logits = [next_logits(m, np.asarray(prompt)[None], c) for m, c in zip(models, caches)]   # (1, V) each
+        for i in range(warmup + tokens):
+            for k in range(len(models)):
+                j = (i + k) % len(models)
+                tok = logits[j].argmax(axis=1)[:, None]                    # (1, 1)
+                t0 = time.perf_counter()
+                logits[j] = next_logits(models[j], tok, caches[j])
+                if i >= warmup:
+                    times[j].append(time.perf_counter() - t0)
+    return times
+
+
 def run_variants(shape, prompt_len, warmup, tokens, seed=0):
-    """Rows for the four variants at this process's thread count."""
+    """Rows for the four variants at this process's thread count: all four models are held
+    (float32 and int8 from the same seed, so int8 has exactly the float weights) and timed in turn."""
     block = prompt_len + warmup + tokens
     prompt = np.random.default_rng(seed).integers(0, SHAPES[shape]["vocab_size"], prompt_len)
-    rows, times = [], {}
-    for base in ("dense", "both"):
+    models = []
+    for name, base, int8 in VARIANTS:
         model = build(shape, base, block, seed)
-        for name, b, int8 in VARIANTS:
-            if b != base:
-                continue
-            if int8:
-                quantize_gpt(model)
-                gc.collect()
-            s = statistics.median(time_decode(model, prompt, warmup, tokens))
-            times[name] = s
-            nbytes = weight_bytes_per_token(model)
-            rows.append(dict(shape=shape, variant=name, s_per_token=s, weight_bytes_per_token=nbytes,
-                             gb_per_s=nbytes / s / 1e9))
-            print(f"  timed {shape}/{name}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
-        del model
+        models.append(quantize_gpt(model) if int8 else model)
         gc.collect()
+        print(f"  built {shape}/{name}", file=sys.stderr, flush=True)
+    times = [statistics.median(t) for t in time_interleaved(models, prompt, warmup, tokens)]
+    rows = []
+    for (name, _, _), model, s in zip(VARIANTS, models, times):
+        nbytes = weight_bytes_per_token(model)
+        rows.append(dict(shape=shape, variant=name, s_per_token=s, weight_bytes_per_token=nbytes,
+                         gb_per_s=nbytes / s / 1e9, speedup=times[0] / s))
     for r in rows:
-        r["speedup"] = times["dense"] / r["s_per_token"]
         r["bytes_ratio"] = rows[0]["weight_bytes_per_token"] / r["weight_bytes_per_token"]
     return rows
 
