@@ -18,7 +18,8 @@ cache (``BLOCK`` elements, ``R = BLOCK // in`` rows): each block is cast int8 ->
 reused buffer and multiplied there by one BLAS call, so DRAM sees 1 byte per weight and the
 float copy lives only in cache.  Cost per product: in*out bytes from memory, one cast pass and
 one GEMV over cache-resident data, ``ceil(out / R)`` pairs of NumPy calls, and out multiplies by
-the scales.  On the GPU (CuPy) one cast of the whole matrix and one GEMM is used instead.
+the scales.  So in NumPy the cast pass, which runs at the speed of an elementwise loop and not of
+memory, is what remains of the product's time: bench/int8_decode.py measures what that leaves.  On the GPU (CuPy) one cast of the whole matrix and one GEMM is used instead.
 Memory: the codes (1 byte per weight) and the scales (4 bytes per row), plus one buffer of
 BLOCK floats per thread.  Decoding only: the int8 modules refuse to record a graph.
 """
