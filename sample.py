@@ -5,6 +5,9 @@
     python sample.py --ckpt model.safetensors                # a file written by consolidate.py
     python sample.py --hf gpt2-dir --prompt "Hello, I'm a language model,"   # a Hugging Face GPT-2 directory
     mpiexec -n 2 python sample.py --ckpt out --tp 2             # tensor parallel: the same tokens as one process
+    python sample.py --ckpt out --quantize int8                 # int8 weights, quantized at load
+    python sample.py --ckpt out --quantize int8 --save-quantized q.safetensors   # write the int8 model once
+    python sample.py --ckpt q.safetensors                       # ... and decode from it
 
 The checkpoint's manifest carries the model config and the tokenizer (byte, char or ids),
 so the text is encoded and decoded exactly as in training. --ckpt reads train.py's sharded
@@ -20,6 +23,12 @@ as token ids (``--prompt-ids``, output printed as ids). Bad input (a temperature
 negative or not finite, text for a model that reads ids, --prompt with --prompt-ids): one
 line ``error: ...``, exit code 2. A prompt longer than the model's block_size is cropped to
 its last block_size tokens (a note on stderr says so).
+
+``--quantize int8`` decodes with per-output-channel int8 weights for every matrix a token is
+multiplied by, dense or sparse (models/quantized.py, engine/int8.py: a quarter of float32's weight
+bytes, one float32 scale per row); ``--save-quantized FILE`` writes that model to one safetensors
+file (codes, scales, the float parameters, the manifest) and exits, and ``--ckpt FILE`` decodes
+from it as int8 (bitwise what quantizing at load gives). One process only (not with --tp).
 """
 import argparse
 import json
@@ -33,8 +42,9 @@ from engine import backend
 from engine.bpe import BPETokenizer
 from engine.checkpoint import load_checkpoint, resolve
 from engine.data import ByteTokenizer, DataError, IdTokenizer, tokenizer_from_json
-from engine.io import CheckpointError, load_json, load_safetensors
+from engine.io import CheckpointError, load_json, load_safetensors, unwritable
 from collectives.launch import env_rank, env_world
+from models.quantized import is_int8, load_int8, quantize_gpt, save_int8
 from parallel.checkpoint import FORMAT as SHARDED, consolidate
 
 
@@ -58,6 +68,10 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (mpiexec -n TP): heads, MLP units and "
                    "the vocabulary split, the KV cache sharded by heads; the same tokens as one process")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: per-channel int8 weights for every matrix-vector product (decoding only)")
+    p.add_argument("--save-quantized", metavar="FILE", default=None,
+                   help="with --ckpt and --quantize int8: write the int8 model to FILE (safetensors) and exit")
     return p.parse_args(argv)
 
 
@@ -84,7 +98,7 @@ def read_checkpoint(path):
 
 
 def load(args):
-    """(model, tokenizer) from --ckpt or --hf."""
+    """(model, tokenizer, manifest) from --ckpt or --hf (manifest None); int8 if the file is."""
     from models.gpt import GPTConfig
     from models.terraformer import build_model
     if args.ckpt:
@@ -99,10 +113,13 @@ def load(args):
         if dtype != "float32":
             model.astype(dtype)
         try:
-            model.load_state_dict(params)
+            if is_int8(manifest):
+                load_int8(model, params)
+            else:
+                model.load_state_dict(params)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {path}: {e}") from None
-        return model, tokenizer
+        return model, tokenizer, manifest
     from models.hf import load_hf
     try:
         model = load_hf(args.hf)
@@ -113,7 +130,7 @@ def load(args):
         bpe = BPETokenizer.from_dir(args.hf)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{args.hf}: cannot read its tokenizer files ({type(e).__name__}: {e})") from None
-    return model, bpe or (ByteTokenizer() if vocab == 256 else IdTokenizer(vocab))
+    return model, bpe or (ByteTokenizer() if vocab == 256 else IdTokenizer(vocab)), None
 
 
 def check_args(args):
@@ -132,6 +149,16 @@ def check_args(args):
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if args.prompt is not None and args.prompt_ids is not None:
         raise ValueError("give the prompt as --prompt (text) or --prompt-ids (token ids), not both")
+    if args.quantize != "none" and args.tp > 1:
+        raise ValueError(f"--quantize {args.quantize} decodes on one process: it cannot be combined with --tp {args.tp}")
+    if args.save_quantized is not None:
+        if args.quantize != "int8" or not args.ckpt:
+            raise ValueError("--save-quantized needs --ckpt and --quantize int8")
+        if os.path.exists(args.save_quantized):
+            raise ValueError(f"{args.save_quantized} already exists; give --save-quantized a new file")
+        why = unwritable(args.save_quantized, "file")
+        if why:
+            raise ValueError(f"--save-quantized {args.save_quantized} {why}")
 
 
 def encode_prompt(args, model, tokenizer):
@@ -177,10 +204,21 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         check_args(args)
         backend.set_device(args.device)
-        model, tokenizer = load(args)
+        model, tokenizer, manifest = load(args)
+        if is_int8(manifest) and args.tp > 1:
+            raise ValueError(f"{args.ckpt} holds int8 weights, which decode on one process: drop --tp {args.tp}")
+        if args.quantize == "int8" and type(model).__name__ == "Terraformer":
+            raise ValueError("--quantize int8 decodes the GPT and its sparse FFN and QKV, not the Terraformer's "
+                             "reversible, LSH or sparse-loss layers yet")
+        if args.quantize == "int8" and not is_int8(manifest):
+            quantize_gpt(model)
+        if args.save_quantized is not None:
+            save_int8(args.save_quantized, model, manifest)
+            print(f"wrote {args.save_quantized}")
+            return 0
         prompt = encode_prompt(args, model, tokenizer)
         main_rank = tensor_parallel(model, args.tp)
-    except (ValueError, RuntimeError, DataError, CheckpointError) as e:
+    except (ValueError, RuntimeError, DataError, CheckpointError, OSError) as e:
         if env_rank() == 0:                                  # every rank fails alike
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

@@ -12,8 +12,11 @@ README's Benchmarks table lists each command). --json files are written atomical
     sparse_decode.py, sparse_quality.py   the sparse layers' decoding speed and quality
     quantized.py     ZeRO-3 with compressed gathers / gradients (ZeRO++, bf16): bytes, step time, val loss
     terraformer.py   reversible and LSH memory, the sparse loss layer's decoding, Terraformer quality
+    int8_decode.py, int8_quality.py       int8 weight-only decoding's speed (and bytes read) and quality
 """
 import time
+
+from engine.io import atomic_write_json
 
 
 def idle(comm):
@@ -22,3 +25,12 @@ def idle(comm):
     h = comm.barrier(async_op=True)
     while not h.test():
         time.sleep(0.002)
+
+
+def report(title, head, lines, rows, json_path=None):
+    """Print a benchmark's table (title, header, rule, one line per row) and, with ``json_path``,
+    write its rows as JSON."""
+    print(title)
+    print("\n".join([head, "-" * len(head), *lines]))
+    if json_path:
+        atomic_write_json(json_path, rows)

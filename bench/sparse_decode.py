@@ -98,21 +98,35 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="paper,small", help="comma-separated: paper, small, tiny")
+def add_decode_args(p, shapes):
+    """The decoding flags this benchmark and bench/int8_decode.py share: --shapes (default
+    ``shapes``), --prompt, --warmup, --tokens, --json."""
+    p.add_argument("--shapes", default=shapes, help="comma-separated: paper, small, tiny")
     p.add_argument("--prompt", type=int, default=8, help="prompt tokens (prefilled, untimed)")
     p.add_argument("--warmup", type=int, default=2, help="decoded tokens not timed")
     p.add_argument("--tokens", type=int, default=8, help="decoded tokens timed (median)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
-    args = p.parse_args(argv)
+
+
+def decode_shapes(args):
+    """The shapes of --shapes, or None after printing the one-line error of a bad flag."""
     shapes = [s for s in args.shapes.split(",") if s]
     bad = [s for s in shapes if s not in SHAPES]
     if bad or not shapes:
         print(f"error: unknown shape {bad[0] if bad else '(none)'!r}; choose from {', '.join(SHAPES)}", file=sys.stderr)
-        return 2
+        return None
     if min(args.prompt, args.tokens) < 1 or args.warmup < 0:
         print("error: --prompt and --tokens must be >= 1, --warmup >= 0", file=sys.stderr)
+        return None
+    return shapes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_decode_args(p, "paper,small")
+    args = p.parse_args(argv)
+    shapes = decode_shapes(args)
+    if shapes is None:
         return 2
     rows = run(shapes, args.prompt, args.warmup, args.tokens)
     print("unbatched greedy decoding, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")

@@ -134,21 +134,37 @@ class SparseFFNFunction(Function):
 def gather_forward(x, w1, w2, b2, c1, c2, cb, N):
     """Evaluation without the dense FFN: each row reads only its chosen units.
     x (..., d) array -> (..., d). Reads d_ff/N rows of W1 and of W2 per input row."""
-    xp = get_array_module(x)
-    d, d_ff = x.shape[-1], w1.shape[0]
-    nb = d_ff // N
+    d = x.shape[-1]
     x2 = x.reshape(-1, d)                                              # (n, d)
     logits = (x2 @ c1.T) @ c2.T                                        # (n, d_ff): the controller
     if cb is not None:
         logits += cb
-    sel = logits.reshape(-1, nb, N).argmax(axis=-1)                    # (n, nb)
-    rows = sel + xp.arange(0, d_ff, N)                                 # (n, nb) unit index = block * N + choice
-    h = xp.matmul(w1[rows], x2[:, :, None])[..., 0]                    # (n, nb, d) @ (n, d, 1) -> (n, nb)
+    rows = chosen_units(logits, N)                                     # (n, nb)
+    return units_forward(x2, w1[rows], w2[rows], b2).reshape(x.shape)
+
+
+def chosen_units(logits, N):
+    """Controller logits (n, d_ff) -> the unit each row picks in each block, (n, d_ff/N):
+    unit index = block * N + argmax within the block."""
+    xp = get_array_module(logits)
+    n, d_ff = logits.shape
+    return logits.reshape(n, d_ff // N, N).argmax(axis=-1) + xp.arange(0, d_ff, N)   # (n, nb)
+
+
+def units_forward(x2, w1r, w2r, b2, s1=None, s2=None):
+    """y = relu(W1[rows] x) W2[rows] + b2 from the gathered rows w1r, w2r (n, nb, d) of x2 (n, d).
+    s1, s2 (n, nb): the rows' scales when w1r, w2r are int8 codes (models/quantized.py), else None."""
+    xp = get_array_module(x2)
+    h = xp.matmul(w1r, x2[:, :, None])[..., 0]                         # (n, nb, d) @ (n, d, 1) -> (n, nb)
+    if s1 is not None:
+        h *= s1
     xp.maximum(h, 0.0, out=h)
-    y = xp.matmul(h[:, None, :], w2[rows])[:, 0]                       # (n, 1, nb) @ (n, nb, d) -> (n, d)
+    if s2 is not None:
+        h *= s2                                                        # W2's row scale, moved onto h
+    y = xp.matmul(h[:, None, :], w2r)[:, 0]                            # (n, 1, nb) @ (n, nb, d) -> (n, d)
     if b2 is not None:
         y += b2
-    return y.reshape(x.shape)
+    return y
 
 
 def gumbel_noise(u, dtype):

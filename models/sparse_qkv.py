@@ -90,23 +90,11 @@ class ConvQKV(Function):
     dW = patches^T dq; dpatches = dq W^T, scattered back tap by tap into dz (col2im)."""
 
     def forward(self, z, wq, wk, wv, bq=None, bk=None, bv=None, context=None):
-        xp = get_array_module(z)
-        B, T, S, M = z.shape
-        front = xp.zeros((B, KT - 1, S, M), dtype=z.dtype) if context is None else context
-        zp = xp.zeros((B, T + KT - 1, S + 2, M), dtype=z.dtype)        # causal in length, zero-padded modules
-        zp[:, :KT - 1, 1:S + 1] = front
-        zp[:, KT - 1:, 1:S + 1] = z
-        P = _patches(zp, T, S, 3)                                      # (B, T, S, 3, 3, M)
-        Pqk = P.reshape(-1, KT * 3 * M)                                # (BTS, 9M)
-        Pv = P[:, :, :, :, 1].reshape(-1, KT * M)                      # (BTS, 3M) centre module column
-        out = xp.empty((B, T, 3, S, M), dtype=z.dtype)
-        for i, (P2, w, b) in enumerate(((Pqk, wq, bq), (Pqk, wk, bk), (Pv, wv, bv))):
-            y = P2 @ w.reshape(-1, M)                                  # (BTS, M)
-            if b is not None:
-                y += b
-            out[:, :, i] = y.reshape(B, T, S, M)
+        M = z.shape[-1]
+        products = [lambda P, w=w: P @ w.reshape(-1, M) for w in (wq, wk, wv)]   # (BTS, taps M) @ (taps M, M)
+        out, Pqk, Pv = conv_qkv(z, products, (bq, bk, bv), context)
         self.saved = (Pqk, Pv, wq, wk, wv, z.shape)
-        return out.reshape(B, T, 3 * S * M)                            # (B, T, 3C) as c_attn
+        return out
 
     def backward(self, g):
         xp = get_array_module(g)
@@ -130,6 +118,39 @@ class ConvQKV(Function):
                     dzp[:, a:a + T, b:b + S] += dP[:, :, :, a, b]
             dz = dzp[:, KT - 1:, 1:S + 1]                              # (B, T, S, M)
         return (dz, *dws, *dbs)[:len(self.needs_input_grad)]
+
+
+def conv_qkv(z, products, biases=(None, None, None), context=None):
+    """ConvQKV's forward as a function of its three products: ``products[i](P)`` is P @ W_i for
+    q, k, v, with P the (B T S, 9 M) taps (3 M for v) and W_i the (taps M, M) kernel, so an int8
+    kernel (models/quantized.py) plugs in. Returns (out (B, T, 3 S M), Pqk, Pv)."""
+    xp = get_array_module(z)
+    B, T, S, M = z.shape
+    front = xp.zeros((B, KT - 1, S, M), dtype=z.dtype) if context is None else context
+    zp = xp.zeros((B, T + KT - 1, S + 2, M), dtype=z.dtype)            # causal in length, zero-padded modules
+    zp[:, :KT - 1, 1:S + 1] = front
+    zp[:, KT - 1:, 1:S + 1] = z
+    P = _patches(zp, T, S, 3)                                          # (B, T, S, 3, 3, M)
+    Pqk = P.reshape(-1, KT * 3 * M)                                    # (BTS, 9M)
+    Pv = P[:, :, :, :, 1].reshape(-1, KT * M)                          # (BTS, 3M) centre module column
+    out = xp.empty((B, T, 3, S, M), dtype=z.dtype)
+    for i, (P2, product, b) in enumerate(zip((Pqk, Pqk, Pv), products, biases)):
+        y = product(P2)                                                # (BTS, M)
+        if b is not None:
+            y += b
+        out[:, :, i] = y.reshape(B, T, S, M)
+    return out.reshape(B, T, 3 * S * M), Pqk, Pv                       # (B, T, 3C) as c_attn
+
+
+def advance_conv_state(kv_cache, z):
+    """Decoding: the context (B, 2, S, M) before z (B, T, S, M), or None at the start, from the
+    cache's ``conv_state``, which then keeps the last two positions' z."""
+    xp = get_array_module(z)
+    B, T, S, M = z.shape
+    context = kv_cache.conv_state
+    prev = xp.zeros((B, KT - 1, S, M), z.dtype) if context is None else context
+    kv_cache.conv_state = xp.concatenate([prev, z], axis=1)[:, -(KT - 1):].copy()   # (B, 2, S, M)
+    return context
 
 
 class SparseQKV(Module):
@@ -159,11 +180,6 @@ class SparseQKV(Module):
 
     def forward(self, x, kv_cache=None):
         z = Multiplicative.apply(x, self.D, self.E, *((self.b,) if self.bias else ()))   # (B, T, S, M)
-        context = None
-        if kv_cache is not None:                                       # decoding, no graph
-            xp = get_array_module(z.data)
-            context = kv_cache.conv_state
-            prev = xp.zeros((z.shape[0], KT - 1, self.S, self.M), z.dtype) if context is None else context
-            kv_cache.conv_state = xp.concatenate([prev, z.data], axis=1)[:, -(KT - 1):].copy()   # (B, 2, S, M)
+        context = None if kv_cache is None else advance_conv_state(kv_cache, z.data)   # decoding, no graph
         ws = (self.wq, self.wk, self.wv) + ((self.bq, self.bk, self.bv) if self.bias else ())
         return ConvQKV.apply(z, *ws, context=context)                  # (B, T, 3d)
