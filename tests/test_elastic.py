@@ -109,3 +109,12 @@ def test_stuck_rank_is_treated_as_dead(tmp_path, corpus, clean):
     proc = elastic(tmp_path, corpus, "dp4", f"0:3:{k}:stop")
     assert re.search(r"rank 3 did not answer the watchdog", proc.stdout), describe(proc)
     assert_exact_after(tmp_path, corpus, clean, proc, "dp4", 3, "buddy replicas")
+
+
+def test_ranks_that_return_grow_the_job_back(tmp_path, corpus, clean):
+    """--capacity-file: at the restart 4 ranks are available again, so the job goes on at dp4."""
+    (tmp_path / "capacity").write_text("4\n")
+    k = random.Random(8).randint(5, 8)
+    proc = elastic(tmp_path, corpus, "dp4", f"0:2:{k}", "--capacity-file", str(tmp_path / "capacity"))
+    assert re.search(r"failed .*; rank 2 died", proc.stdout), describe(proc)
+    assert_exact_after(tmp_path, corpus, clean, proc, "dp4", 4, "buddy replicas")
