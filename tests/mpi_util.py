@@ -2,12 +2,17 @@
 read what train.py logged with --metrics: metrics(path), losses(path); check a launch that
 bad input stopped: assert_bad_input(proc, words, out_dir); train.py --help: train_help().
 
-mpiexec is the one installed next to the running Python (the venv's MPICH wheel), falling
-back to the one on PATH; the repository root is put on PYTHONPATH so workers import the
-project without installing it. Returns the subprocess.CompletedProcess (text output).
+mpiexec is the one installed next to the running Python (the venv's MPICH or Open MPI
+wheel), falling back to the one on PATH; the repository root is put on PYTHONPATH so workers
+import the project without installing it. Returns the subprocess.CompletedProcess (text
+output). Every test launch is built by launch(n): under Open MPI (mpi_library() reads
+`mpiexec --version`) it adds the flags a root user on a machine with fewer cores than ranks
+needs; under MPICH the command is `mpiexec -n N`, as it always was.
 """
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +29,21 @@ def mpiexec():
     return here if os.path.exists(here) else (shutil.which("mpiexec") or "mpiexec")
 
 
+@functools.lru_cache(maxsize=None)
+def mpi_library():
+    """"openmpi" when mpiexec() is Open MPI's launcher (prterun), else "mpich" (Hydra)."""
+    out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=60)
+    text = out.stdout + out.stderr
+    return "openmpi" if "Open MPI" in text or "prterun" in text else "mpich"
+
+
+def launch(n, *flags):
+    """[mpiexec, flags..., -n, n]: the start of every test launch. Open MPI refuses to run as
+    root without --allow-run-as-root and more ranks than cores without --oversubscribe."""
+    extra = ["--allow-run-as-root", "--oversubscribe"] if mpi_library() == "openmpi" else []
+    return [mpiexec(), *extra, *map(str, flags), "-n", str(n)]
+
+
 def run_mpi(n, script, *args, timeout=120, env=None):
     """mpiexec -n n python script args... (script relative to tests/mpi_workers/, absolute, or
     "-m package.module" to run a module)."""
@@ -38,7 +58,7 @@ def run_mpi(n, script, *args, timeout=120, env=None):
     for key in ("ENGINE_COMM_DEBUG", "ENGINE_COMM_TIMEOUT", "ENGINE_TRACE"):
         full_env.pop(key, None)
     full_env.update(env or {})
-    cmd = [mpiexec(), "-n", str(n), sys.executable, script, *map(str, args)]
+    cmd = [*launch(n), sys.executable, script, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
@@ -58,12 +78,26 @@ def losses(path):
     return {step: (row["loss"], row.get("val_loss")) for step, row in metrics(path).items()}
 
 
+# Open MPI's launcher prints this notice (PRRTE's help text prun:non-zero-exit) once a rank
+# exits with a non-zero status; MPICH's Hydra prints nothing of its own.
+NONZERO_NOTICE = re.compile(r"-{20,}\n\S+ detected that one or more processes exited with non-zero status,\n"
+                            r".*?Exit code: +(-?\d+)\n-{20,}\n?", re.S)
+
+
+def launcher_notices(stderr):
+    """(stderr without the launcher's non-zero-exit notices, the exit codes they name)."""
+    return NONZERO_NOTICE.sub("", stderr), [int(c) for c in NONZERO_NOTICE.findall(stderr)]
+
+
 def assert_bad_input(proc, words, out_dir):
     """train.py stopped by bad input, as the design asks: exit code 2, one line "error: ..."
     containing ``words`` on stderr (rank 0's; every rank exits alike), nothing on stdout and
-    nothing written to ``out_dir``."""
-    lines = proc.stderr.strip().splitlines()
+    nothing written to ``out_dir``. Under Open MPI, the launcher's own notice naming exit code 2
+    follows that line, once; under MPICH nothing does."""
+    stderr, codes = launcher_notices(proc.stderr)
+    lines = stderr.strip().splitlines()
     assert proc.returncode == 2, describe(proc)
+    assert codes == ([2] if mpi_library() == "openmpi" else []), describe(proc)
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], describe(proc)
     assert proc.stdout == "" and not os.path.exists(out_dir), describe(proc)
 

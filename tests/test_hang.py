@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mpi_util import ROOT, TRAIN, describe, mpiexec
+from mpi_util import ROOT, TRAIN, describe, launch
 
 TIMEOUT = 4
 SLACK = 6            # the answer grace, the notice grace, the pause before MPI_Abort, the teardown
@@ -57,7 +57,7 @@ class Launch:
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         for key in ("ENGINE_COMM_DEBUG", "ENGINE_COMM_TIMEOUT", "ENGINE_TRACE"):
             env.pop(key, None)
-        self.p = subprocess.Popen([mpiexec(), "-n", str(n), sys.executable, script, *map(str, args)], cwd=ROOT,
+        self.p = subprocess.Popen([*launch(n), sys.executable, script, *map(str, args)], cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out, self.err = [], []
         threading.Thread(target=lambda: self.err.extend(self.p.stderr), daemon=True).start()
