@@ -18,6 +18,8 @@ from elastic_cases import LAYOUTS, TINY, CleanRuns, assert_losses_after, dp_of, 
 from mpi_util import ROOT, ULFM, describe, has_ulfm, launch as mpi_launch
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
+HEARTBEATS = ["--mca", "mpi_ft_detector_thread", "true", "--mca", "mpi_ft_detector_period", "1",
+              "--mca", "mpi_ft_detector_timeout", "10"]   # heartbeats from a thread: a busy rank misses none
 pytestmark = [pytest.mark.ulfm,
               pytest.mark.skipif(not has_ulfm(), reason="needs Open MPI's ULFM (the MPICH wheel's does not work); "
                                                         ".ci/run runs it (pytest -m ulfm) with the Open MPI wheel")]
@@ -27,7 +29,7 @@ def launch(n, script, *args, faults="", ft=False, timeout=180):
     """mpiexec (Open MPI) of a script; ft: under ULFM (the clean references run without)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", ENGINE_FAULTS=faults)
     env.pop("ENGINE_COMM_TIMEOUT", None)
-    cmd = [*mpi_launch(n, *(ULFM if ft else ())), sys.executable, script, *map(str, args)]
+    cmd = [*mpi_launch(n, *((*ULFM, *HEARTBEATS) if ft else ())), sys.executable, script, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
