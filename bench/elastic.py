@@ -26,6 +26,7 @@ JSON rows: mode, recovery_s, lost_steps, replica_overhead.
 import argparse
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -46,8 +47,12 @@ BABY = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "6
 
 
 def mpiexec():
+    """[the venv's mpiexec, and under Open MPI the flags a root user with fewer cores than ranks
+    needs]; MPICH's needs none."""
     here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return here if os.path.exists(here) else "mpiexec"
+    exe = here if os.path.exists(here) else "mpiexec"
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
+    return [exe, "--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else [exe]
 
 
 def env(**extra):
@@ -79,18 +84,19 @@ def run_disk(work, common, kill, ckpt):
     """A person's restart: the job dies; relaunch at once on 3 ranks from the disk checkpoint."""
     out = os.path.join(work, "disk")
     args = [*common, "--ckpt-interval", str(ckpt), "--out-dir", out]
-    first, _ = timed_lines([mpiexec(), "-n", "4", sys.executable, FAULTS, *args, "--dp", "4"],
+    first, _ = timed_lines([*mpiexec(), "-n", "4", sys.executable, FAULTS, *args, "--dp", "4"],
                            env(ENGINE_FAULTS=f"0:1:{kill}", ELASTIC_LAUNCH="0"))
     t_end = first[-1][0]
-    second, rc = timed_lines([mpiexec(), "-n", "3", sys.executable, os.path.join(ROOT, "train.py"), *args, "--dp", "3",
+    second, rc = timed_lines([*mpiexec(), "-n", "3", sys.executable, os.path.join(ROOT, "train.py"), *args, "--dp", "3",
                               "--resume", out], env())
     return recovery(first + [(t + t_end, ln) for t, ln in second]), rc
 
 
 def run_buddy(work, common, kill, every, timeout):
     out = os.path.join(work, "buddy")
+    launcher = mpiexec()                  # Open MPI's flags go to the supervisor's launches too
     cmd = [sys.executable, "-m", "elastic", "-n", "4", "--replica-every", str(every), "--comm-timeout", str(timeout),
-           "--", FAULTS, *common, "--ckpt-interval", "1000", "--out-dir", out, "--dp", "4"]
+           *(["--mpiexec", shlex.join(launcher)] if len(launcher) > 1 else []), "--", FAULTS, *common, "--ckpt-interval", "1000", "--out-dir", out, "--dp", "4"]
     lines, rc = timed_lines(cmd, env(ENGINE_FAULTS=f"0:1:{kill}"))
     return recovery(lines), rc, lines
 
@@ -115,7 +121,7 @@ def per_step(work, every, warm, end):
             "--out-dir", out, "--dp", "2"]
     if every:
         args += ["--replica-every", str(every), "--replica-dir", os.path.join(work, "replicas")]
-    lines, rc = timed_lines([mpiexec(), "-n", "2", sys.executable, os.path.join(ROOT, "train.py"), *args], env())
+    lines, rc = timed_lines([*mpiexec(), "-n", "2", sys.executable, os.path.join(ROOT, "train.py"), *args], env())
     if rc != 0:
         raise RuntimeError("\n".join(ln for _, ln in lines[-20:]))
     at = {int(m.group(1)): t for t, ln in lines if (m := STEP.match(ln))}

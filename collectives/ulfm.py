@@ -28,8 +28,10 @@ FAILED = tuple(getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PEN
 
 
 def available():
-    """Whether this MPI can shrink a job in place (Open MPI with ULFM)."""
-    return hasattr(MPI.Comm, "Shrink") and "Open MPI" in MPI.Get_library_version()
+    """Whether this job can shrink in place: Open MPI with ULFM, launched with fault tolerance
+    on (mpiexec --with-ft ulfm sets OMPI_MCA_mpi_ft_enable=1 in every rank's environment)."""
+    return (hasattr(MPI.Comm, "Shrink") and "Open MPI" in MPI.Get_library_version()
+            and os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true"))
 
 
 def enable():

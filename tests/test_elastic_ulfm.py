@@ -15,29 +15,21 @@ import sys
 import pytest
 
 from elastic_cases import LAYOUTS, TINY, CleanRuns, assert_losses_after, dp_of, write_corpus
-from mpi_util import ROOT, describe, mpiexec
+from mpi_util import ROOT, ULFM, describe, has_ulfm, launch as mpi_launch
 
 FAULTS = os.path.join(ROOT, "tests", "mpi_workers", "train_faults.py")
-ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "mpi_ft_detector", "true",
-        "--mca", "mpi_ft_detector_thread", "true", "--mca", "mpi_ft_detector_period", "1",
-        "--mca", "mpi_ft_detector_timeout", "10"]   # heartbeats from a thread: a busy rank misses none
-def open_mpi():
-    try:
-        return "Open MPI" in subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not open_mpi(), reason="needs Open MPI's ULFM (the MPICH wheel's does not work); "
-                                                       ".ci/run runs this file with the Open MPI wheel")
+HEARTBEATS = ["--mca", "mpi_ft_detector_thread", "true", "--mca", "mpi_ft_detector_period", "1",
+              "--mca", "mpi_ft_detector_timeout", "10"]   # heartbeats from a thread: a busy rank misses none
+pytestmark = [pytest.mark.ulfm,
+              pytest.mark.skipif(not has_ulfm(), reason="needs Open MPI's ULFM (the MPICH wheel's does not work); "
+                                                        ".ci/run runs it (pytest -m ulfm) with the Open MPI wheel")]
 
 
 def launch(n, script, *args, faults="", ft=False, timeout=180):
     """mpiexec (Open MPI) of a script; ft: under ULFM (the clean references run without)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", ENGINE_FAULTS=faults)
     env.pop("ENGINE_COMM_TIMEOUT", None)
-    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", *(ULFM if ft else ()), "-n", str(n), sys.executable, script,
-           *map(str, args)]
+    cmd = [*mpi_launch(n, *((*ULFM, *HEARTBEATS) if ft else ())), sys.executable, script, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
