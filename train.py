@@ -30,7 +30,6 @@ written; a NaN or inf loss or a failed save stops every rank with one line namin
 checkpoint (exit 1).
 """
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -40,12 +39,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from mpi4py import MPI
-
 from collectives import Mesh, MeshError, ulfm
 from collectives.launch import env_rank, env_world
 from elastic import contact
-from elastic.inplace import shrink_and_resume
+from elastic.inplace import peer_table, train_shrinking
 from engine import backend
 from engine.config import ConfigError, build, parse_values
 from engine.data import Batcher, DataError, load_dataset
@@ -56,7 +53,6 @@ from models.gpt import GPTConfig
 from parallel import LayoutError, ParallelConfig, build_step, check_layout, open_checkpoint
 from parallel.checkpoint import policy
 from parallel.checkpoint.replicas import BuddyReplicas, default_store
-from parallel.checkpoint.sharded import exchange
 from parallel.trace import Tracer, mesh_labels, write_chrome_trace
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -144,7 +140,7 @@ def parse_configs(argv):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     need(not cfg.replica_every or env_world() > 1, "replica_every needs 2 or more ranks (a buddy holds each copy)")
     need(cfg.on_failure != "shrink" or ulfm.available(), "on_failure shrink needs an MPI that can shrink a job "
-         "(Open MPI 5 launched with --with-ft ulfm); this one is " + " ".join(MPI.Get_library_version().split()[:3]))
+         f"(Open MPI 5 launched with --with-ft ulfm); this one is {ulfm.library()}")
     need(0 < cfg.val_fraction < 1, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
     need(0 <= cfg.min_lr <= cfg.lr, f"min_lr must lie in [0, lr={cfg.lr}], got {cfg.min_lr}")
@@ -209,7 +205,7 @@ def prepare(argv, world=None, data=None):
     if cfg.replica_every:                                       # a collective
         run.replicas = BuddyReplicas(mesh.world, step, cfg.replica_every, cfg.replica_dir or default_store())
     if cfg.on_failure == "shrink":                              # so that a stuck rank can be killed
-        run.peers = exchange(mesh.world, [os.getpid(), MPI.Get_processor_name()])
+        run.peers = peer_table(mesh.world)
     return run
 
 
@@ -347,16 +343,9 @@ def main(argv=None):
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        for shrinks in itertools.count():
-            try:
-                rc = train(run, tracer)
-                return ulfm.exit_now(rc) if shrinks else rc
-            except Exception as e:                  # a peer died: --on-failure shrink goes on (elastic/inplace.py)
-                if run.cfg.on_failure != "shrink" or not ulfm.is_failure(e):
-                    raise
-            run = shrink_and_resume(run, argv, prepare, shrinks)
-            if run is None:                         # the new layout needs fewer ranks than survived
-                return ulfm.exit_now(0)
+        if run.cfg.on_failure == "shrink":          # a peer dies: go on with the survivors (elastic/inplace.py)
+            return train_shrinking(run, argv, prepare, lambda r: train(r, tracer))
+        return train(run, tracer)
     except (Diverged, CheckpointError, OSError, KeyboardInterrupt) as e:
         good, local = f"last good checkpoint: {run.last_good or 'none written'}", isinstance(e, OSError)
         if isinstance(e, KeyboardInterrupt):

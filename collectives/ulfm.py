@@ -34,6 +34,11 @@ def available():
             and os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true"))
 
 
+def library():
+    """This MPI library's name and version, for messages ("MPICH Version: 5.0.2")."""
+    return " ".join(MPI.Get_library_version().split()[:3])
+
+
 def enable():
     """From now on a watched wait whose peer failed raises PeerFailed (instead of waiting for
     the watchdog's deadline)."""

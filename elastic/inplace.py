@@ -5,9 +5,11 @@ disk checkpoint where that is newer -- and build the Run again on the new world 
 rule (parallel/config.py shrunk_sizes: shrink dp; keep pp, sp, tp), resumed from that state, as a relaunch
 would (train.py prepare: the same checks, the same restore). Ranks the new layout does not use
 exit. A lost rank that is stuck rather than dead (SIGSTOP: the failure detector's heartbeat
-stops) is killed by the new rank 0 when it runs on the same host. What it costs: the failure detector's milliseconds, one agreement and shrink, writing the
-shards to tmpfs and loading them, and rebuilding the Step (no new processes, no imports).
+stops) is killed by the new rank 0 when it runs on the same host. What it costs: the failure
+detector's milliseconds, one agreement and shrink, writing the shards to tmpfs and loading them,
+and rebuilding the Step (no new processes, no imports).
 """
+import itertools
 import os
 import signal
 import time
@@ -21,6 +23,25 @@ from parallel.checkpoint.recover import write_recovered
 from parallel.checkpoint.sharded import exchange
 from parallel.config import shrunk_sizes
 
+
+def peer_table(world):
+    """[pid, host] of every rank of ``world`` (a collective), kept so that a stuck rank can be killed."""
+    return exchange(world, [os.getpid(), MPI.Get_processor_name()])
+
+
+def train_shrinking(run, argv, prepare, train):
+    """train(run) until it returns, shrinking onto the survivors each time a peer dies. After a
+    shrink the process ends without MPI_Finalize (ulfm.exit_now), which would wait for the dead."""
+    for shrinks in itertools.count():
+        try:
+            rc = train(run)
+            return ulfm.exit_now(rc) if shrinks else rc
+        except Exception as e:                  # noqa: BLE001 -- only a peer's failure is handled
+            if not ulfm.is_failure(e):
+                raise
+        run = shrink_and_resume(run, argv, prepare, shrinks)
+        if run is None:                         # the new layout needs fewer ranks than survived
+            return ulfm.exit_now(0)
 
 
 def shrink_and_resume(run, argv, prepare, generation):
