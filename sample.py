@@ -65,7 +65,8 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=backend.default_device(),
+                   help="cpu (NumPy) or gpu (CuPy); default: $ENGINE_DEVICE, else cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (mpiexec -n TP): heads, MLP units and "
                    "the vocabulary split, the KV cache sharded by heads; the same tokens as one process")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",

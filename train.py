@@ -101,7 +101,7 @@ class TrainConfig:
     good_factor: float = _f(4.0, "good checkpoint: loss finite, <= this x the run's lowest (0: any); --keep keeps it")
     seed: int = _f(1337, "seed of the initialisation, the batches and dropout")
     dtype: str = _f("float32", "parameter and activation dtype", choices=("float32", "float64"))
-    device: str = _f("cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
+    device: str = _f(backend.default_device(), "cpu (NumPy) or gpu (CuPy); default: $ENGINE_DEVICE, else cpu", choices=("cpu", "gpu"))
     metrics: str = _f("", "write one JSON line per step to this file", metavar="FILE")
     mem_trace_interval: int = _f(25, "trace memory (tracemalloc) on step 1 and every N steps; 1: every step")
     replica_every: int = _f(0, "copy each rank's shard into a buddy rank's RAM every N steps, for python -m elastic "

@@ -4,26 +4,56 @@ Ops never ask this module which backend is active; they take the array module fr
 their inputs (``xp = get_array_module(x)``), so the same code runs on both. Only code
 that *creates* arrays from nothing (parameter init, data batches) asks ``xp()``.
 This is the only file that imports CuPy.
+
+``ENGINE_DEVICE`` sets the process's default device, which ``--device`` overrides:
+``cpu``, ``gpu`` (CuPy), or ``gpu-emulated``, for tests: "the GPU" is then
+engine/device_double.py, a strict CuPy stand-in on NumPy that refuses implicit
+host/device conversions and counts transfers and device bytes, so every GPU code path
+runs on a machine without one (``ENGINE_DEVICE=gpu-emulated python -m pytest``).
 """
+import os
+
 import numpy as np
 
+DEVICES = ("cpu", "gpu", "gpu-emulated")
+_ENV = os.environ.get("ENGINE_DEVICE", "cpu").strip() or "cpu"
+if _ENV not in DEVICES:
+    raise SystemExit(f"error: ENGINE_DEVICE={_ENV!r}: expected one of {', '.join(DEVICES)}")
+_EMULATED = _ENV == "gpu-emulated"
 _DEVICE = "cpu"
 _cupy = None
+_cupyx = None
 
 
 def _import_cupy():
-    global _cupy
+    global _cupy, _cupyx
     if _cupy is None:
+        if _EMULATED:
+            from engine import device_double
+            _cupy = _cupyx = device_double
+            return _cupy
         try:
             import cupy  # noqa: F401  (the only CuPy import in the project)
+            import cupyx
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise RuntimeError("--device gpu needs CuPy: pip install -e .[gpu]") from e
-        _cupy = cupy
+        _cupy, _cupyx = cupy, cupyx
     return _cupy
 
 
+def default_device():
+    """The device ENGINE_DEVICE names ('gpu' for gpu-emulated), 'cpu' when unset."""
+    return "cpu" if _ENV == "cpu" else "gpu"
+
+
+def emulated():
+    """Whether 'gpu' is the device double (ENGINE_DEVICE=gpu-emulated)."""
+    return _EMULATED
+
+
 def set_device(device):
-    """Select 'cpu' (NumPy) or 'gpu' (CuPy) for arrays created from now on."""
+    """Select 'cpu' (NumPy) or 'gpu' (CuPy, or the double under gpu-emulated) for arrays
+    created from now on."""
     global _DEVICE
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -70,9 +100,23 @@ def to_device(a, dtype=None):
 def synchronize():
     """Wait for the GPU's current stream (no-op on the CPU); MPI must not read a buffer
     a kernel is still writing."""
-    if _DEVICE == "gpu" or _cupy is not None:
-        if _cupy is not None:
-            _cupy.cuda.get_current_stream().synchronize()
+    if _cupy is not None:
+        _cupy.cuda.get_current_stream().synchronize()
+
+
+def empty_pinned(shape, dtype):
+    """A host array for device transfers: page-locked (cupyx.empty_pinned) once CuPy is
+    loaded, so copies to and from the device run at full bus speed; plain NumPy otherwise."""
+    if _cupyx is not None:
+        return _cupyx.empty_pinned(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+def device_bytes():
+    """Device memory held by live arrays (CuPy's pool: bytes in use), 0 before CuPy loads."""
+    if _cupy is None:
+        return 0
+    return int(_cupy.get_default_memory_pool().used_bytes())
 
 
 def tune_host_allocator():
@@ -104,8 +148,7 @@ def scatter_add(a, indices, values):
     np.add.at on the CPU, cupyx.scatter_add on the GPU). Fastest with a 1-D ``a`` and
     1-D integer ``indices`` (NumPy's ufunc.at fast path)."""
     if is_gpu_array(a):
-        import cupyx
-        cupyx.scatter_add(a, indices, values)
+        _cupyx.scatter_add(a, indices, values)
     else:
         np.add.at(a, indices, values)
 
