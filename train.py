@@ -48,7 +48,7 @@ from engine.config import ConfigError, build, parse_values
 from engine.data import Batcher, DataError, load_dataset
 from engine.io import CheckpointError, one_line
 from engine.optim import cosine_lr
-from engine.perf import MemoryTracer, measure_peak_flops
+from engine.perf import DeviceMemoryTracer, MemoryTracer, measure_peak_flops
 from models.gpt import GPTConfig
 from parallel import LayoutError, ParallelConfig, build_step, check_layout, open_checkpoint
 from parallel.checkpoint import policy
@@ -268,7 +268,7 @@ def banner(run, peak, tracer, say):
         pids = run.mesh.world.all_gather(np.array([os.getpid()], dtype=np.int64))
         say("pids: " + " ".join(f"rank {r}={int(p)}" for r, p in enumerate(pids)))
     say(f"mfu: peak {peak / 1e9:.1f} GFLOP/s measured ({cfg.dtype} matmul, {cfg.device}" + (f", {run.world} ranks"
-        if many else "") + f"), {model.flops_per_token() / 1e6:.2f} MFLOP/token | mem: tracemalloc peak"
+        if many else "") + f"), {model.flops_per_token() / 1e6:.2f} MFLOP/token | mem: {tracer.what}"
         + (" (largest rank), " if many else ", ") + ("every step" if tracer.every == 1 else
                                                     f"traced on the first step and every {tracer.every}th step only"))
     if run.resumed_from:
@@ -280,7 +280,11 @@ def banner(run, peak, tracer, say):
 def train(run, tracer):
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
     say = print if run.is_main else (lambda *a, **k: None)
-    tracer.every = cfg.mem_trace_interval
+    if cfg.device == "gpu" and isinstance(tracer, MemoryTracer):     # the arrays live on the device
+        tracer.stop()
+        tracer = DeviceMemoryTracer()
+    else:
+        tracer.every = cfg.mem_trace_interval
     peak = measure_peak_flops(cfg.dtype) * run.world
     flops_per_token, tokens_per_step = model.flops_per_token(), cfg.batch_size * T * cfg.grad_accum
     banner(run, peak, tracer, say)

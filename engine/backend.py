@@ -20,7 +20,7 @@ _ENV = os.environ.get("ENGINE_DEVICE", "cpu").strip() or "cpu"
 if _ENV not in DEVICES:
     raise SystemExit(f"error: ENGINE_DEVICE={_ENV!r}: expected one of {', '.join(DEVICES)}")
 _EMULATED = _ENV == "gpu-emulated"
-_DEVICE = "cpu"
+_DEVICE = "cpu" if _ENV == "cpu" else "gpu"     # CuPy (or the double) loads on first use
 _cupy = None
 _cupyx = None
 
@@ -39,6 +39,17 @@ def _import_cupy():
             raise RuntimeError("--device gpu needs CuPy: pip install -e .[gpu]") from e
         _cupy, _cupyx = cupy, cupyx
     return _cupy
+
+
+def use_double():
+    """Make "the GPU" the device double from now on (for tests in a CPU process; the
+    environment's ENGINE_DEVICE=gpu-emulated does it at start). Arrays are still created on
+    the CPU until set_device('gpu')."""
+    global _EMULATED
+    if _cupy is not None and not _EMULATED:
+        raise RuntimeError("CuPy is already loaded in this process: the double cannot replace it")
+    _EMULATED = True
+    return _import_cupy()
 
 
 def default_device():
@@ -117,6 +128,42 @@ def device_bytes():
     if _cupy is None:
         return 0
     return int(_cupy.get_default_memory_pool().used_bytes())
+
+
+_peak_hook = None
+
+
+def device_peak(reset=False):
+    """Peak device bytes in use since the last ``device_peak(reset=True)``.
+
+    The double counts every array itself (engine/device_double.py, memory.peak). CuPy's pool
+    keeps no peak, so on a real GPU a memory hook (cupy.cuda.MemoryHook, entered once for
+    this thread) adds each pool malloc and subtracts each free."""
+    global _peak_hook
+    cp = _import_cupy()
+    if _EMULATED:
+        if reset:
+            cp.memory.reset_peak()
+        return cp.memory.peak
+    if _peak_hook is None:
+        class PeakHook(cp.cuda.MemoryHook):
+            name = "engine_device_peak"
+
+            def __init__(self, used):
+                super().__init__()
+                self.used = self.peak = used
+
+            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+                self.used += mem_size
+                self.peak = max(self.peak, self.used)
+
+            def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+                self.used -= mem_size
+        _peak_hook = PeakHook(device_bytes())
+        _peak_hook.__enter__()
+    if reset:
+        _peak_hook.peak = _peak_hook.used
+    return _peak_hook.peak
 
 
 def tune_host_allocator():

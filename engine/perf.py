@@ -33,6 +33,21 @@ def measure_peak_flops(dtype, n=None, reps=5):
     return 2.0 * n ** 3 / best
 
 
+class DeviceMemoryTracer:
+    """Peak bytes of device memory per step (backend.device_peak), for --device gpu: the
+    arrays live there, and tracemalloc would see only the host's share. Every step is
+    measured (the count costs nothing per allocation that matters)."""
+
+    every = 1
+    what = "device peak"
+
+    def begin(self, step):
+        backend.device_peak(reset=True)
+
+    def end(self):
+        return backend.device_peak()
+
+
 class MemoryTracer:
     """Peak bytes of host memory per step, from tracemalloc (which sees every NumPy buffer).
 
@@ -48,9 +63,14 @@ class MemoryTracer:
     config (T 64), 100% for a tiny test model: hence train.py's ``--mem-trace-interval``
     default of 25, announced in the log header."""
 
+    what = "tracemalloc peak"
+
     def __init__(self):
         tracemalloc.start()
         self.every, self.resident, self.last, self.first = 1, 0, 0, True
+
+    def stop(self):
+        tracemalloc.stop()
 
     def begin(self, step):
         if not tracemalloc.is_tracing() and step % self.every == 0:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.autograd import Function, Tensor
+from engine.backend import to_device as D, to_numpy as H
 from engine.flat import FlatParameters, padded_size, shard_range
 from engine.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 from engine.optim import SGD, AdamW, clip_grad_norm_, cosine_lr, grad_norm_sq
@@ -166,12 +167,12 @@ def test_layers_forward_and_backward_into_flat_buffer():
                            for n, p in mod.named_parameters()])
     idx = np.array([[1, 2, 6], [0, 6, 6]])
     y = ln(lin(emb(idx)))                                                   # (2, 3, 5)
-    h = emb.weight.data[idx] @ lin.weight.data.T + lin.bias.data
+    h = H(emb.weight.data)[idx] @ H(lin.weight.data).T + H(lin.bias.data)
     ref = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
-    np.testing.assert_allclose(y.data, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(H(y.data), ref, rtol=1e-10, atol=1e-12)
     up = np.random.default_rng(1).standard_normal(y.shape)
-    y.backward(up)
-    np.testing.assert_allclose(ln.bias.grad, up.sum((0, 1)), rtol=1e-12)
+    y.backward(D(up))
+    np.testing.assert_allclose(H(ln.bias.grad), up.sum((0, 1)), rtol=1e-12)
     gbuf = flat.grad["float64"]
     for p in (emb.weight, lin.weight, lin.bias, ln.weight, ln.bias):
         assert np.shares_memory(p.grad, gbuf) and np.abs(p.grad).sum() > 0
@@ -222,8 +223,8 @@ def test_grads_accumulate_into_grad_buffer_through_backward():
     m = TinyGPT()
     flat = FlatParameters(m.named_parameters())
     w = m.h[0].fc.weight
-    Scale.apply(w, 3.0).backward(np.ones(w.shape, np.float32))
-    Scale.apply(w, 2.0).backward(np.ones(w.shape, np.float32))           # accumulates
+    Scale.apply(w, 3.0).backward(D(np.ones(w.shape, np.float32)))
+    Scale.apply(w, 2.0).backward(D(np.ones(w.shape, np.float32)))        # accumulates
     _, o, k, _ = flat.index["h.0.fc.weight"]
     g = flat.grad["float32"]
     assert (g[o:o + k] == 5.0).all() and g[:o].sum() == 0 and g[o + k:].sum() == 0
