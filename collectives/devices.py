@@ -178,13 +178,19 @@ def local_rank(comm=None):
         node.Free()
 
 
+_selected = []
+
+
 def select_gpu(comm=None):
     """Make device local_rank % device_count current for this process; returns its index.
-    A collective over comm (every rank calls it, before any device array is made)."""
-    local, _ = local_rank(comm)
-    count = backend.device_count()
-    if count < 1:
-        raise RuntimeError("--device gpu: CUDA reports no GPU on this node")
-    index = local % count
-    backend.use_device(index)
-    return index
+    A collective over comm (every rank calls it, before any device array is made); chosen
+    once per process: later calls (a job shrunk in place prepares again, collectives/ulfm.py)
+    keep the device the arrays already live on and move no message."""
+    if not _selected:
+        local, _ = local_rank(comm)
+        count = backend.device_count()
+        if count < 1:
+            raise RuntimeError("--device gpu: CUDA reports no GPU on this node")
+        _selected.append(local % count)
+    backend.use_device(_selected[0])
+    return _selected[0]
