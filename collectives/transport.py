@@ -66,6 +66,8 @@ def to_mpi(buf):
             "(collectives/devices.py; ENGINE_CUDA_AWARE_MPI=1 overrides): device buffers must be staged "
             "through host memory first (collectives/buffers.py flat_in / flat_out)")
     return buf
+
+
 _SMALL_SCRATCH = 1 << 16          # below this many bytes a fresh np.empty is cheaper than the pool
 
 
