@@ -4,7 +4,8 @@ buffers and handed to a CUDA-aware MPI directly, and how each rank picks its GPU
 Always under the device double (ENGINE_DEVICE=gpu-emulated, engine/device_double.py): one
 launch per CUDA awareness (ENGINE_GPU_DOUBLE_CUDA_AWARE=0 at N=4 with 2 "GPUs", so ranks
 take devices 0, 1, 0, 1; =1 at N=3), each running the worker's whole sweep (a few seconds
-per launch). On a machine with CuPy and a GPU, also the real thing at N = 1..4, staged.
+per launch). On a machine with CuPy and a GPU, also the real thing at N = 1..4 staged, and at
+N = 2 as the MPI library answers (CUDA-aware or not).
 The detection order of CUDA awareness (collectives/devices.py) is checked in process.
 """
 import types
@@ -53,6 +54,13 @@ def test_gpu_double_cuda_aware():
 def test_gpu_collectives_staged(n):
     proc = run_mpi(n, "gpu_worker.py", env={"ENGINE_CUDA_AWARE_MPI": "0", "ENGINE_DEVICE": "gpu"}, timeout=300)
     _assert_ran(proc, n)
+
+
+@pytest.mark.skipif(not has_gpu, reason="no CuPy or no GPU")
+def test_gpu_collectives_as_detected():
+    """The MPI's own answer (no override): device buffers go straight to it where it is CUDA-aware."""
+    proc = run_mpi(2, "gpu_worker.py", env={"ENGINE_DEVICE": "gpu"}, timeout=300)
+    _assert_ran(proc, 2)
 
 
 def test_cuda_aware_detection_order(monkeypatch):
