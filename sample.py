@@ -205,6 +205,9 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         check_args(args)
         backend.set_device(args.device)
+        if args.device == "gpu" and env_world() > 1:            # --tp ranks: local rank % GPUs
+            from collectives.devices import select_gpu
+            select_gpu()
         model, tokenizer, manifest = load(args)
         if is_int8(manifest) and args.tp > 1:
             raise ValueError(f"{args.ckpt} holds int8 weights, which decode on one process: drop --tp {args.tp}")

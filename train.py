@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from collectives import Mesh, MeshError, ulfm
+from collectives.devices import select_gpu
 from collectives.launch import env_rank, env_world
 from elastic import contact
 from elastic.inplace import peer_table, train_shrinking
@@ -176,6 +177,8 @@ def prepare(argv, world=None, data=None):
     try:
         mesh = Mesh(dp=par.dp, pp=par.pp, sp=par.sp, tp=par.tp, world=world)
         backend.set_device(cfg.device)
+        if cfg.device == "gpu":
+            select_gpu(mesh.world.mpi)                          # local rank % GPUs (collectives/devices.py)
     except (MeshError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
     policy.check_outputs(mesh.world, cfg.out_dir, {"metrics": cfg.metrics, "trace": cfg.trace},   # a collective

@@ -24,8 +24,17 @@ Beside each measurement: the time the alpha-beta-gamma model (collectives/cost.p
 predicts with alpha, beta, gamma fitted in this launch (a Sendrecv ping-pong sweep and an
 np.add sweep, least squares on relative error), and as the ceiling, the memory-copy and add
 bandwidth of this machine measured with all ranks running at once. --json writes
-{"meta": ..., "rows": [...]} (rows: op, algo, ranks, bytes, time_us, algbw_GBps,
+{"meta": ..., "rows": [...]} (rows: op, algo, mem, ranks, bytes, time_us, algbw_GBps,
 busbw_GBps, ...); --plot draws busbw against size, one line per algorithm and the library.
+
+--device gpu adds, in the same launch and the same interleaved rounds, every algorithm on
+device buffers (rows with mem = device beside mem = host; vs_mpi compares with the library
+on the same memory). Each rank takes its GPU by local rank (collectives/devices.py); device
+"mpi" is the library's collective through the Communicator, which hands it the device
+buffers when the MPI is CUDA-aware and stages them through pinned host buffers otherwise
+(the header says which, and how it was detected). A device call is timed up to the end of
+its stream (synchronize). ENGINE_DEVICE=gpu-emulated runs it on the device double, whose
+times measure the staging code's overhead only, not a GPU.
 
 Measurements behind the fast path's all-gather placement (collectives/direct.py, "Placing
 the own block"), to rerun on your machine:
@@ -55,6 +64,8 @@ from mpi4py import MPI
 
 from bench.collectives_setup import BUSBW, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
 from collectives import Communicator, cost
+from collectives.devices import cuda_aware, cuda_aware_source, select_gpu
+from engine import backend
 from engine.io import atomic_write_json
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
@@ -71,15 +82,27 @@ def time_batch(world, fn, iters):
     return total / iters
 
 
-def sweep(comm, op, algos, sizes, args):
-    """Rows for one collective: every size, every algorithm interleaved round by round."""
+def _synced(fn):
+    """fn, then wait for the GPU's stream: a device call's time includes its kernels."""
+    def call():
+        fn()
+        backend.synchronize()
+    return call
+
+
+def sweep(comm, op, algos, sizes, args, mems=("host",)):
+    """Rows for one collective: every size, every algorithm (on host buffers, and on device
+    buffers when mems has "device") interleaved round by round."""
     world, n = comm.mpi, comm.size
     rows = []
     for nbytes in sizes:
-        case = Case(comm, op, nbytes, np.dtype(args.dtype), args.inplace)
+        cases = {mem: Case(comm, op, nbytes, np.dtype(args.dtype), args.inplace, device=mem == "device")
+                 for mem in mems}
+        case = cases["host"]
         if case.nbytes == 0 and nbytes > 0:
             continue
-        fns = {algo: case.runner(algo) for algo in algos}
+        fns = {(mem, algo): cases[mem].runner(algo) if mem == "host" else _synced(cases[mem].runner(algo))
+               for mem in mems for algo in algos}
         iters = int(min(args.max_iters, max(args.min_iters, args.budget // max(case.nbytes, 1))))
         t0 = time.perf_counter()
         for fn in fns.values():                          # warm-up (plans, pools, pages)
@@ -88,38 +111,42 @@ def sweep(comm, op, algos, sizes, args):
                 fn()
         per_call = world.allreduce((time.perf_counter() - t0) / len(fns) / max(2, iters // 10), op=MPI.MAX)
         iters = int(max(args.min_iters, min(iters, args.round_seconds / per_call)))   # same on every rank
-        per_round = {algo: [] for algo in algos}
+        per_round = {key: [] for key in fns}
         order = list(fns)
         for _ in range(args.rounds):               # ABBA: every algorithm runs early and late alike
-            for algo in order:
-                per_round[algo].append(time_batch(world, fns[algo], iters))
+            for key in order:
+                per_round[key].append(time_batch(world, fns[key], iters))
             order.reverse()
-        for algo in algos:
-            mine = float(np.median(per_round[algo]))
+        for mem, algo in fns:
+            mine = float(np.median(per_round[mem, algo]))
             lo, hi = world.allreduce(mine, op=MPI.MIN), world.allreduce(mine, op=MPI.MAX)
             avg = world.allreduce(mine) / n
             algbw = case.nbytes / avg / 1e9 if avg > 0 else 0.0
             chosen = cost.choose(op, n, case.nbytes) if algo == "auto" else algo
-            rows.append(dict(op=op, algo=algo, chosen=chosen, ranks=n, bytes=case.nbytes, count=case.count,
+            rows.append(dict(op=op, algo=algo, mem=mem, chosen=chosen, ranks=n, bytes=case.nbytes, count=case.count,
                              dtype=args.dtype, inplace=args.inplace, iters=iters * args.rounds,
                              time_us=avg * 1e6, min_us=lo * 1e6, max_us=hi * 1e6, algbw_GBps=algbw,
                              busbw_GBps=algbw * BUSBW[op](n), model_us=None))
-    base = {r["bytes"]: r for r in rows if r["algo"] == "mpi"}
+    base = {(r["bytes"], r["mem"]): r for r in rows if r["algo"] == "mpi"}
     for r in rows:
-        b = base.get(r["bytes"])
+        b = base.get((r["bytes"], r["mem"]))
         r["vs_mpi"] = (b["time_us"] / r["time_us"]) if b and r["time_us"] > 0 else None
     return rows
 
 
 def print_table(op, rows, n):
-    print(f"\n# {op}   busbw = algbw x {BUSBW[op](n):.3f}   vs_mpi = busbw / busbw(mpi) at the same size")
-    print(f"# {'bytes':>10} {'count':>10}  {'algo':<22} {'time_us':>10} {'min_us':>10} {'max_us':>10} "
-          f"{'algbw':>7} {'busbw':>7} {'model_us':>10} {'vs_mpi':>6}")
+    dev = any(r["mem"] == "device" for r in rows)
+    print(f"\n# {op}   busbw = algbw x {BUSBW[op](n):.3f}   vs_mpi = busbw / busbw(mpi) at the same size"
+          + (" and memory (host / device buffers)" if dev else ""))
+    memcol = f"{'mem':<6} " if dev else ""
+    print(f"# {'bytes':>10} {'count':>10}  {memcol}{'algo':<22} {'time_us':>10} {'min_us':>10} "
+          f"{'max_us':>10} {'algbw':>7} {'busbw':>7} {'model_us':>10} {'vs_mpi':>6}")
     for r in rows:
         algo = r["algo"] if r["algo"] != "auto" else f"auto({r['chosen']})"
         model = f"{r['model_us']:10.1f}" if r["model_us"] is not None else f"{'-':>10}"
         ratio = f"{r['vs_mpi']:6.2f}" if r["vs_mpi"] is not None else f"{'-':>6}"
-        print(f"  {r['bytes']:>10} {r['count']:>10}  {algo:<22} {r['time_us']:10.1f} {r['min_us']:10.1f} "
+        mem = f"{r['mem']:<6} " if dev else ""
+        print(f"  {r['bytes']:>10} {r['count']:>10}  {mem}{algo:<22} {r['time_us']:10.1f} {r['min_us']:10.1f} "
               f"{r['max_us']:10.1f} {r['algbw_GBps']:7.3f} {r['busbw_GBps']:7.3f} {model} {ratio}")
     sys.stdout.flush()
 
@@ -128,8 +155,8 @@ def goal_summary(rows):
     """The issue's goal at N=2: auto >= 1.0x mpi busbw from 64 KiB, <= 1.5x its latency at <= 4 KiB."""
     lines = []
     for op in ("all_reduce", "reduce_scatter", "all_gather"):
-        auto = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "auto"}
-        mpi = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "mpi"}
+        auto = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "auto" and r["mem"] == "host"}
+        mpi = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "mpi" and r["mem"] == "host"}
         big = [auto[b]["vs_mpi"] for b in auto if b >= 65536 and b in mpi]
         small = [auto[b]["time_us"] / mpi[b]["time_us"] for b in auto if 0 < b <= 4096 and b in mpi]
         if big or small:
@@ -146,10 +173,13 @@ def plot(path, rows, meta):
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
     for ax, op in zip(axes[0], ops):
-        for algo in dict.fromkeys(r["algo"] for r in rows if r["op"] == op):
-            pts = [(r["bytes"], r["busbw_GBps"]) for r in rows if r["op"] == op and r["algo"] == algo]
-            style = dict(color="black", linestyle="--", linewidth=2) if algo == "mpi" else {}
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=algo if algo != "mpi" else "mpi (library)", **style)
+        for algo, mem in dict.fromkeys((r["algo"], r["mem"]) for r in rows if r["op"] == op):
+            pts = [(r["bytes"], r["busbw_GBps"]) for r in rows if r["op"] == op and r["algo"] == algo
+                   and r["mem"] == mem]
+            style = dict(color="black" if mem == "host" else "dimgrey", linestyle="--", linewidth=2) \
+                if algo == "mpi" else {}
+            label = (algo if algo != "mpi" else "mpi (library)") + (" (device)" if mem == "device" else "")
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label, **style)
         for name, key in (("memcpy", "memcpy_GBps"), ("add", "add_GBps")):
             ax.axhline(meta[key], color="grey", linestyle=":", linewidth=1)
             ax.text(rows[0]["bytes"], meta[key], f" {name} ceiling", va="bottom", fontsize=7, color="grey")
@@ -179,12 +209,20 @@ def main(argv=None):
                    help="cap on the time of one algorithm's batch per round (iterations shrink to fit)")
     p.add_argument("--min-iters", type=int, default=2)
     p.add_argument("--max-iters", type=int, default=200)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: also every algorithm on device buffers (rows marked mem=device), on the GPU "
+                        "each rank selects (local rank %% GPUs); ENGINE_DEVICE=gpu-emulated: the device double")
     p.add_argument("--json", help="write the rows and metadata as JSON")
     p.add_argument("--plot", help="write busbw vs size as a PNG (needs matplotlib)")
     args = p.parse_args(argv)
 
     comm = Communicator()
     n, rank = comm.size, comm.rank
+    mems = ("host",)
+    if args.device == "gpu":
+        backend.set_device("gpu")
+        gpu = select_gpu(comm.mpi)
+        mems = ("host", "device")
     ops = OPS if args.op == "all" else tuple(args.op.split(","))
     sizes = parse_sizes(args.sizes)
     ceiling = measure_ceiling(comm, min(max(sizes), 64 << 20))
@@ -192,18 +230,21 @@ def main(argv=None):
     rows = []
     for op in ops:
         algos = args.algo.split(",") if args.algo else ["auto", *cost.algorithms(op), "mpi"]
-        rows += sweep(comm, op, algos, sizes, args)
+        rows += sweep(comm, op, algos, sizes, args, mems)
         if rank == 0:
             print(f"# {op} done", file=sys.stderr, flush=True)
-    abg = fit_rows(rows, n)
+    abg = fit_rows([r for r in rows if r["mem"] == "host"], n)
     for r in rows:
-        if r["algo"] != "mpi":
+        if r["algo"] != "mpi" and r["mem"] == "host":     # the model is of host memory
             r["model_us"] = cost.predict(r["op"], r["chosen"], n, r["bytes"], abg) * 1e6
     meta = dict(ranks=n, mpi=MPI.Get_library_version().splitlines()[0].strip(), numpy=np.__version__,
                 python=platform.python_version(), dtype=args.dtype, inplace=args.inplace,
                 alpha_us=abg[0] * 1e6, beta_ns_per_B=abg[1] * 1e9, gamma_ns_per_B=abg[2] * 1e9,
                 sendrecv_alpha_us=raw[0] * 1e6, sendrecv_beta_ns_per_B=raw[1] * 1e9,
                 add_gamma_ns_per_B=raw[2] * 1e9, auto_params=cost.params(), **ceiling)
+    if args.device == "gpu":
+        meta.update(device="device double (emulated)" if backend.emulated() else "CuPy", gpu=gpu,
+                    gpus=backend.device_count(), cuda_aware=cuda_aware(), cuda_aware_source=cuda_aware_source())
     if rank == 0:
         def abg_text(a, b, g):
             bw = lambda x: f"{1 / x / 1e9:.2f} GB/s" if x > 0 else "-"
@@ -216,6 +257,10 @@ def main(argv=None):
         print(f"#   to make algo=auto use it: ENGINE_COMM_COST={abg[0]:.3g},{abg[1]:.3g},{abg[2]:.3g} "
               f"(now {','.join(f'{v:.3g}' for v in cost.params())})")
         print(f"# raw library and memory ({raw_note}): {abg_text(*raw)}")
+        if args.device == "gpu":
+            print(f"# device rows: {meta['device']}, {meta['gpus']} GPUs (local rank % GPUs), MPI "
+                  f"{'CUDA-aware: device buffers to MPI' if meta['cuda_aware'] else 'not CUDA-aware: staged via pinned host buffers'}"
+                  f" ({meta['cuda_aware_source']}); model_us is of host rows only")
         for op in ops:
             print_table(op, [r for r in rows if r["op"] == op], n)
         if n == 2:

@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from collectives.cost import coefficients
 from collectives.ops import SUM, mpi_buffer, mpi_op, resolve
+from engine import backend
 
 BUSBW = {  # nccl-tests' bus bandwidth factors
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -56,7 +57,7 @@ class Case:
     the arrays in memory moves single-copy transfer times by up to 2x here, so separate
     buffers would compare allocations, not algorithms), and a zero-argument runner each."""
 
-    def __init__(self, comm, op, nbytes, dtype, inplace):
+    def __init__(self, comm, op, nbytes, dtype, inplace, device=False):
         n = comm.size
         count = nbytes // dtype.itemsize
         if op in ("reduce_scatter", "all_gather", "all_to_all"):
@@ -67,11 +68,18 @@ class Case:
         r, k = comm.rank, count // n
         self.x = np.ones(count if op != "all_gather" else k, dtype)
         self.out = np.ones(count if op != "reduce_scatter" else k, dtype)
+        self.device = device                        # the buffers on the GPU (engine.backend's device)
+        if device:
+            self.x, self.out = backend.to_device(self.x), backend.to_device(self.out)
         self.block = self.out[r * k:(r + 1) * k] if op == "all_gather" else None
 
     def runner(self, algo):
+        """algo="mpi" on host buffers: the library called directly through mpi4py; on device
+        buffers: through the Communicator (library.py), which hands the library the device
+        buffers where the MPI is CUDA-aware and stages them through pinned host memory
+        otherwise, as it does for every hand-written algorithm."""
         c, op, x, out = self.comm, self.op, self.x, self.out
-        if algo == "mpi":
+        if algo == "mpi" and not self.device:
             return self._library()
         if op == "all_reduce":
             return (lambda: c.all_reduce(out, algo=algo)) if self.inplace else \

@@ -8,20 +8,18 @@
   ranks, so any c (0, 1, primes, c not divisible by N) is allowed.
 - Devices. CuPy arrays: the stream is synchronized before MPI reads a buffer
   (engine.backend.synchronize). If the MPI library is CUDA-aware the device buffers are
-  passed to MPI directly; otherwise they are staged: copied to host arrays, reduced there,
-  and copied back into the caller's device array when the collective completes.
-  CUDA awareness is ENGINE_CUDA_AWARE_MPI=1|0 if set, else what mpi4py reports
-  (MPI.Query_cuda_support, MPIX_Query_cuda_support), else assumed absent (staging is
-  always correct, only slower).
+  passed to MPI directly; otherwise they are staged: copied into pinned host buffers lent
+  by devices.POOL (reused: a repeated collective allocates nothing), reduced there, and
+  copied back into the caller's device array when the collective completes. How CUDA
+  awareness is detected, and the ENGINE_CUDA_AWARE_MPI override: devices.py.
 """
-import os
 from functools import lru_cache
 
 import numpy as np
-from mpi4py import MPI
 
 from engine import backend
 
+from .devices import cuda_aware, to_host
 from .ops import AVG, finish
 
 
@@ -75,25 +73,6 @@ def check_counts(counts, n, what):
     return ints
 
 
-_cuda_aware = None
-
-
-def cuda_aware():
-    """Whether device buffers may be handed to MPI (see module docstring)."""
-    global _cuda_aware
-    if _cuda_aware is None:
-        env = os.environ.get("ENGINE_CUDA_AWARE_MPI")
-        if env is not None:
-            _cuda_aware = env.strip() not in ("", "0", "false", "no")
-        else:
-            query = getattr(MPI, "Query_cuda_support", None)
-            try:
-                _cuda_aware = bool(query()) if query is not None else False
-            except Exception:  # pragma: no cover - depends on the MPI library
-                _cuda_aware = False
-    return _cuda_aware
-
-
 def is_device(a):
     return type(a) is not np.ndarray and backend.is_device_array(a)
 
@@ -115,7 +94,7 @@ def staging(*arrays):
 def flat_in(a, stage):
     """Flat contiguous array holding a's data, for reading."""
     if stage:
-        return np.ascontiguousarray(backend.to_numpy(a)).reshape(-1)
+        return to_host(a)
     if a.flags.c_contiguous:
         return a if a.ndim == 1 else a.reshape(-1)
     return backend.get_array_module(a).ascontiguousarray(a).reshape(-1)
@@ -125,7 +104,7 @@ def flat_out(a, stage, writebacks):
     """Flat contiguous array to write a's new contents into; when that is a temporary
     (non-contiguous or staged), a copy-back is appended to `writebacks`."""
     if stage:
-        h = np.ascontiguousarray(backend.to_numpy(a)).reshape(-1)   # keeps a's contents (in-place ops)
+        h = to_host(a)                 # keeps a's contents (in-place ops)
         writebacks.append(lambda: backend.copy_into(a, h.reshape(a.shape)))
         return h
     if a.flags.c_contiguous:

@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from .ops import MAX, MIN, mpi_op
 from .ops import mpi_buffer as _mpi_buffer
+from .transport import to_mpi
 
 IN_PLACE = MPI.IN_PLACE
 
@@ -23,8 +24,9 @@ IN_PLACE = MPI.IN_PLACE
 def mpi_buffer(a):
     """The message spec of array a. An empty array travels as a fresh empty one: NumPy gives
     an empty slice its base's address (x[k:k] of x starts where x does), and MPICH refuses
-    a send and receive buffer at the same address as aliased, even with nothing to move."""
-    return _mpi_buffer(a if a.size else np.empty(1, a.dtype)[:0])
+    a send and receive buffer at the same address as aliased, even with nothing to move.
+    A device array is checked at the hand-off (transport.to_mpi)."""
+    return _mpi_buffer(to_mpi(a) if a.size else np.empty(1, a.dtype)[:0])
 
 
 def _run(t, blocking_call, nonblocking_call, *args):

@@ -4,7 +4,8 @@ Arrays travel as raw bytes (MPI.BYTE) through mpi4py's buffer methods, so every 
 (bfloat16 included) moves without pickling; the receiver provides an array of the right
 shape and dtype, as with torch.distributed.recv. User messages use their own duplicate of
 the MPI communicator, so they can never match a collective's internal messages.
-Device arrays are staged through host buffers unless the MPI is CUDA-aware (buffers.py).
+Device arrays are staged through pinned host buffers unless the MPI is CUDA-aware
+(buffers.py, devices.py); every buffer passes transport.to_mpi's check on its way to MPI.
 Under ENGINE_COMM_TIMEOUT every blocking form waits by polling against the deadline and a
 handle's wait() does too (watchdog.py), naming the peer that never came.
 """
@@ -15,7 +16,7 @@ from mpi4py import MPI
 from engine import backend
 
 from .buffers import as_array, flat_in, flat_out, staging
-from .transport import ACTIVE, Completed, Handle
+from .transport import ACTIVE, Completed, Handle, to_mpi
 
 BYTE = MPI.BYTE
 
@@ -39,7 +40,7 @@ class PointToPoint:
         """Blocking send of array x to rank dst."""
         x = as_array(x, "send buffer")
         _, stage = staging(x)
-        buf = flat_in(x, stage)
+        buf = to_mpi(flat_in(x, stage))
         if ACTIVE or self._watch is not None:   # handles in flight, or a deadline: wait by polling
             self.isend(x, dst, tag).wait()
             return
@@ -56,7 +57,7 @@ class PointToPoint:
         """Non-blocking send; x must not be modified until handle.wait()."""
         x = as_array(x, "send buffer")
         _, stage = staging(x)
-        buf = flat_in(x, stage)
+        buf = to_mpi(flat_in(x, stage))
         self._log("->", dst, "isend", buf.nbytes, tag)
         self._traffic.add("p2p", buf.nbytes)
         req = self._p2p.Isend([buf, BYTE], dst, tag)
@@ -70,7 +71,7 @@ class PointToPoint:
         x = as_array(x, "receive buffer")
         _, stage = staging(x)
         wbs = []
-        buf = flat_out(x, stage, wbs)
+        buf = to_mpi(flat_out(x, stage, wbs))
         source = MPI.ANY_SOURCE if src is None else src
         self._log("<-", source, "irecv", buf.nbytes, tag)
         req = self._p2p.Irecv([buf, BYTE], source, tag)
@@ -88,9 +89,9 @@ class PointToPoint:
         if out is None:
             out = backend.get_array_module(x).empty_like(x)
         _, stage = staging(x, out)
-        sbuf = flat_in(x, stage)
+        sbuf = to_mpi(flat_in(x, stage))
         wbs = []
-        rbuf = flat_out(out, stage, wbs)
+        rbuf = to_mpi(flat_out(out, stage, wbs))
         source = peer if recv_from is None else recv_from
         self._log("->", peer, "send", sbuf.nbytes, tag)
         self._log("<-", source, "recv", rbuf.nbytes, tag)

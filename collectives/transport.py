@@ -36,14 +36,38 @@ that times out knows which ranks it is still waiting for. The Communicator then 
 blocking collectives as such Handles too.
 
 ENGINE_TRACE=1 prints one line per message: rank, peer, operation, bytes.
+
+The hand-off to MPI. Every payload buffer reaches the library through `to_mpi` (the
+Transport's moves here, library.py's message specs, p2p.py's sends and receives): a device
+array there while the MPI is not CUDA-aware (devices.py) is a path that forgot to stage
+(buffers.py), and raises DeviceBufferError instead of handing MPI a pointer it cannot read.
 """
 import sys
 
+import numpy as np
 from mpi4py import MPI
 
+from .devices import cuda_aware
 from .watchdog import wait_until
 
 BYTE = MPI.BYTE
+_ndarray = np.ndarray
+
+
+class DeviceBufferError(TypeError):
+    """A device array reached MPI, which is not CUDA-aware."""
+
+
+def to_mpi(buf):
+    """buf, checked at the hand-off to MPI (see the module docstring)."""
+    if type(buf) is not _ndarray and hasattr(buf, "__cuda_array_interface__") and not cuda_aware():
+        raise DeviceBufferError(
+            f"a device array ({buf.dtype}, {buf.size} elements) was handed to MPI, which is not CUDA-aware "
+            "(collectives/devices.py; ENGINE_CUDA_AWARE_MPI=1 overrides): device buffers must be staged "
+            "through host memory first (collectives/buffers.py flat_in / flat_out)")
+    return buf
+
+
 _SMALL_SCRATCH = 1 << 16          # below this many bytes a fresh np.empty is cheaper than the pool
 
 
@@ -125,12 +149,16 @@ class Transport:
 
     def isend(self, buf, dest):
         self.traffic.add(self.kind, buf.nbytes)
+        if type(buf) is not _ndarray:
+            to_mpi(buf)
         req = self.comm.Isend([buf, BYTE], dest, self.tag)
         if self.posted is not None:
             self.posted.append((req, dest))
         return req
 
     def irecv(self, buf, source):
+        if type(buf) is not _ndarray:
+            to_mpi(buf)
         req = self.comm.Irecv([buf, BYTE], source, self.tag)
         if self.posted is not None:
             self.posted.append((req, source))
@@ -140,6 +168,8 @@ class Transport:
         """Send sbuf to dest while receiving rbuf from source; returns the requests to wait on
         (none in blocking mode, where it is one MPI_Sendrecv)."""
         self.traffic.add(self.kind, sbuf.nbytes)
+        if type(sbuf) is not _ndarray or type(rbuf) is not _ndarray:
+            to_mpi(sbuf), to_mpi(rbuf)
         if self.blocking:
             self.comm.Sendrecv([sbuf, BYTE], dest, self.tag, [rbuf, BYTE], source, self.tag)
             return ()
@@ -266,12 +296,13 @@ class Handle:
         self.done = True
         self._gen = None
         ACTIVE.remove(self)
+        finish, t, self._finish, self._t = self._finish, self._t, None, None   # a kept handle pins no buffer
         try:
-            if self._finish is not None:
-                self._result = self._finish()
+            if finish is not None:
+                self._result = finish()
         finally:
-            if self._t is not None:
-                self._t.release()
+            if t is not None:
+                t.release()
         for fn in self._then:
             fn()
 

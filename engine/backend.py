@@ -77,6 +77,22 @@ def device():
     return _DEVICE
 
 
+def device_count():
+    """GPUs this process can see (CUDA's count; the double's ENGINE_GPU_DOUBLE_DEVICES)."""
+    return int(_import_cupy().cuda.runtime.getDeviceCount())
+
+
+def use_device(index):
+    """Make GPU `index` current: arrays created from now on live there (cupy.cuda.Device.use).
+    Which index a rank takes is collectives/devices.py's select_gpu (it needs MPI)."""
+    _import_cupy().cuda.Device(index).use()
+
+
+def current_device():
+    """The index of the current GPU."""
+    return int(_import_cupy().cuda.Device().id)
+
+
 def xp():
     """The array module for newly created arrays (numpy or cupy)."""
     return _import_cupy() if _DEVICE == "gpu" else np

@@ -1,4 +1,5 @@
-"""bench/collectives.py runs end to end: table, JSON rows with the documented keys, PNG."""
+"""bench/collectives.py runs end to end: table, JSON rows with the documented keys, PNG; and
+--device gpu on the device double (host and device rows side by side)."""
 import json
 
 from mpi_util import describe, run_mpi
@@ -22,3 +23,20 @@ def test_bench_collectives_smoke(tmp_path):
     ar = [r for r in rows if r["op"] == "all_reduce" and r["bytes"] == 16384]
     assert all(abs(r["busbw_GBps"] - r["algbw_GBps"]) < 1e-12 for r in ar)     # 2(n-1)/n = 1 at n = 2
     assert png.stat().st_size > 1000
+
+
+def test_bench_collectives_device_rows(tmp_path):
+    js = tmp_path / "d.json"
+    proc = run_mpi(2, "-m bench.collectives", "--device", "gpu", "--op", "all_reduce,all_gather", "--sizes", "1KB:2KB",
+                   "--rounds", "1", "--max-iters", "2", "--json", js, timeout=180, env={"ENGINE_DEVICE": "gpu-emulated"})
+    assert proc.returncode == 0, describe(proc)
+    assert "# device rows: device double (emulated)" in proc.stdout and "not CUDA-aware: staged" in proc.stdout, \
+        describe(proc)
+    rows = json.loads(js.read_text())["rows"]
+    for op in ("all_reduce", "all_gather"):
+        host = {(r["algo"], r["bytes"]) for r in rows if r["op"] == op and r["mem"] == "host"}
+        dev = {(r["algo"], r["bytes"]) for r in rows if r["op"] == op and r["mem"] == "device"}
+        assert host == dev and ("mpi", 1024) in dev and len(dev) >= 6, (op, host, dev)
+    assert all(r["vs_mpi"] == 1.0 for r in rows if r["algo"] == "mpi")
+    assert all(r["model_us"] is None for r in rows if r["mem"] == "device")
+    assert any(line.split()[2:3] == ["device"] for line in proc.stdout.splitlines()), describe(proc)
