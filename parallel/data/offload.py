@@ -40,6 +40,10 @@ buffer has the parameters' dtype:
             stage 2   params kP (+ the buckets in flight, each ~bucket_bytes)         = kP
     host    master kS + grads kS + m, v 2kS + mask S      (+ stage 2's inbox kS)     = (4k + 1) S
     traffic per step: kS device-to-host (gradients), kS host-to-device (parameters)
+
+Transient: the reduced parts stay alive until ``arrived`` (their copies may still be running),
+so at the end of a stage-2 backward up to kS bytes of them are on the device at once (freeing
+each part when an event after its copy is reached would bound that by the parts in flight).
 """
 from engine import backend
 from engine.backend import get_array_module
