@@ -4,6 +4,7 @@
     mpiexec -n 4 python train.py --dp 4 --zero 2       # 4 data-parallel ranks, ZeRO stage 2 (0-3)
     mpiexec -n 2 python train.py --dp 2 --grad-accum 4 # global batch = batch_size * grad_accum sequences
     mpiexec -n 4 python train.py --sp 4 --block-size 256             # each sequence split over 4 ranks (ring)
+    ENGINE_DEVICE=gpu mpiexec -n 2 python train.py --dp 2 --zero 2 --offload optimizer  # AdamW on the host (ZeRO-Offload)
     mpiexec -n 2 python train.py --dp 2 --zero 3 --quant-weights int8 --quant-grads int4 --error-feedback  # ZeRO++
     mpiexec -n 4 python train.py --dp 2 --sp 2 --sp-attention ulysses --zero 3   # 2 replicas x 2 sp ranks
     mpiexec -n 4 python train.py --pp 4 --micro-batches 4 --schedule 1f1b         # 4 pipeline stages
@@ -52,6 +53,7 @@ from engine.optim import cosine_lr
 from engine.perf import DeviceMemoryTracer, MemoryTracer, measure_peak_flops
 from models.gpt import GPTConfig
 from parallel import LayoutError, ParallelConfig, build_step, check_layout, open_checkpoint
+from parallel.config import check_offload_device
 from parallel.checkpoint import policy
 from parallel.checkpoint.replicas import BuddyReplicas, default_store
 from parallel.trace import Tracer, mesh_labels, write_chrome_trace
@@ -148,6 +150,7 @@ def parse_configs(argv):
     need(all(0 <= b < 1 for b in cfg.betas), f"betas must lie in [0, 1), got {cfg.betas}")
     try:
         check_layout(par, model, cfg.batch_size)
+        check_offload_device(par, cfg.device)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     return model, par, cfg

@@ -23,6 +23,7 @@ and device memory:
   pretends MPI is CUDA-aware is ``ENGINE_GPU_DOUBLE_CUDA_AWARE=1`` (default 0, which makes
   the staging path the one tested), read by collectives/buffers.py through ``mpi_cuda_aware()``.
 - What the project calls beyond NumPy's names: ``cuda.get_current_stream().synchronize()``,
+  ``cuda.Stream(non_blocking=True)`` with ``record()`` / ``wait_event()`` (parallel/data/offload.py),
   ``cuda.Device(i).use()``, ``cuda.runtime.getDeviceCount()`` (``ENGINE_GPU_DOUBLE_DEVICES``,
   default 1), ``cuda.alloc_pinned_memory`` / ``empty_pinned`` (counted pinned host bytes),
   ``random.RandomState``, ``scatter_add`` (cupyx's), ``get_array_module``.
@@ -434,9 +435,25 @@ linalg = _Namespace(__name__ + ".linalg", np.linalg)
 
 # -- cuda: devices, streams, pinned memory, the runtime --------------------------------
 
-class _Stream:
+class _Event:
+    """cuda.Event: the double runs everything at once, so an event is always reached."""
+
     def synchronize(self):
         memory.syncs += 1
+
+
+class _Stream:
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        pass
+
+    def synchronize(self):
+        memory.syncs += 1
+
+    def record(self, event=None):
+        return _Event() if event is None else event
+
+    def wait_event(self, event):
+        pass
 
 
 class _Device:
@@ -499,6 +516,7 @@ cuda.Device = _Device
 cuda.runtime = _Runtime()
 cuda.get_current_stream = lambda: _Stream()
 cuda.Stream = type("Stream", (_Stream,), {"null": _Stream()})
+cuda.Event = _Event
 cuda.alloc_pinned_memory = lambda nbytes: empty_pinned(nbytes, np.uint8)
 _POOL = _Pool()
 get_default_memory_pool = lambda: _POOL          # noqa: E731

@@ -113,7 +113,9 @@ class AdamW(_FlatOptimizer):
         self.exp_avg = self.xp.zeros_like(params)       # m, first moment
         self.exp_avg_sq = self.xp.zeros_like(params)    # v, second moment
 
-    def step(self, lr=None, grads=None):
+    def step(self, lr=None, grads=None, on_chunk=None):
+        """One update; on_chunk(a, b), if given, is called as soon as params[a:b] is final (the
+        host optimizer of ZeRO-Offload sends each chunk to the device while the next is updated)."""
         if lr is not None:
             self.lr = float(lr)
         n, tmp = self._prepare(grads)
@@ -139,6 +141,8 @@ class AdamW(_FlatOptimizer):
             xp.divide(m, s, out=s)                      # p -= lr / (1 - b1^t) * m / denom
             s *= -step_size
             p += s
+            if on_chunk is not None:
+                on_chunk(a, b)
 
 
 class SGD(_FlatOptimizer):

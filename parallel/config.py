@@ -17,6 +17,8 @@ composes what passed.
             ZeRO >= 1, pp = tp = 1; --error-feedback needs --quant-grads; --quant-node-size
             divides dp * sp and needs compressed gradients; bf16 needs something left to carry
     Terraformer layers (--reversible, --attention lsh, --loss-sparsity): pp = sp = tp = 1
+    --offload optimizer (ZeRO-Offload, parallel/data/offload.py): ZeRO 1 or 2, pp = sp = tp = 1, no
+            compressed communication; --device gpu (check_offload_device: the device is train's)
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -83,6 +85,11 @@ class ParallelConfig:
     quant_node_size: int = _f(0, "with compressed gradients: reduce them in two hops, inside nodes of this many "
                                  "consecutive dp ranks, then across (ZeRO++ hierarchical qgZ; 1/G of the bytes cross "
                                  "nodes); 0: one all-to-all", metavar="G")
+    offload: str = _f("none", "ZeRO-Offload (Ren et al. 2021), with --zero 1 or 2 on --device gpu: the master "
+                              "parameters' AdamW state (m, v) and the update live on the host, the parameters, "
+                              "activations and gradients on the device; each gradient bucket goes to the host as "
+                              "its reduce-scatter completes, the updated shard comes back (device: 4P bytes at "
+                              "--zero 2, float32)", choices=("none", "optimizer"))
     comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
                                     "when there are several ranks (0: no watchdog)")
 
@@ -120,6 +127,26 @@ def check_compression(par):
         need(group % g == 0, f"--quant-node-size {g} does not divide the {group} ranks of the ZeRO group (dp x sp)")
 
 
+def check_offload(par):
+    """--offload against the layout (the device is checked by check_offload_device)."""
+    if par.offload == "none":
+        return
+    need(par.zero in (1, 2), f"--offload {par.offload} needs --zero 1 or 2: the host keeps this rank's shard of "
+         f"the optimizer state (ZeRO-Offload partitions it as ZeRO-2), got --zero {par.zero}")
+    for n, what in ((par.pp, "--pp"), (par.sp, "--sp"), (par.tp, "--tp")):
+        need(n == 1, f"--offload {par.offload} with {what} {n} is not supported yet: it is built and tested over "
+             "dp with ZeRO 1-2 only")
+    need(par.quant_weights == "none" and par.quant_grads == "none" and par.comm_dtype == "fp32",
+         f"--offload {par.offload} with compressed communication (--quant-weights, --quant-grads, --comm-dtype "
+         "bf16) is not supported yet")
+
+
+def check_offload_device(par, device):
+    """--offload optimizer moves the optimizer off a GPU: refused on the CPU."""
+    need(par.offload == "none" or device == "gpu", f"--offload {par.offload} needs --device gpu: on the CPU the "
+         "optimizer state already lives in host memory")
+
+
 def check_layout(par, model, batch_size):
     """Raise LayoutError unless ``par`` can train ``model`` (a GPTConfig, or a dict of its
     fields) on global batches of ``batch_size`` sequences. Fills par.micro_batches = pp when 0."""
@@ -134,6 +161,7 @@ def check_layout(par, model, batch_size):
     need(par.bucket_mb > 0 and math.isfinite(par.bucket_mb), f"bucket_mb must be positive, got {par.bucket_mb}")
     need(par.comm_timeout >= 0, f"comm_timeout must be >= 0, got {par.comm_timeout}")
     check_compression(par)
+    check_offload(par)
     terra = [f for f, on in (("--reversible", get("reversible")), ("--attention lsh", get("attention") == "lsh"),
                              ("--loss-sparsity", get("loss_sparsity"))) if on]
     if terra:                             # the Terraformer (models/terraformer.py) trains under dp and ZeRO 0-3

@@ -28,6 +28,13 @@ Three modes (the ZeRO stage picks one, parallel/data/zero.py):
                       once complete the bucket is reduce-scattered and this rank's part is
                       added into its gradient shard; the bucket buffer is then freed.
 
+Completion: a bucket whose collective is done is completed (its shard part taken) at once,
+from the next hook that finds it done, in launch order, so its buffer is freed and its
+result handed on while backward still runs; ``finish()`` completes the rest. ``sink``
+(parallel/data/offload.py, ZeRO-Offload) receives every completed bucket's part of this
+rank's shard, (dtype, offset in the shard, device array), in place of the "scatter_copy"
+addition into ``shards``: that is where the gradients leave for the host, bucket by bucket.
+
 Shard geometry: a buffer of padded length N*S splits into rank shards [k S, (k+1) S). A
 bucket [lo, hi) sends count_k = |[lo, hi) & [k S, (k+1) S)| elements to rank k; these
 blocks are consecutive in k, which is exactly the Communicator's uneven-block layout.
@@ -67,20 +74,24 @@ class GradBuckets:
     shards: {dt: 1-D gradient shard} for mode "scatter_copy" (this rank's [r S, (r+1) S)).
     ``enable(False)``: hooks do nothing until ``enable()`` (backward passes that only
     accumulate, stages 0-1: ZeroEngine.no_sync); ``hooks_paused()``: hooks ignored inside (a
-    nested recompute backward, parallel/data/fsdp.py)."""
+    nested recompute backward, parallel/data/fsdp.py). sink(dt, offset, part): see the docstring
+    (modes "scatter" and "scatter_copy")."""
 
-    def __init__(self, flat, comm, mode="all_reduce", bucket_bytes=1 << 20, shards=None, wire=None):
+    def __init__(self, flat, comm, mode="all_reduce", bucket_bytes=1 << 20, shards=None, wire=None, sink=None):
         if mode not in MODES:
             raise ValueError(f"GradBuckets: mode must be one of {MODES}, got {mode!r}")
-        if mode == "scatter_copy" and shards is None:
-            raise ValueError("GradBuckets: mode 'scatter_copy' needs the gradient shards")
-        self.flat, self.comm, self.mode, self.shards = flat, comm, mode, shards
+        if mode == "scatter_copy" and shards is None and sink is None:
+            raise ValueError("GradBuckets: mode 'scatter_copy' needs the gradient shards or a sink")
+        if mode == "all_reduce" and sink is not None:
+            raise ValueError("GradBuckets: a sink takes shard parts, which mode 'all_reduce' does not produce")
+        self.flat, self.comm, self.mode, self.shards, self.sink = flat, comm, mode, shards, sink
         self.wire = wire                            # parallel/data/wire.py: compressed reduce-scatter
         self._enabled, self._paused = True, False
         self.hook_launches = 0                      # buckets started from a hook (not by finish)
         self.buckets, self._of = [], {}
         self._names = {id(p): n for n, p in zip(flat.names, flat.params)}
-        self.launched = []                          # buckets in flight, in launch order
+        self.launched = []                          # buckets launched this backward, in launch order
+        self._completed = 0                         # how many of them are completed
         N = comm.size
         for dt in flat.dtypes:
             padded = len(flat.data[dt])
@@ -135,8 +146,12 @@ class GradBuckets:
         if b.pending == 0:
             self._launch(b)
             self.hook_launches += 1                # overlap: started while backward goes on
-        elif self.launched:
-            self.launched[0].handle.test()         # move the collectives in flight along
+        self._complete_done()                      # move the collectives in flight along
+
+    def _complete_done(self):
+        """Complete, in launch order, the buckets in flight whose collective is done."""
+        while self._completed < len(self.launched) and self.launched[self._completed].handle.test():
+            self._complete(self.launched[self._completed])
 
     def _launch(self, b):
         if b.handle is not None:
@@ -162,19 +177,32 @@ class GradBuckets:
         for b in self.buckets:
             if b.handle is None:
                 if self.mode == "scatter_copy" and b.buf is None:
-                    b.buf = get_array_module(self.shards[b.dt]).zeros(b.hi - b.lo, dtype=self.shards[b.dt].dtype)
+                    like = self.flat.data[b.dt]
+                    b.buf = get_array_module(like).zeros(b.hi - b.lo, dtype=like.dtype)
                 self._launch(b)
-        r = self.comm.rank
+        while self._completed < len(self.launched):
+            self._complete(self.launched[self._completed])
         for b in self.launched:
-            result = b.handle.wait()
-            if self.mode == "scatter_copy":        # this rank's part of the bucket -> its shard
-                shard = self.shards[b.dt]
-                start = max(b.lo, r * shard.size) - r * shard.size
-                if b.counts[r]:
-                    shard[start:start + b.counts[r]] += result
-                b.buf = None
             b.handle, b.pending = None, len(b.params)
-        self.launched = []
+        self.launched, self._completed = [], 0
+
+    def _complete(self, b):
+        """Wait for b's collective and hand on this rank's part of it (to the shard or the sink)."""
+        result = b.handle.wait()
+        self._completed += 1
+        if self.mode == "all_reduce":
+            return
+        r, S = self.comm.rank, len(self.flat.data[b.dt]) // self.comm.size
+        start = max(b.lo, r * S) - r * S                 # where the part lies in this rank's shard
+        if self.mode == "scatter":                       # reduced in place: the part is the buffer's
+            lo = max(b.lo, r * S)
+            result = self.flat.grad[b.dt][lo:lo + b.counts[r]]
+        if b.counts[r]:
+            if self.sink is not None:
+                self.sink(b.dt, start, result)
+            elif self.mode == "scatter_copy":
+                self.shards[b.dt][start:start + b.counts[r]] += result
+        b.buf = None
 
     def describe(self):
         """One line per dtype: the bucket count and sizes."""

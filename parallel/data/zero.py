@@ -30,6 +30,13 @@ Compressed communication (``wire``, parallel/data/wire.py; ZeRO++, Wang et al. 2
 parameter gathers may carry int8 codes or bf16 (every rank computes with the decoded values;
 stages 1-2 then keep the float32 master shard apart from the full buffer, + 4P/N bytes) and the
 gradient reduce-scatter may run as an all-to-all of int8 / int4 / bf16 blocks reduced in float32.
+
+ZeRO-Offload (``offload="optimizer"``, stages 1-2; Ren et al. 2021, arXiv 2101.06840;
+parallel/data/offload.py): the master shard, m and v and the AdamW step move to the host;
+gradient parts leave the device bucket by bucket as their reduce-scatter completes, the
+updated shard comes back before the all-gather. ``param_shards``/``grad_shards`` are then the
+host master and gradient shards (what the norm, clipping and checkpoints read). Device bytes:
+stage 1 8P, stage 2 4P (+ buckets in flight); the host 17P/N (stage 2: 21P/N).
 """
 import math
 import time
@@ -37,12 +44,13 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from engine.backend import get_array_module
+from engine.backend import get_array_module, to_numpy
 from engine.flat import FlatParameters, copy_into, placeholder, shard_range
 from engine.optim import AdamW, clip_grad_norm_, grad_norm_sq
 
 from .buckets import GradBuckets
 from .fsdp import ShardedLayers
+from .offload import MODES as OFFLOAD, HostOptimizer
 from .wire import Wire
 
 STAGES = (0, 1, 2, 3)
@@ -58,12 +66,18 @@ class ZeroEngine:
              and returning one (parallel/data/fsdp.py; None: ``model.blocks``, else its children);
              parameters outside them form the root, gathered for the whole step
     AdamW hyper-parameters as engine/optim.py; bucket_bytes: gradient bucket size; wire: a
-             parallel/data/wire.py Wire over comm (compressed gathers / reduce-scatter; stage >= 1)."""
+             parallel/data/wire.py Wire over comm (compressed gathers / reduce-scatter; stage >= 1).
+    offload  "none", or "optimizer": ZeRO-Offload (stages 1-2, device parameters; see the docstring)."""
 
     def __init__(self, model, comm, stage=0, layers=None, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.0, bucket_bytes=1 << 20, align=1, wire=None):
+                 weight_decay=0.0, bucket_bytes=1 << 20, align=1, wire=None, offload="none"):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+        if offload != "none" and stage not in (1, 2):
+            raise ValueError(f"offload {offload!r} needs ZeRO stage 1 or 2 (the host owns a shard), got {stage}")
+        host = offload == "optimizer"
         self.wire = Wire(comm) if wire is None else wire
         if stage == 0 and (self.wire.weights or self.wire.grads):
             raise ValueError("ZeRO stage 0 gathers no parameters and all-reduces gradients: nothing to compress")
@@ -72,6 +86,7 @@ class ZeroEngine:
         N, r = comm.size, comm.rank
         self.flat = flat = FlatParameters(model.named_parameters(), world=N, align=align)
         self.ranges, self.param_shards, self.grad_shards, self.optim = {}, {}, {}, {}
+        adamw, device, masks = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), {}, {}
         for dt in flat.dtypes:
             lo, hi = shard_range(flat.numel[dt], r, N, align)
             self.ranges[dt] = (lo, hi)
@@ -82,7 +97,7 @@ class ZeroEngine:
                 mask = flat.decay_mask[dt][lo:hi].copy()
                 flat.decay_mask[dt] = None                      # only the shard's mask is kept
                 p = data[lo:hi] if stage < 3 and not master else data[lo:hi].copy()
-                g = grad[lo:hi] if stage == 1 else xp.zeros(hi - lo, dtype=data.dtype)
+                g = grad[lo:hi] if stage == 1 else None if host else xp.zeros(hi - lo, dtype=data.dtype)
                 if stage >= 2:                                  # no full gradient buffer
                     flat.grad[dt] = placeholder(grad.shape, grad.dtype, xp)
                 if stage == 3:                                  # no full parameter buffer
@@ -90,13 +105,23 @@ class ZeroEngine:
             # the owned range: a view of the full buffers in stages 0-1 (params also in 2)
             self.param_shards[dt] = p[lo:hi] if stage == 0 else p
             self.grad_shards[dt] = g[lo:hi] if stage == 0 else g
-            self.optim[dt] = AdamW(p, g, mask, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            if host:                                            # the host's, below
+                device[dt], masks[dt] = p, mask
+            else:
+                self.optim[dt] = AdamW(p, g, mask, **adamw)
+        self.offload = None
+        if host:                                                # the host master and gradient shards
+            self.offload = HostOptimizer(device, masks, accumulate=stage >= 2, **adamw)
+            self.optim = dict(self.offload.optim)
+            self.param_shards = {dt: opt.params for dt, opt in self.optim.items()}
+            self.grad_shards = dict(self.offload.grads)
         if stage >= 2:
             for prm in flat.params:
                 prm.grad = None
         mode = ("all_reduce", "scatter", "scatter_copy", "scatter_copy")[stage]
-        self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 else None,
-                                   wire=self.wire if self.wire.grads is not None else None)
+        self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 and not host else None,
+                                   wire=self.wire if self.wire.grads is not None else None,
+                                   sink=self.offload.receive if host else None)
         self.layers = None
         if stage == 3:
             self.layers = ShardedLayers(self, layers)
@@ -151,6 +176,8 @@ class ZeroEngine:
         self.buckets.enable(True)
         with self.timed_wait():
             self.buckets.finish()
+        if self.offload is not None:                    # the gradient parts are on the host
+            self.offload.arrived()
         self.buckets.enable(self._sync or self.stage >= 2)
 
     @contextmanager
@@ -209,7 +236,10 @@ class ZeroEngine:
     def step(self, lr=None):
         """AdamW on the owned shard; stages 1-2 all-gather the shards into the parameters."""
         for dt, opt in self.optim.items():
-            opt.step(lr)
+            if self.offload is None:
+                opt.step(lr)
+            else:                                       # on the host, then back to the device shard
+                self.offload.step(dt, lr)
             if self.stage in (1, 2):
                 self._gather_params(dt)
         if self.layers is not None:
@@ -221,8 +251,9 @@ class ZeroEngine:
 
     def _gather_params(self, dt):
         """Stages 1-2: the full parameter buffer from every rank's shard (wire: decoded codes)."""
+        shard = self.param_shards[dt] if self.offload is None else self.offload.device[dt]
         with self.timed_wait():
-            self.wire.all_gather(self.param_shards[dt], self.flat.data[dt])
+            self.wire.all_gather(shard, self.flat.data[dt])
 
     def zero_grad(self):
         if self.stage <= 1:
@@ -266,6 +297,8 @@ class ZeroEngine:
             else:
                 copy_into(opt.exp_avg, o["m"])
                 copy_into(opt.exp_avg_sq, o["v"])
+                if self.offload is not None:            # the loaded host master -> the device shard
+                    self.offload.upload(dt)
                 if self.stage < 3:
                     self._gather_params(dt)
             opt.step_count = int(o["step"])
@@ -275,7 +308,7 @@ class ZeroEngine:
         gathered from the shards (a collective; for consolidated checkpoints and tests)."""
         out, state = {"params": {}, "optim": {}}, self.shard_state()
         for dt, o in state["optim"].items():
-            gather = (lambda a: self.comm.all_gather(np.ascontiguousarray(a)))   # (N S,)
+            gather = (lambda a: self.comm.all_gather(np.ascontiguousarray(to_numpy(a))))   # (N S,) host
             out["params"][dt] = gather(state["params"][dt])
             out["optim"][dt] = {"m": gather(o["m"]), "v": gather(o["v"]), "step": o["step"]}
         return out
@@ -288,7 +321,8 @@ class ZeroEngine:
 
     def model_state_bytes(self):
         """Bytes of parameters, gradients and optimizer moments this rank holds between steps
-        (placeholders count 0): the quantity of the ZeRO formulas."""
+        (placeholders count 0; with offload, host and device together): the quantity of the
+        ZeRO formulas."""
         seen, total = set(), 0
         arrays = list(self.param_shards.values()) + list(self.grad_shards.values())
         arrays += list(self.flat.data.values()) + list(self.flat.grad.values())
