@@ -19,6 +19,7 @@ import gc
 import sys
 
 import numpy as np
+from compare import rel
 
 from engine import backend, device_double
 from collectives import Communicator
@@ -72,10 +73,6 @@ def train(eng, steps, accum, batcher, first=0, probe=None):
         losses.append(comm.all_reduce(np.array([total / accum]), op="avg")[0])
     return losses, down, up
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def params_rel(eng, ref):

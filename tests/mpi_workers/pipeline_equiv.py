@@ -15,6 +15,7 @@ bad layouts: each must raise PipelineConfigError with the same line on every ran
 import sys
 
 import numpy as np
+from compare import rel
 
 from collectives import Mesh
 from engine.data import Batcher
@@ -73,10 +74,6 @@ def pipelined(schedule, micro, v):
         losses.append(loss)
     return losses, {n: p.data.copy() for n, p in stage.named_parameters()}, eng
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 failures = 0

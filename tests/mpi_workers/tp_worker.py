@@ -13,6 +13,7 @@ check, against the dense layers every rank builds from the same seed:
 Rank 0 prints "tp=<t> <case> err=<worst relative error>"; the test asserts each below 1e-12.
 """
 import numpy as np
+from compare import rel
 
 from collectives import Communicator
 from engine import ops
@@ -25,10 +26,6 @@ from tp_slices import slice_of
 world = Communicator()
 W, R = world.size, world.rank
 
-
-def rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-300))
 
 
 def mlp_case(comm):

@@ -19,8 +19,10 @@ summation order gives other noise. In float64 that noise is still 1e-13.)
 import sys
 
 import numpy as np
+from compare import rel
 
 from collectives import Communicator
+from engine.backend import to_numpy
 from engine.data import Batcher
 from engine.flat import FlatParameters
 from engine.optim import AdamW, clip_grad_norm_
@@ -115,15 +117,11 @@ def check_after_step(eng):
         expect(all(p.data.strides == (0,) * p.ndim for p in eng.flat.params), "stage 3: a parameter stays gathered")
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def norm_rel(params, ref):
     """||params - ref|| / ||ref|| over every parameter, in float64."""
-    diff = sum(float(((params[n].astype(np.float64) - ref[n]) ** 2).sum()) for n in ref)
-    return (diff / sum(float((ref[n].astype(np.float64) ** 2).sum()) for n in ref)) ** 0.5
+    params, ref = ({n: to_numpy(d[n]).astype(np.float64) for n in ref} for d in (params, ref))
+    diff = sum(float(((params[n] - ref[n]) ** 2).sum()) for n in ref)
+    return (diff / sum(float((ref[n] ** 2).sum()) for n in ref)) ** 0.5
 
 
 failures = 0
