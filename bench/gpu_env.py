@@ -27,7 +27,9 @@ import os
 import subprocess
 import sys
 
-CARRIED = ("mpich", "ml_dtypes", "regex", "mpi4py")     # the wheels --prepare-wheels fetches
+# The wheels --prepare-wheels fetches, name -> requirement. ml_dtypes 0.5 is the last series that
+# accepts NumPy 1.26 on Python 3.12 (0.6 on need NumPy 2), so it loads whichever the machine has.
+CARRIED = {"mpich": "mpich>=4.1", "ml_dtypes": "ml_dtypes>=0.5,<0.6", "regex": "regex>=2022.1", "mpi4py": "mpi4py>=4.0"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux_2_5_x86_64", "manylinux1_x86_64")
 WHEELS_LIMIT = 64 << 20                                  # bytes that may travel with the working tree
@@ -160,7 +162,7 @@ def install(wheels, prefix, names, log):
     names = [n for n in names if glob.glob(os.path.join(wheels, f"{n}-*.whl"))]
     if not names:
         return False, f"no carried wheel for them in {wheels}/"
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--no-deps",
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--no-deps", "--ignore-installed",
            "--prefix", prefix, "--disable-pip-version-check", "--no-warn-script-location", *names]
     rc, out = run_quiet(cmd, None, 300)
     with open(log, "a") as f:
@@ -200,7 +202,7 @@ def prepare_wheels(dest, python_version="3.12"):
     abi = "cp" + python_version.replace(".", "")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", dest,
            "--python-version", python_version, "--implementation", "cp", "--abi", abi, "--abi", "none",
-           *[a for p in PLATFORMS for a in ("--platform", p)], *CARRIED]
+           *[a for p in PLATFORMS for a in ("--platform", p)], *CARRIED.values()]
     print(" ".join(cmd), flush=True)
     rc = subprocess.call(cmd)
     if rc:
