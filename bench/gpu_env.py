@@ -110,7 +110,7 @@ def run_quiet(cmd, env, timeout):
         return 127, str(e)
 
 
-def probe(env, timeout=90):
+def probe(env, timeout=60):
     """The probe's findings (python, each package, MPI launch) in the checks' environment."""
     rc, out = run_quiet([sys.executable, "-c", PROBE], env, timeout)
     line = [s for s in out.splitlines() if s.startswith("PROBE ")]
@@ -118,10 +118,10 @@ def probe(env, timeout=90):
     mpiexec = which("mpiexec", env)
     found["mpiexec"] = {"ok": bool(mpiexec), "path": mpiexec}
     if mpiexec:
-        rc, out = run_quiet([mpiexec, "-n", "2", sys.executable, "-c", LAUNCH], env, 60)
+        rc, out = run_quiet([mpiexec, "-n", "2", sys.executable, "-c", LAUNCH], env, 30)
         ok = rc == 0 and "RANKS 2 2" in out
         found["mpi_launch"] = {"ok": ok, "error": None if ok else (out.strip().splitlines() or [f"rc {rc}"])[-1][:200]}
-        found["mpiexec"]["version"] = (run_quiet([mpiexec, "--version"], env, 20)[1].strip().splitlines() or ["?"])[0]
+        found["mpiexec"]["version"] = (run_quiet([mpiexec, "--version"], env, 10)[1].strip().splitlines() or ["?"])[0]
     else:
         found["mpi_launch"] = {"ok": False, "error": "no mpiexec on PATH"}
     return found
@@ -164,7 +164,7 @@ def install(wheels, prefix, names, log):
         return False, f"no carried wheel for them in {wheels}/"
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--no-deps", "--ignore-installed",
            "--prefix", prefix, "--disable-pip-version-check", "--no-warn-script-location", *names]
-    rc, out = run_quiet(cmd, None, 300)
+    rc, out = run_quiet(cmd, None, 120)
     with open(log, "a") as f:
         f.write(" ".join(cmd) + "\n" + out + "\n")
     return rc == 0, (f"installed {', '.join(names)} into {prefix}" if rc == 0
