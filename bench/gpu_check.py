@@ -24,14 +24,13 @@ PyTorch on the CPU, N = 1, 2, a short test list): the speed goals mean nothing t
 (probe, budgets, parsing, table, JSON, MISSING and FAIL rows) is what tests/test_gpu_check.py tests.
 """
 import argparse
-import json
 import os
 import sys
 import time
 
 from bench import gpu_env
 from bench.gpu_suite import Row, run_logged, run_suite
-from engine.io import atomic_write_json
+from engine.io import CheckpointError, atomic_write_json, load_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 450     # no step runs past it (plus <= 20 s to stop one), so the whole check stays under 8 minutes
@@ -66,10 +65,10 @@ def fresh(out, name):
 
 
 def read_json(path):
+    """A step's JSON, or None if it wrote none (or half of one)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return load_json(path)
+    except CheckpointError:
         return None
 
 
@@ -167,6 +166,7 @@ def main(argv=None):
     p.add_argument("--emulated", action="store_true", help="tiny sizes on the device double, torch on the CPU")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated from {', '.join(CHECKS)}")
     p.add_argument("--wheels", default="wheels", help="folder of carried wheels (default wheels/)")
+    p.add_argument("--prefix", default="out/gpu_env", help="where carried wheels are installed (default out/gpu_env)")
     p.add_argument("--no-install", action="store_true", help="install no carried wheel; use only what is there")
     p.add_argument("--workers", type=int, help="pytest processes for the suite (default 4; 1 emulated)")
     p.add_argument("--prepare-wheels", nargs="?", const="wheels", metavar="DIR",
@@ -186,7 +186,7 @@ def main(argv=None):
     plan = plans(args.emulated)
     out = os.path.join(REPO, "out", "gpu_check")
     os.makedirs(out, exist_ok=True)
-    env, found, miss, notes = gpu_env.provision(REPO, os.path.join(REPO, args.wheels), os.path.join(REPO, "out", "gpu_env"),
+    env, found, miss, notes = gpu_env.provision(REPO, os.path.join(REPO, args.wheels), os.path.join(REPO, args.prefix),
                                                 device, os.path.join(out, "install.log"), not args.no_install)
     lines = preflight_lines(found, miss, notes, device)
     for s in lines:

@@ -36,7 +36,7 @@ def table(stdout):
 def test_emulated_run_prints_table_and_json(tmp_path):
     pytest.importorskip("torch", reason="bench.train_step's baseline is PyTorch")
     out = tmp_path / "gpu_check.json"
-    p = gpu_check(["--emulated", "--json", str(out)], dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+    p = gpu_check(["--emulated", "--json", str(out), "--prefix", str(tmp_path / "prefix")], dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
     result = json.loads(out.read_text())
     assert result["device"] == "gpu-emulated" and result["missing"] == []
     printed = table(p.stdout)
@@ -68,7 +68,7 @@ def test_missing_pieces_are_named_and_their_checks_not_run(tmp_path):
                PATH="/usr/bin:/bin")                                       # no mpiexec, no MPI library
     out = tmp_path / "gpu_check.json"
     p = gpu_check(["--emulated", "--checks", "train_step,collectives", "--wheels", str(tmp_path / "none"),
-                   "--json", str(out)], env)
+                   "--prefix", str(tmp_path / "prefix"), "--json", str(out)], env)
     assert p.returncode == 1
     assert "MISSING torch: ImportError: simulated: no torch here" in p.stdout
     assert "MISSING mpiexec: no mpiexec on PATH -> carried wheel missing: python -m bench.gpu_check --prepare-wheels" \
