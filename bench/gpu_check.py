@@ -166,6 +166,7 @@ def main(argv=None):
     p.add_argument("--emulated", action="store_true", help="tiny sizes on the device double, torch on the CPU")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated from {', '.join(CHECKS)}")
     p.add_argument("--wheels", default="wheels", help="folder of carried wheels (default wheels/)")
+    p.add_argument("--logs", default="out/gpu_check", help="folder of each step's log and JSON (default out/gpu_check)")
     p.add_argument("--prefix", default="out/gpu_env", help="where carried wheels are installed (default out/gpu_env)")
     p.add_argument("--no-install", action="store_true", help="install no carried wheel; use only what is there")
     p.add_argument("--workers", type=int, help="pytest processes for the suite (default 4; 1 emulated)")
@@ -184,7 +185,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     device = "gpu-emulated" if args.emulated else "gpu"
     plan = plans(args.emulated)
-    out = os.path.join(REPO, "out", "gpu_check")
+    out = os.path.join(REPO, args.logs)
     os.makedirs(out, exist_ok=True)
     env, found, miss, notes = gpu_env.provision(REPO, os.path.join(REPO, args.wheels), os.path.join(REPO, args.prefix),
                                                 device, os.path.join(out, "install.log"), not args.no_install)

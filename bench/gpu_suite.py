@@ -80,10 +80,19 @@ def split_files(files, workers):
     return groups
 
 
+SELF_TEST = "tests/test_gpu_check.py"     # runs this check itself (emulated): CI's test, not the GPU's
+
+
+def suite_files(repo):
+    """Every tests/test_*.py of the checkout but SELF_TEST, relative to ``repo``."""
+    found = (os.path.relpath(f, repo) for f in glob.glob(os.path.join(repo, "tests", "test_*.py")))
+    return sorted(f for f in found if f != SELF_TEST)
+
+
 def run_suite(files, env, repo, budget, out, workers):
     """The suite's row: PASS when every worker finished within ``budget`` s with tests passed and
-    no failure or error."""
-    files = files or sorted(os.path.relpath(f, repo) for f in glob.glob(os.path.join(repo, "tests", "test_*.py")))
+    no failure or error. ``files`` None: suite_files(repo)."""
+    files = files or suite_files(repo)
     groups = split_files([os.path.join(repo, f) for f in files], workers)
     t0 = time.perf_counter()
     procs = [(os.path.join(out, f"suite_{i}.log"), g) for i, g in enumerate(groups)]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.gpu_suite import parse_pytest, split_files
+from bench.gpu_suite import SELF_TEST, parse_pytest, split_files, suite_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,8 @@ def table(stdout):
 def test_emulated_run_prints_table_and_json(tmp_path):
     pytest.importorskip("torch", reason="bench.train_step's baseline is PyTorch")
     out = tmp_path / "gpu_check.json"
-    p = gpu_check(["--emulated", "--json", str(out), "--prefix", str(tmp_path / "prefix")], dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+    p = gpu_check(["--emulated", "--json", str(out), "--prefix", str(tmp_path / "prefix"),
+                   "--logs", str(tmp_path / "logs")], dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
     result = json.loads(out.read_text())
     assert result["device"] == "gpu-emulated" and result["missing"] == []
     printed = table(p.stdout)
@@ -68,7 +69,7 @@ def test_missing_pieces_are_named_and_their_checks_not_run(tmp_path):
                PATH="/usr/bin:/bin")                                       # no mpiexec, no MPI library
     out = tmp_path / "gpu_check.json"
     p = gpu_check(["--emulated", "--checks", "train_step,collectives", "--wheels", str(tmp_path / "none"),
-                   "--prefix", str(tmp_path / "prefix"), "--json", str(out)], env)
+                   "--prefix", str(tmp_path / "prefix"), "--logs", str(tmp_path / "logs"), "--json", str(out)], env)
     assert p.returncode == 1
     assert "MISSING torch: ImportError: simulated: no torch here" in p.stdout
     assert "MISSING mpiexec: no mpiexec on PATH -> carried wheel missing: python -m bench.gpu_check --prepare-wheels" \
@@ -98,8 +99,9 @@ def test_parse_pytest_and_split():
                   "12 passed, 3 skipped in 180.04s (0:03:00)\n"
     assert parse_pytest(interrupted)[0] == {"passed": 12, "failed": 0, "skipped": 3, "errors": 0}
     assert parse_pytest("Traceback ...\nImportError: no cupy\n") == (None, [])
-    files = [os.path.join(REPO, "tests", f) for f in sorted(os.listdir(os.path.join(REPO, "tests")))
-             if f.startswith("test_")]
+    names = suite_files(REPO)
+    assert SELF_TEST not in names and "tests/test_ops.py" in names        # the GPU suite does not nest itself
+    files = [os.path.join(REPO, f) for f in names]
     groups = split_files(files, 4)
     assert len(groups) == 4 and sorted(f for g in groups for f in g) == files
     sizes = [sum(os.path.getsize(f) for f in g) for g in groups]
