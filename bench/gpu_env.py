@@ -147,8 +147,8 @@ def missing(found, emulated):
         need("mpi_launch", f"the MPI library and mpiexec must match; {carry}")
     if not emulated:
         no_gpu = None if "error" in found.get("cupy", {}) else "CuPy found no GPU or could not run a kernel"
-        need("cupy", "install the CuPy wheel of the machine's CUDA (pip install cupy-cuda13x, or "
-             "pip install -e .[gpu-cuda13]); too large to carry", no_gpu)
+        need("cupy", "install the CuPy wheel of the machine's CUDA: pip install cupy-cuda13x "
+             "(.[gpu-cuda13]) for CUDA 13, cupy-cuda12x (.[gpu]) for 12; too large to carry", no_gpu)
     t = found.get("torch", {})
     if not t.get("ok"):
         out.append(("torch", t.get("error", "not importable"), "install PyTorch (the baseline of bench.train_step)"))
