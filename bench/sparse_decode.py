@@ -3,6 +3,7 @@ Scaling Transformers" (Jaszczur et al., NeurIPS 2021, arXiv 2111.12763, Table 1)
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m bench.sparse_decode [--json FILE]
     python -m bench.sparse_decode --shapes small --tokens 32     # the small shape only
+    python -m bench.sparse_decode --device gpu                   # on CuPy (synchronized per token)
 
 Variants, each a GPT (models/gpt.py) with a KV cache, float32, batch 1:
   dense       GPT-2 blocks
@@ -30,6 +31,7 @@ import time
 
 import numpy as np
 
+from engine import backend
 from engine.autograd import no_grad
 from engine.io import atomic_write_json
 from models.generate import KVCache, next_logits
@@ -62,8 +64,10 @@ def time_decode(model, prompt, warmup, tokens):
         logits = next_logits(model, idx, caches)
         for i in range(warmup + tokens):
             tok = logits.argmax(axis=1)[:, None]                       # (1, 1) greedy
+            backend.synchronize()                                      # no-op on the CPU
             t0 = time.perf_counter()
-            logits = next_logits(model, tok, caches)
+            logits = next_logits(model, tok, caches)                   # host logits: the device waited
+            backend.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return times
@@ -82,7 +86,8 @@ def run(shapes, prompt_len, warmup, tokens, seed=0):
             del model
             gc.collect()                                               # one model in memory at a time
             dense = s if variant == "dense" else dense
-            rows.append(dict(shape=shape, variant=variant, s_per_token=s, speedup=dense / s, params=params,
+            rows.append(dict(shape=shape, variant=variant, device=backend.device(), s_per_token=s,
+                             speedup=dense / s, params=params,
                              paper_s_per_token=PAPER[variant], paper_speedup=PAPER["dense"] / PAPER[variant]))
             print(f"  built, timed and freed {shape}/{variant}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
     return rows
@@ -124,12 +129,20 @@ def decode_shapes(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_decode_args(p, "paper,small")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=backend.default_device(),
+                   help="cpu (NumPy) or gpu (CuPy); default: $ENGINE_DEVICE, else cpu")
     args = p.parse_args(argv)
     shapes = decode_shapes(args)
     if shapes is None:
         return 2
+    try:
+        backend.set_device(args.device)
+    except RuntimeError as e:                      # no CuPy
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = run(shapes, args.prompt, args.warmup, args.tokens)
-    print("unbatched greedy decoding, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")
+    where = "the device double" if backend.emulated() and args.device == "gpu" else args.device
+    print(f"unbatched greedy decoding on {where}, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")
     print(table(rows))
     if args.json:
         atomic_write_json(args.json, rows)

@@ -1,6 +1,7 @@
-"""One GPT training step on the CPU: this engine against PyTorch eager, in the same launch.
+"""One GPT training step: this engine against PyTorch eager, in the same launch, on the CPU or a GPU.
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m bench.train_step [--json FILE] [--steps N] [--data PATH]
+    python -m bench.train_step --device gpu [--model gpt2]  # CuPy against PyTorch CUDA eager
     python -m bench.train_step --train-iters 2000      # the engine alone: val loss after 2000 iterations
     python -m bench.train_step --profile 25            # cProfile of the engine's step, top 25 by own time
 
@@ -19,6 +20,13 @@ environment). After the warm-up steps, timing alternates blocks of engine and to
 so drift in machine load (other users) hits both; ms/step is the median over measured steps
 (the CPU time of the process, user + system, is printed beside it: less sensitive to other
 processes competing for the cores).
+
+--device gpu runs the engine on CuPy (engine/backend.py; ENGINE_DEVICE=gpu-emulated makes it
+the NumPy device double) and PyTorch on torch.device("cuda") with fused AdamW, as nanoGPT
+configures it on CUDA; both sides synchronize their device before each clock read. Without
+CUDA in torch (the emulated run) the PyTorch side stays on the CPU, and the output says so.
+--model gpt2 is GPT-2 small's shape (n_layer 12, n_head 12, n_embd 768, block 1024, nanoGPT's
+padded vocab 50304, batch 12) on uniform random tokens; --model tiny is a smoke-test shape.
 """
 import argparse
 import os
@@ -28,8 +36,9 @@ import time
 
 import numpy as np
 
+from engine import backend
 from engine.autograd import no_grad
-from engine.data import Batcher, DataError, load_dataset
+from engine.data import Batcher, DataError, Dataset, load_dataset
 from engine.flat import FlatParameters
 from engine.io import atomic_write_json
 from engine.optim import AdamW, clip_grad_norm_, cosine_lr
@@ -38,6 +47,11 @@ from models.terraformer import build_model
 
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
+MODELS = {   # name -> (shape, vocab of random tokens: None = char-level --data)
+    "baby": (MODEL, None),
+    "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0), 50304),
+    "tiny": (dict(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0), 256),
+}
 TRAIN = dict(batch_size=12, lr=1e-3, min_lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1, grad_clip=1.0,
              warmup_iters=100, eval_interval=250, eval_iters=20)
 
@@ -68,6 +82,9 @@ class EngineTrainer:
         self.opt.step(lr)
         self.flat.zero_grad()
         return loss.item()
+
+    def synchronize(self):
+        backend.synchronize()
 
     def eval_loss(self, batches):
         self.model.eval()
@@ -117,7 +134,7 @@ def torch_gpt(torch, cfg):
 
         def forward(self, idx, targets):
             t = self.transformer
-            x = t.drop(t.wte(idx) + t.wpe(torch.arange(idx.shape[1])))
+            x = t.drop(t.wte(idx) + t.wpe(torch.arange(idx.shape[1], device=idx.device)))
             for block in t.h:
                 x = block(x)
             logits = self.lm_head(t.ln_f(x))
@@ -127,29 +144,42 @@ def torch_gpt(torch, cfg):
 
 
 class TorchTrainer:
-    def __init__(self, torch, cfg, initial, decay):
-        self.torch = torch
+    """nanoGPT's step on ``device`` ('cpu' or 'cuda'); fused AdamW on CUDA, as nanoGPT picks it."""
+
+    def __init__(self, torch, cfg, initial, decay, device="cpu"):
+        self.torch, self.device = torch, torch.device(device)
         self.model = torch_gpt(torch, cfg)
-        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in initial.items()}, strict=False)
+        self.model.load_state_dict({k: torch.from_numpy(backend.to_numpy(v)) for k, v in initial.items()},
+                                   strict=False)
+        self.model.to(self.device)
         named = list(self.model.named_parameters())
         groups = [{"params": [p for n, p in named if n in decay], "weight_decay": TRAIN["weight_decay"]},
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=TRAIN["lr"], betas=TRAIN["betas"])
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(groups, lr=TRAIN["lr"], betas=TRAIN["betas"], **fused)
 
     def step(self, x, y, lr):
         torch = self.torch
         for g in self.opt.param_groups:
             g["lr"] = lr
-        _, loss = self.model(torch.from_numpy(x), torch.from_numpy(y))
+        _, loss = self.model(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), TRAIN["grad_clip"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    def synchronize(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
 
-def load_data(path, block_size):
-    """tinyshakespeare char-level by default; the built-in corpus (engine.data) if the file is absent."""
+
+def load_data(path, block_size, vocab=None):
+    """tinyshakespeare char-level by default; the built-in corpus (engine.data) if the file is absent;
+    with ``vocab``, uniform random tokens (seed 0) enough for every batch this benchmark draws."""
+    if vocab:
+        tokens = np.random.default_rng(0).integers(0, vocab, size=256 * block_size, dtype=np.int64)
+        return Dataset(tokens, tokens[: 8 * block_size], None, vocab, f"random tokens (vocab {vocab}, seed 0)")
     if path and os.path.exists(path):
         return load_dataset(path, tokenizer="char", block_size=block_size)
     print(f"note: {path} not found; using the built-in corpus (char-level)", file=sys.stderr)
@@ -162,11 +192,14 @@ def draw(batcher, n):
 
 
 def timed(trainer, batches, lr):
-    """Per step: (wall seconds, CPU seconds of this process: user + system)."""
+    """Per step: (wall seconds, CPU seconds of this process: user + system), the device synchronized
+    before each clock read."""
     out = []
     for x, y in batches:
+        trainer.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.step(x, y, lr)
+        trainer.synchronize()
         out.append((time.perf_counter() - t0, time.process_time() - c0))
     return out
 
@@ -180,10 +213,16 @@ def compare(args, cfg, data):
         raise SystemExit(2) from None
     threads = blas_threads()
     torch.set_num_threads(threads)
+    torch_device, note = "cpu", ""
+    if backend.device() == "gpu":
+        if torch.cuda.is_available():
+            torch_device = "cuda"
+        else:
+            note = " (note: torch has no CUDA here, so its side runs on the CPU)"
     batcher = Batcher(data.train, TRAIN["batch_size"], cfg.block_size, seed=0)
     batches = draw(batcher, args.warmup + args.steps)
     eng = EngineTrainer(cfg)
-    ref = TorchTrainer(torch, cfg, eng.initial, eng.decay)
+    ref = TorchTrainer(torch, cfg, eng.initial, eng.decay, torch_device)
     lr = TRAIN["lr"]
     first = (eng.step(*batches[0], lr), ref.step(*batches[0], lr))
     for b in batches[1:args.warmup]:                       # warm-up: caches, allocator, BLAS
@@ -199,9 +238,11 @@ def compare(args, cfg, data):
     mean = {k: 1e3 * statistics.fmean(v) for k, v in wall.items()}
     cpu = {k: 1e3 * statistics.median([c for _, c in v]) for k, v in times.items()}
     ratio = ms["engine"] / ms["torch"]
-    print(f"nanoGPT CPU config: n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, "
+    engine_device = "gpu (device double)" if backend.emulated() and backend.device() == "gpu" else backend.device()
+    print(f"model {args.model}: n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, "
           f"block {cfg.block_size}, batch {TRAIN['batch_size']}, float32, AdamW; threads {threads}")
-    print(f"data: {data.source} (char-level, vocab {data.vocab_size}); {args.steps} timed steps each "
+    print(f"device: engine {engine_device}, torch {torch_device}{note}")
+    print(f"data: {data.source} (vocab {data.vocab_size}); {args.steps} timed steps each "
           f"after {args.warmup} warm-up, alternating blocks of {args.block}")
     print(f"first-step loss: engine {first[0]:.6f}  torch {first[1]:.6f}")
     print(f"{'':8s} {'ms/step':>9s} {'mean':>9s} {'min':>9s} {'cpu ms':>9s}")
@@ -212,7 +253,7 @@ def compare(args, cfg, data):
             "engine_mean_ms": mean["engine"], "torch_mean_ms": mean["torch"],
             "engine_cpu_ms_per_step": cpu["engine"], "torch_cpu_ms_per_step": cpu["torch"], "threads": threads,
             "steps": args.steps, "warmup": args.warmup, "first_loss": {"engine": first[0], "torch": first[1]},
-            "data": data.source}
+            "data": data.source, "model": args.model, "engine_device": engine_device, "torch_device": torch_device}
 
 
 def train(args, cfg, data):
@@ -262,15 +303,25 @@ def main(argv=None):
     p.add_argument("--data", default=DEFAULT_DATA, help=f"text file, char-level (default {DEFAULT_DATA})")
     p.add_argument("--train-iters", type=int, metavar="N", help="train the engine N iterations; report val loss")
     p.add_argument("--profile", type=int, metavar="TOP", help="cProfile --steps engine steps; print TOP rows")
+    p.add_argument("--model", choices=tuple(MODELS), default="baby",
+                   help="baby: nanoGPT's char-level CPU run (default); gpt2: GPT-2 small's shape on random tokens")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=backend.default_device(),
+                   help="cpu (NumPy) or gpu (CuPy; torch on CUDA); default: $ENGINE_DEVICE, else cpu")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.block < 1:
         p.error("--steps, --warmup and --block must be positive")
+    shape, vocab = MODELS[args.model]
     try:
-        data = load_data(args.data, MODEL["block_size"])
+        data = load_data(args.data, shape["block_size"], vocab)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = GPTConfig(vocab_size=data.vocab_size, **MODEL)
+    try:
+        backend.set_device(args.device)
+    except RuntimeError as e:                      # no CuPy
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = GPTConfig(vocab_size=data.vocab_size, **shape)
     if args.profile:
         return profile(args, cfg, data, args.profile)
     result = train(args, cfg, data) if args.train_iters else compare(args, cfg, data)

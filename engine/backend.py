@@ -36,7 +36,8 @@ def _import_cupy():
             import cupy  # noqa: F401  (the only CuPy import in the project)
             import cupyx
         except ImportError as e:  # pragma: no cover - depends on the machine
-            raise RuntimeError("--device gpu needs CuPy: pip install -e .[gpu]") from e
+            raise RuntimeError("--device gpu needs CuPy: pip install -e .[gpu] (CUDA 12) or "
+                               ".[gpu-cuda13] (CUDA 13), or any cupy-cudaNNx wheel matching your CUDA") from e
         _cupy, _cupyx = cupy, cupyx
     return _cupy
 

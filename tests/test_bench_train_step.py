@@ -20,3 +20,16 @@ def test_bench_train_step_smoke(tmp_path, capsys):
     first = result["first_loss"]
     assert first["engine"] == pytest.approx(first["torch"], abs=1e-4)   # the same function, same weights
     assert "ratio engine/torch" in capsys.readouterr().out
+
+
+def test_bench_train_step_tiny_random_tokens(tmp_path):
+    """--model tiny trains on random tokens (the gpt2 preset's data path) and records its model and
+    devices; on the CPU both sides say cpu."""
+    pytest.importorskip("torch", reason="the benchmark's baseline is PyTorch (pip install -e .[test])")
+    out = tmp_path / "tiny.json"
+    assert train_step.main(["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--block", "1",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny" and result["data"].startswith("random tokens (vocab 256")
+    assert (result["engine_device"], result["torch_device"]) == ("cpu", "cpu")
+    assert result["first_loss"]["engine"] == pytest.approx(result["first_loss"]["torch"], abs=1e-4)
