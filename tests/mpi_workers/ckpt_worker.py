@@ -20,6 +20,7 @@ from dataclasses import asdict
 import numpy as np
 
 from collectives import Communicator
+from engine.backend import to_device, to_numpy
 from engine.flat import FlatParameters, shard_range
 from engine.io import CheckpointError
 from models.gpt import GPT, GPTConfig
@@ -42,7 +43,7 @@ def reference(flat, seed=5):
     rng, ref = np.random.default_rng(seed), {}
     for dt in flat.dtypes:
         n = flat.numel[dt]
-        ref[dt] = {"params": flat.data[dt][:n].copy(), "m": rng.normal(size=n).astype(dt),
+        ref[dt] = {"params": to_numpy(flat.data[dt][:n]).copy(), "m": rng.normal(size=n).astype(dt),
                    "v": rng.random(n).astype(dt)}
     return ref, 7
 
@@ -60,8 +61,9 @@ def shard_state(ref, step, flat, r, N):
 
 
 def same(a, b):
-    return all(np.array_equal(a["params"][dt], b["params"][dt]) and a["params"][dt].dtype == b["params"][dt].dtype
-               and all(np.array_equal(a["optim"][dt][k], b["optim"][dt][k]) for k in ("m", "v"))
+    H = to_numpy                                     # shards may be device arrays: compare host copies
+    return all(np.array_equal(H(a["params"][dt]), H(b["params"][dt])) and a["params"][dt].dtype == b["params"][dt].dtype
+               and all(np.array_equal(H(a["optim"][dt][k]), H(b["optim"][dt][k])) for k in ("m", "v"))
                and a["optim"][dt]["step"] == b["optim"][dt]["step"] for dt in a["params"])
 
 
@@ -203,9 +205,9 @@ case("failed save is absent", failed_save)
 def save_hf_source(comm):
     model, flat = model_flat(4, dtype="float32")
     for _, p in model.named_parameters():               # non-trivial LayerNorms and biases
-        p.data[...] += np.random.default_rng(1).normal(0, 0.05, p.shape).astype(p.dtype)
+        p.data[...] += to_device(np.random.default_rng(1).normal(0, 0.05, p.shape).astype(p.dtype))
     rng = np.random.default_rng(2)
-    ref = {dt: {"params": flat.data[dt][:flat.numel[dt]].copy(), "m": rng.normal(size=flat.numel[dt]).astype(dt),
+    ref = {dt: {"params": to_numpy(flat.data[dt][:flat.numel[dt]]).copy(), "m": rng.normal(size=flat.numel[dt]).astype(dt),
                 "v": rng.random(flat.numel[dt]).astype(dt)} for dt in flat.dtypes}
     save_sharded(os.path.join(root, "hf"), 3, comm, flat, shard_state(ref, 3, flat, comm.rank, 4),
                  {"config": {"model": asdict(CFG)}})
