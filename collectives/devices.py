@@ -167,9 +167,17 @@ def to_host(a):
 
 # ---- which GPU a rank uses ------------------------------------------------------------------
 
+LAUNCHER_LOCAL = (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),                       # MPICH's Hydra
+                  ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"))  # Open MPI's prterun
+
+
 def local_rank(comm=None):
-    """(this rank's index among the ranks on its node, how many ranks the node has): the
-    MPI_COMM_TYPE_SHARED split of comm (default COMM_WORLD)."""
+    """(this rank's index among the ranks on its node, how many ranks the node has): what the
+    launcher says (Hydra's MPI_LOCALRANKID, Open MPI's OMPI_COMM_WORLD_LOCAL_RANK; no message),
+    else the MPI_COMM_TYPE_SHARED split of comm (default COMM_WORLD), a collective over comm."""
+    for rank_var, size_var in LAUNCHER_LOCAL:
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
     comm = MPI.COMM_WORLD if comm is None else comm
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, comm.Get_rank())
     try:
@@ -183,11 +191,13 @@ _selected = []
 
 def select_gpu(comm=None):
     """Make device local_rank % device_count current for this process; returns its index.
-    A collective over comm (every rank calls it, before any device array is made); chosen
-    once per process: later calls (a job shrunk in place prepares again, collectives/ulfm.py)
-    keep the device the arrays already live on and move no message."""
+    Every rank of comm calls it, before any device array is made (local_rank may be a
+    collective over comm, on every call, so that ranks never disagree on whether it is). The
+    device is chosen once per process: later calls (a job shrunk in place prepares again,
+    collectives/ulfm.py; a test running train.main on several sub-communicators) keep the
+    device the arrays already live on."""
+    local, _ = local_rank(comm)
     if not _selected:
-        local, _ = local_rank(comm)
         count = backend.device_count()
         if count < 1:
             raise RuntimeError("--device gpu: CUDA reports no GPU on this node")
