@@ -47,6 +47,23 @@ _sent = []             # requests of the watchdog's own messages in flight
 _state = {"qid": 0, "notice": None, "inquiry": None}
 
 
+def _abort_on_uncaught(kind, value, tb):
+    """sys.excepthook of a multi-rank job: an exception no one caught ends the whole job now,
+    with a line naming the rank. Without it the rank exits into MPI_Finalize, which waits for
+    peers that wait (up to their deadline, or forever unarmed) for it."""
+    _previous_hook(kind, value, tb)
+    if not issubclass(kind, (KeyboardInterrupt, SystemExit)):
+        print(f"rank {_ME} (of {_WORLD.Get_size()}): uncaught {kind.__name__}; aborting the job",
+              file=sys.stderr, flush=True)
+        time.sleep(ABORT_GRACE)
+        _WORLD.Abort(1)
+
+
+_previous_hook = sys.excepthook
+if _WORLD.Get_size() > 1:
+    sys.excepthook = _abort_on_uncaught
+
+
 def set_world(mpi_comm):
     """Ask and answer on ``mpi_comm`` from now on (collectives/ulfm.py: the shrunk world)."""
     global _WORLD, _ME
