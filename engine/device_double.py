@@ -535,19 +535,21 @@ def mpi_cuda_aware():
 
 
 _self = None
+_CACHE = {}
 
 
 def __getattr__(name):
     """Any other NumPy name, behind the wall (cupy.exp, cupy.zeros, cupy.einsum ...)."""
     if name.startswith("__"):
         raise AttributeError(name)
+    if name in _CACHE:
+        return _CACHE[name]
     try:
         attr = getattr(np, name)
     except AttributeError:
         raise AttributeError(f"the device double (like CuPy) has no {name!r}") from None
-    value = _lookup(attr)
-    globals()[name] = value          # looked up once
-    return value
+    value = _CACHE[name] = _lookup(attr)     # not cached in globals(): cupy.max would then
+    return value                            # shadow the builtin max this file calls (_alloc)
 
 
 def _bind_self():
