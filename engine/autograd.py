@@ -56,7 +56,7 @@ class _Node:
 
 
 class Tensor:
-    __array_priority__ = 100  # numpy_array * tensor -> Tensor.__rmul__
+    __array_priority__ = 200  # array * tensor -> Tensor.__rmul__ (above cupy.ndarray's 100, so CuPy defers too)
 
     def __init__(self, data, requires_grad=False, name=None):
         self.data = data

@@ -73,7 +73,7 @@ def _free(nbytes):
 
 
 _OWNERS = weakref.WeakValueDictionary()   # id(host buffer) -> the device array owning it
-_HIDDEN = frozenset({"__array_interface__", "__array_struct__", "ctypes", "tofile", "__array_priority__"})
+_HIDDEN = frozenset({"__array_interface__", "__array_struct__", "ctypes", "tofile"})
 
 
 def _root(h):
@@ -86,6 +86,7 @@ class ndarray:
     """A device array: a NumPy array behind a wall that only explicit transfers cross."""
 
     __slots__ = ("_h", "_owner", "__weakref__")
+    __array_priority__ = 100                 # CuPy's
 
     def __init__(self, h, _owner=None):
         self._h = h
@@ -97,6 +98,8 @@ class ndarray:
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if method == "__call__":
+            _check_operands(inputs, ufunc.__name__)
         return _apply(getattr(ufunc, method), inputs, kwargs, ufunc.__name__)
 
     def __array_function__(self, func, types_, args, kwargs):
@@ -226,8 +229,20 @@ class ndarray:
     __hash__ = None
 
 
+def _should_use_rop(other):
+    """CuPy's rule (cupy/_core/core.pyx): ``d op other`` defers to other's reflected operator
+    when other opts out of ufuncs (``__array_ufunc__ = None``) or, having no
+    ``__array_ufunc__``, sets a higher ``__array_priority__`` than the device array's 100."""
+    try:
+        return other.__array_ufunc__ is None
+    except AttributeError:
+        return getattr(other, "__array_priority__", 0) > ndarray.__array_priority__
+
+
 def _binary(ufunc):
-    return (lambda self, other: ufunc(self, other)), (lambda self, other: ufunc(other, self))
+    def op(self, other):
+        return NotImplemented if _should_use_rop(other) else ufunc(self, other)
+    return op, (lambda self, other: ufunc(other, self))
 
 
 for _name, _uf in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply), ("truediv", np.true_divide),
@@ -240,7 +255,7 @@ for _name, _uf in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply), 
     setattr(ndarray, f"__i{_name}__", (lambda uf: lambda self, other: _inplace(uf, self, other))(_uf))
 for _name, _uf in [("eq", np.equal), ("ne", np.not_equal), ("lt", np.less), ("le", np.less_equal),
                    ("gt", np.greater), ("ge", np.greater_equal)]:
-    setattr(ndarray, f"__{_name}__", (lambda uf: lambda self, other: uf(self, other))(_uf))
+    setattr(ndarray, f"__{_name}__", (lambda uf: _binary(uf)[0])(_uf))
 for _name, _uf in [("neg", np.negative), ("pos", np.positive), ("abs", np.absolute), ("invert", np.invert)]:
     setattr(ndarray, f"__{_name}__", (lambda uf: lambda self: uf(self))(_uf))
 
@@ -286,6 +301,14 @@ def _unwrap(x, what):
     if isinstance(x, (list, tuple)):
         return type(x)(_unwrap(y, what) for y in x)
     return x
+
+
+def _check_operands(inputs, what):
+    """A ufunc takes device arrays and scalars; CuPy refuses anything else (a list, an object
+    such as a Tensor) with TypeError rather than making an object array of it."""
+    for x in inputs:
+        if not isinstance(x, (ndarray, np.ndarray, np.generic, int, float, complex)):
+            raise TypeError(f"Unsupported type {type(x)} in {what}")
 
 
 def _index(key):
@@ -380,6 +403,7 @@ class _Ufunc:
         self.nin, self.nout = uf.nin, uf.nout
 
     def __call__(self, *a, **k):
+        _check_operands(a, self.__name__)
         return _apply(self._uf, a, k, self.__name__)
 
     def __getattr__(self, name):
@@ -529,19 +553,21 @@ def mpi_cuda_aware():
 
 
 _self = None
+_CACHE = {}
 
 
 def __getattr__(name):
     """Any other NumPy name, behind the wall (cupy.exp, cupy.zeros, cupy.einsum ...)."""
     if name.startswith("__"):
         raise AttributeError(name)
+    if name in _CACHE:
+        return _CACHE[name]
     try:
         attr = getattr(np, name)
     except AttributeError:
         raise AttributeError(f"the device double (like CuPy) has no {name!r}") from None
-    value = _lookup(attr)
-    globals()[name] = value          # looked up once
-    return value
+    value = _CACHE[name] = _lookup(attr)     # not cached in globals(): cupy.max would then
+    return value                            # shadow the builtin max this file calls (_alloc)
 
 
 def _bind_self():

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from engine.backend import to_device
 from engine.checkpoint import check_shapes, list_checkpoints, load_checkpoint, save_checkpoint
 from engine.io import CheckpointError
 
@@ -15,7 +16,8 @@ OPTIM = {"float32.exp_avg": np.zeros(6, np.float32)}
 def save(out, step, keep=None):
     rng = np.random.default_rng(step)
     rng.random(3)
-    return save_checkpoint(str(out), step, MODEL, OPTIM, {"rng": {"data": rng.bit_generator.state}}, keep=keep)
+    model = {k: to_device(v) for k, v in MODEL.items()}      # device arrays (gpu-emulated) go to the host
+    return save_checkpoint(str(out), step, model, OPTIM, {"rng": {"data": rng.bit_generator.state}}, keep=keep)
 
 
 def test_layout_round_trip_and_latest(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine.autograd import no_grad
+from engine.backend import to_device, to_numpy
 from engine.io import load_safetensors, save_safetensors
 from models.gpt import GPT, GPTConfig
 from models.hf import from_hf, load_hf, save_hf, to_hf
@@ -35,7 +36,7 @@ def test_to_hf_transposes_conv1d_and_round_trips():
     back = from_hf(hf, model.config)
     assert list(back) == list(model.state_dict())
     for k, v in model.state_dict().items():
-        np.testing.assert_array_equal(back[k], v)
+        np.testing.assert_array_equal(back[k], to_numpy(v))
 
 
 def test_save_and_load_hf_round_trip(tmp_path):
@@ -79,7 +80,7 @@ def test_our_checkpoint_opens_in_transformers(tmp_path):
     import torch
     model = GPT(GPTConfig(**CFG), rng=0)
     for _, p in model.named_parameters():      # make LayerNorms and biases non-trivial
-        p.data[...] += np.random.default_rng(1).normal(0, 0.05, p.shape).astype(p.dtype)
+        p.data[...] += to_device(np.random.default_rng(1).normal(0, 0.05, p.shape).astype(p.dtype))
     save_hf(model, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine.autograd import no_grad
+from engine.backend import to_device, to_numpy
 from models.gpt import GPT, GPTConfig
 
 TORCH_REASON = "torch is the test oracle for the GPT (pip install -e .[test])"
@@ -72,7 +73,7 @@ def torch_gpt(torch, cfg):
 
 
 def load_into_torch(torch, model, ours):
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()}
+    sd = {k: torch.from_numpy(np.array(to_numpy(v))) for k, v in ours.state_dict().items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert missing == ["lm_head.weight"] and unexpected == []   # the tied output layer
 
@@ -96,7 +97,7 @@ def test_logits_loss_and_every_gradient_match_torch(ignore):
     r = np.random.default_rng(5)
     for name, p in ours.named_parameters():
         if ".ln_" in name or "ln_f" in name:
-            p.data[...] += r.normal(0, 0.1, p.shape).astype(p.dtype)
+            p.data[...] += to_device(r.normal(0, 0.1, p.shape).astype(p.dtype))
     ref = torch_gpt(torch, cfg)
     load_into_torch(torch, ref, ours)
     idx, targets = batch(cfg)
@@ -114,7 +115,7 @@ def test_logits_loss_and_every_gradient_match_torch(ignore):
     names = [n for n, _ in ours.named_parameters()]
     assert names == list(t_params)                     # same names, same order, lm_head tied away
     for name, p in ours.named_parameters():
-        close(p.grad, t_params[name].grad.numpy(), f"grad of {name}")
+        close(to_numpy(p.grad), t_params[name].grad.numpy(), f"grad of {name}")
 
 
 def test_parameter_names_are_hugging_face_gpt2():
@@ -234,7 +235,7 @@ def test_dropout_train_differs_from_eval_and_reproduces_from_seed():
     full = model(idx)[0].data
     with model.noise.located(rows=np.arange(1, 3)):
         half = model(idx[1:3])[0].data
-    np.testing.assert_allclose(half, full[1:3], rtol=1e-5, atol=1e-6)   # other masks would differ by O(1)
+    np.testing.assert_allclose(to_numpy(half), to_numpy(full[1:3]), rtol=1e-5, atol=1e-6)   # other masks would differ by O(1)
 
 
 @pytest.mark.parametrize("T", [16, 300])      # 300 > 256: the blockwise (multi-block) kernel
@@ -251,6 +252,6 @@ def test_attention_fn_override_equals_fused_default(T):
                 block.attn.attention_fn = lambda q, k, v: ops.attention(q, k, v, causal=True)
         logits, loss = model(idx, targets)
         loss.backward()
-        results.append([logits.numpy()] + [p.grad for p in model.parameters()])
+        results.append([logits.numpy()] + [to_numpy(p.grad) for p in model.parameters()])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

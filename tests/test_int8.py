@@ -10,6 +10,7 @@ import pytest
 import sample
 from engine import int8
 from engine.autograd import no_grad
+from engine.backend import to_numpy
 from engine.checkpoint import save_checkpoint
 from engine.int8 import Int8Weight
 from engine.io import load_safetensors
@@ -70,7 +71,7 @@ def test_int8_gpt_computes_the_float_gpt_of_its_dequantized_weights(variant):
     idx = np.random.default_rng(0).integers(0, 40, (3, 12))
     with no_grad():
         lq, lr = q(idx)[0].data, ref(idx)[0].data
-    np.testing.assert_allclose(lq, lr, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(lq), to_numpy(lr), rtol=1e-4, atol=1e-5)
     prompt = idx[:2, :5]
     out_q = q.generate(prompt, 14, temperature=0)                  # past block_size: the window slides
     assert np.array_equal(out_q, ref.generate(prompt, 14, temperature=0))

@@ -24,6 +24,19 @@ def test_uniforms_are_in_range_and_look_uniform(dtype):
     assert abs(np.corrcoef(u[:, :, :-1].ravel(), u[:, :, 1:].ravel())[0, 1]) < 0.01   # neighbours
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_device_draws_are_the_host_draws(dtype):
+    """like= a device array draws on the device (the path dropout and the sparse layers take):
+    bit for bit the host's numbers, for a located slice of rows and tokens too."""
+    from engine.backend import get_array_module, to_device, to_numpy
+    rng, like = CounterRNG(3), to_device(np.zeros(1, np.float32))
+    with rng.located(rows=[1, 2], pos=[0, 3]):
+        host = rng.uniform(1, SITES["attn"], (2, 2, 5), dtype=dtype)
+        dev = rng.uniform(1, SITES["attn"], (2, 2, 5), dtype=dtype, like=like)
+    assert get_array_module(dev) is get_array_module(like) and dev.dtype == dtype
+    np.testing.assert_array_equal(to_numpy(dev), host)
+
+
 def test_every_key_part_changes_the_draws():
     rng = CounterRNG(1)
     base = rng.uniform(2, 1, (2, 3, 4))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine.autograd import Tensor, no_grad
+from engine.backend import to_device, to_numpy
 from engine.reversible import ReversibleError, invert, reversible, stored
 from gradcheck import check_grad
 from models.gpt import GPTConfig
@@ -29,11 +30,11 @@ def run(fn, x, layers, noise, g):
     """(output, input grad, {param name: grad}) of fn(x, layers) with upstream gradient g."""
     for p in (p for b in layers for p in b.parameters()):
         p.grad = None
-    xt = Tensor(x.copy(), requires_grad=True)
+    xt = Tensor(to_device(x), requires_grad=True)
     with noise.located(rows=np.array([4, 7]), pos=np.arange(8)):
         y = fn(xt, layers)
-    y.backward(g)
-    return y.data, xt.grad, [p.grad.copy() for b in layers for p in b.parameters()]
+    y.backward(to_device(g))
+    return to_numpy(y.data), to_numpy(xt.grad), [np.array(to_numpy(p.grad)) for b in layers for p in b.parameters()]
 
 
 @pytest.mark.parametrize("depth, extra, streams", [(1, DENSE, "copy"), (4, SPARSE, "split"), (12, DENSE, "copy")])
@@ -58,9 +59,9 @@ def test_dropout_masks_differ_by_step():
     model, layers = blocks(2, DENSE)
     x = np.random.default_rng(0).standard_normal((2, 8, 32))
     with no_grad():
-        a = reversible(Tensor(x), layers, rng=model.noise).data
+        a = to_numpy(reversible(Tensor(to_device(x)), layers, rng=model.noise).data)
         model.noise.set_step(6)
-        b = reversible(Tensor(x), layers, rng=model.noise).data
+        b = to_numpy(reversible(Tensor(to_device(x)), layers, rng=model.noise).data)
     assert np.max(np.abs(a - b)) > 1e-3
 
 
@@ -69,8 +70,9 @@ def test_inverse_reconstructs_the_inputs(depth):
     model, layers = blocks(depth, DENSE)
     x = np.random.default_rng(1).standard_normal((2, 8, 32))
     with no_grad():
-        y = reversible(Tensor(x), layers, rng=model.noise).data
-        back = invert(y, layers)
+        y = reversible(Tensor(to_device(x)), layers, rng=model.noise).data
+        back = to_numpy(invert(y, layers))
+        y = to_numpy(y)
     assert np.max(np.abs(back - x)) < 1e-12
     assert np.max(np.abs(y - x)) > 1e-2
 
@@ -85,4 +87,4 @@ def test_one_block_gradcheck():
 def test_odd_channels_are_refused():
     _, layers = blocks(1, DENSE)
     with pytest.raises(ReversibleError, match="splits its 31 channels into two equal streams: 31 is odd"):
-        reversible(Tensor(np.zeros((1, 8, 31)), requires_grad=True), layers)
+        reversible(Tensor(to_device(np.zeros((1, 8, 31))), requires_grad=True), layers)

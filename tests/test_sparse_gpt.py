@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from engine.autograd import Tensor, no_grad
+from engine.backend import to_numpy
 from models.generate import KVCache, next_logits
 from models.gpt import GPT, GPTConfig
 
@@ -34,7 +35,7 @@ def test_cached_decoding_equals_the_full_forward(variant):
         full, _ = m(idx)                              # (1, 10, V)
         caches = [KVCache(12) for _ in m.blocks]
         steps = [next_logits(m, idx[:, :4], caches)] + [next_logits(m, idx[:, t:t + 1], caches) for t in range(4, 10)]
-    np.testing.assert_allclose(np.stack([s[0] for s in steps]), full.data[0, 3:], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.stack([s[0] for s in steps]), to_numpy(full.data[0, 3:]), rtol=1e-9, atol=1e-9)
     greedy = m.generate(idx[0, :3], 15, temperature=0)           # slides past block_size 12
     assert np.array_equal(greedy, m.generate(idx[0, :3], 15, temperature=0, use_cache=False))
     assert len(set(greedy.tolist())) > 3

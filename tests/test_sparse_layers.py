@@ -7,6 +7,7 @@ import pytest
 
 from engine import ops
 from engine.autograd import Tensor, no_grad
+from engine.backend import get_array_module, to_device, to_numpy as H
 from models.sparse_ffn import SparseFFN, SparseFFNFunction, gather_forward
 from models.sparse_qkv import ConvQKV, Multiplicative
 from tests.gradcheck import check_grad
@@ -32,11 +33,11 @@ def test_sparse_ffn_soft_mask_gradients_match_finite_differences():
 def test_sparse_ffn_hard_mask_weight_gradients_match_finite_differences():
     a = ffn_arrays(1)
     noise = np.random.default_rng(5).gumbel(size=(n, d_ff // N, N)) * 0.1
-    fixed = {k: Tensor(a[k]) for k in ("x", "c1", "c2", "cb")}            # the choice stays put
+    fixed = {k: Tensor(to_device(a[k])) for k in ("x", "c1", "c2", "cb")}            # the choice stays put
 
     def f(w1, w2, b2):
         return SparseFFNFunction.apply(fixed["x"], w1, w2, b2, fixed["c1"], fixed["c2"], fixed["cb"],
-                                       N=N, hard=True, noise=noise)
+                                       N=N, hard=True, noise=to_device(noise))
     check_grad(f, a["w1"], a["w2"], a["b2"])
 
 
@@ -48,7 +49,7 @@ def reference_ffn(x, w1, w2, b2, c1, c2, cb, hard, noise):
     p = e / ops.sum(e, axis=-1, keepdims=True)
     if hard:
         sel = (logits.data + noise).argmax(axis=-1)
-        mask = (sel[..., None] == np.arange(N)).astype(x.dtype) + p - p.data   # value one-hot, gradient p's
+        mask = (sel[..., None] == get_array_module(sel).arange(N)).astype(x.dtype) + p - p.data   # value one-hot, gradient p's
     else:
         mask = p
     h = ops.reshape(ops.matmul(x, ops.transpose(w1, (1, 0))), (n, d_ff // N, N))
@@ -64,12 +65,12 @@ def test_sparse_ffn_gradients_equal_the_straight_through_formula_from_basic_ops(
     noise = np.random.default_rng(3).gumbel(size=(n, d_ff // N, N)) * 0.1
     up = np.random.default_rng(4).standard_normal((n, d))
     grads = []
-    for fn in (lambda *t: SparseFFNFunction.apply(*t, N=N, hard=hard, noise=noise),
-               lambda *t: reference_ffn(*t, hard=hard, noise=noise)):
-        ts = [Tensor(a[k].copy(), requires_grad=True) for k in NAMES]
+    for fn in (lambda *t: SparseFFNFunction.apply(*t, N=N, hard=hard, noise=to_device(noise)),
+               lambda *t: reference_ffn(*t, hard=hard, noise=to_device(noise))):
+        ts = [Tensor(to_device(a[k].copy()), requires_grad=True) for k in NAMES]
         y = fn(*ts)
-        y.backward(up)
-        grads.append((y.data, [t.grad for t in ts]))
+        y.backward(to_device(up))
+        grads.append((H(y.data), [H(t.grad) for t in ts]))
     np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
     for name, g0, g1 in zip(NAMES, grads[0][1], grads[1][1]):
         np.testing.assert_allclose(g0, g1, rtol=1e-10, atol=1e-12, err_msg=name)
@@ -78,15 +79,15 @@ def test_sparse_ffn_gradients_equal_the_straight_through_formula_from_basic_ops(
 
 def test_gather_reads_the_chosen_units_and_equals_the_masked_dense_product():
     a = ffn_arrays(3)
-    dense = SparseFFNFunction.apply(*(Tensor(a[k]) for k in NAMES), N=N, hard=True).data
-    np.testing.assert_allclose(gather_forward(*(a[k] for k in NAMES), N=N), dense, rtol=1e-12, atol=1e-12)
+    dense = H(SparseFFNFunction.apply(*(Tensor(to_device(a[k])) for k in NAMES), N=N, hard=True).data)
+    np.testing.assert_allclose(H(gather_forward(*(to_device(a[k]) for k in NAMES), N=N)), dense, rtol=1e-12, atol=1e-12)
     # a unit no row chose cannot matter: poison it in W1 and W2
     logits = (a["x"].reshape(-1, d) @ a["c1"].T @ a["c2"].T + a["cb"]).reshape(n, -1, N)
     chosen = set((logits.argmax(-1) + np.arange(0, d_ff, N)).ravel().tolist())
     unused = [j for j in range(d_ff) if j not in chosen]
     assert unused
     a["w1"][unused], a["w2"][unused] = np.nan, np.nan
-    assert np.isfinite(gather_forward(*(a[k] for k in NAMES), N=N)).all()
+    assert np.isfinite(H(gather_forward(*(to_device(a[k]) for k in NAMES), N=N))).all()
 
 
 def test_sparse_ffn_module_data_parallel_slices_reproduce_the_whole_batch():
@@ -101,15 +102,15 @@ def test_sparse_ffn_module_data_parallel_slices_reproduce_the_whole_batch():
                           noise=noise, layer=1, temperature=1.0)
         hard_seen.add(noise.scalar(1, 3) < 0.5)
         x = np.random.default_rng(9).standard_normal((4, 4, d))
-        whole = layer(Tensor(x)).data
+        whole = H(layer(Tensor(to_device(x))).data)
         parts = []
         for shard in range(2):
             with noise.located(rows=[2 * shard, 2 * shard + 1]):
-                parts.append(layer(Tensor(x[2 * shard:2 * shard + 2])).data)
+                parts.append(H(layer(Tensor(to_device(x[2 * shard:2 * shard + 2]))).data))
         np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-6, atol=1e-6)
         for pos in ([0, 3], [1, 2]):                                # tokens split over two 'sp ranks'
             with noise.located(pos=pos):
-                part = layer(Tensor(x[:, pos])).data
+                part = H(layer(Tensor(to_device(x[:, pos]))).data)
             np.testing.assert_allclose(part, whole[:, pos], rtol=1e-6, atol=1e-6)
     assert hard_seen == {True, False}
 
@@ -122,7 +123,7 @@ def test_multiplicative_dense_gradients_and_formula():
     g = np.random.default_rng(0)
     x, D, E, b = g.standard_normal((2, 3, 4)), g.standard_normal((S, 4)), g.standard_normal((4, M)), \
         g.standard_normal(S * M)                                       # D stored (S, d)
-    z = Multiplicative.apply(Tensor(x), Tensor(D), Tensor(E), Tensor(b)).data
+    z = H(Multiplicative.apply(*(Tensor(to_device(a)) for a in (x, D, E, b))).data)
     np.testing.assert_allclose(z, np.einsum("bti,si,im->btsm", x, D, E) + b.reshape(S, M), rtol=1e-12)
     check_grad(lambda *t: Multiplicative.apply(*t), x, D, E, b)
 
@@ -131,6 +132,11 @@ def conv_inputs(seed=0, B=2, T=4):
     g = np.random.default_rng(seed)
     return [g.standard_normal((B, T, S, M)), g.standard_normal((3, 3, M, M)), g.standard_normal((3, 3, M, M)),
             g.standard_normal((3, 1, M, M)), g.standard_normal(M), g.standard_normal(M), g.standard_normal(M)]
+
+
+def dev(arrays):
+    """Tensors of the arrays, on the active device."""
+    return [Tensor(to_device(a)) for a in arrays]
 
 
 def conv_reference(z, wq, wk, wv, bq, bk, bv):
@@ -153,16 +159,16 @@ def conv_reference(z, wq, wk, wv, bq, bk, bv):
 
 def test_conv_qkv_matches_the_formula_and_finite_differences():
     args = conv_inputs()
-    np.testing.assert_allclose(ConvQKV.apply(*map(Tensor, args)).data, conv_reference(*args), rtol=1e-12)
+    np.testing.assert_allclose(H(ConvQKV.apply(*dev(args)).data), conv_reference(*args), rtol=1e-12)
     check_grad(lambda *t: ConvQKV.apply(*t), *args)
 
 
 def test_conv_qkv_is_causal_and_its_context_continues_a_sequence():
     args = conv_inputs(1, T=6)
-    full = ConvQKV.apply(*map(Tensor, args)).data
+    full = H(ConvQKV.apply(*dev(args)).data)
     later = [a.copy() for a in args]
     later[0][:, 4:] += 1.0                                             # change positions 4, 5
-    np.testing.assert_array_equal(ConvQKV.apply(*map(Tensor, later)).data[:, :4], full[:, :4])
+    np.testing.assert_array_equal(H(ConvQKV.apply(*dev(later)).data[:, :4]), full[:, :4])
     z = args[0]                                                        # positions 3.. given z[1:3] as context
-    tail = ConvQKV.apply(Tensor(z[:, 3:]), *map(Tensor, args[1:]), context=z[:, 1:3]).data
+    tail = H(ConvQKV.apply(*dev([z[:, 3:]] + args[1:]), context=to_device(z[:, 1:3])).data)
     np.testing.assert_allclose(tail, full[:, 3:], rtol=1e-12)

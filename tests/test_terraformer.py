@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from engine.autograd import Tensor
+from engine.backend import to_device, to_numpy
 from models.sparse_loss import SparseLoss
 from mpi_util import describe, metrics, run_errors, run_mpi
 
@@ -19,23 +20,24 @@ def test_sparse_loss_equals_its_dense_reconstruction(V, S):
     rng = np.random.default_rng(V)
     layer = SparseLoss(6, V, S, rng=rng).astype("float64")
     layer.b.data[:] = rng.standard_normal(layer.b.shape)
-    x = Tensor(rng.standard_normal((2, 3, 6)), requires_grad=True)
+    x = Tensor(to_device(rng.standard_normal((2, 3, 6))), requires_grad=True)
     g = rng.standard_normal((2, 3, V))
     logits = layer(x)
-    logits.backward(g)
-    W = layer.dense()                                                   # (V, d)
+    logits.backward(to_device(g))
+    W = to_numpy(layer.dense())                                         # (V, d)
     assert W.shape == (V, 6)
-    assert np.max(np.abs(logits.data - (x.data @ W.T + layer.b.data[:V]))) < 1e-13
-    assert np.max(np.abs(x.grad - g @ W)) < 1e-13
+    xh, b = to_numpy(x.data), to_numpy(layer.b.data)
+    assert np.max(np.abs(to_numpy(logits.data) - (xh @ W.T + b[:V]))) < 1e-13
+    assert np.max(np.abs(to_numpy(x.grad) - g @ W)) < 1e-13
     dW = np.zeros((S * layer.M, 6))
-    dW[:V] = g.reshape(-1, V).T @ x.data.reshape(-1, 6)                 # dL/dW, padded rows 0
+    dW[:V] = g.reshape(-1, V).T @ xh.reshape(-1, 6)                     # dL/dW, padded rows 0
     dW = dW.reshape(S, layer.M, 6)                                      # [s, m, i]
-    D, E = layer.D.data, layer.E.data                                   # (S, d), (d, M)
-    assert np.max(np.abs(layer.D.grad - np.einsum("smi,im->si", dW, E))) < 1e-12
-    assert np.max(np.abs(layer.E.grad - np.einsum("smi,si->im", dW, D))) < 1e-12
+    D, E = to_numpy(layer.D.data), to_numpy(layer.E.data)               # (S, d), (d, M)
+    assert np.max(np.abs(to_numpy(layer.D.grad) - np.einsum("smi,im->si", dW, E))) < 1e-12
+    assert np.max(np.abs(to_numpy(layer.E.grad) - np.einsum("smi,si->im", dW, D))) < 1e-12
     db = np.zeros(S * layer.M)
     db[:V] = g.reshape(-1, V).sum(0)
-    assert np.max(np.abs(layer.b.grad - db)) < 1e-12
+    assert np.max(np.abs(to_numpy(layer.b.grad) - db)) < 1e-12
     assert layer.num_parameters() == 6 * S + 6 * layer.M + S * layer.M
 
 
