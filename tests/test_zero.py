@@ -1,6 +1,8 @@
 """ZeRO / DDP (parallel/data/zero.py, parallel/data/buckets.py, parallel/data/fsdp.py): the main test of the
 issue, plus faults. One mpiexec launch per rank count N = 1..4 runs every stage 0..3 in
-float64 and float32 (tests/mpi_workers/zero_equiv.py) against the single-process step."""
+float64 and float32, with and without activation recomputation (full, selective), against the
+single-process step, ZeRO-3's slot pool poisoned on release (tests/mpi_workers/zero_equiv.py),
+and shows that the poison catches a stale read."""
 import re
 import time
 
@@ -11,13 +13,18 @@ from mpi_util import describe, mpi_library, run_mpi
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_every_stage_equals_one_process(n):
-    proc = run_mpi(n, "zero_equiv.py", timeout=240)
+    proc = run_mpi(n, "zero_equiv.py", timeout=240, env={"ENGINE_POOL_POISON": "1"})
     assert proc.returncode == 0, describe(proc)
     cases = [line for line in proc.stdout.splitlines() if line.startswith("case ")]
-    assert len(cases) == 2 * 7 and all(line.endswith(" ok") for line in cases), describe(proc)
+    assert len(cases) == 2 * 12 and all(line.endswith(" ok") for line in cases), describe(proc)
     for stage in range(4):
         assert any(f"float64 stage={stage}" in line for line in cases)
         assert any(f"float32 stage={stage}" in line for line in cases)
+    for mode in ("none", "full", "selective"):
+        assert any(f"stage=3 accum=1 recompute={mode}" in line or f"stage=3 accum=2 recompute={mode}" in line
+                   for line in cases), mode
+    pool = [line for line in proc.stdout.splitlines() if line.startswith("pool ")]
+    assert len(pool) == 1 and pool[0].endswith(" ok") and "with poison NaN True" in pool[0], describe(proc)
     assert "0 failures" in proc.stdout and "engine checks ok" in proc.stdout, describe(proc)
 
 
