@@ -38,8 +38,9 @@ recomputation is the recomputation above; nothing but the stack's output pair is
 
 Parameters outside every layer (for GPT: wte, tied to the output layer, wpe and ln_f)
 form the root unit, gathered for the whole step as FSDP's root into its own buffer:
-``gather_root()`` before the forward, ``free_root()`` after the update. Memory per rank: 16P/N,
-plus the root during the step, plus the pool (K x the largest layer). The gathers go through
+``gather_root()`` before the forward, ``free_root()`` after the update (the pool's buffers go
+with it). Memory per rank: 16P/N between steps; during one, plus the root and the pool (K x the
+largest layer). The gathers go through
 the engine's Wire (parallel/data/wire.py), which may carry int8 codes (ZeRO++'s qwZ): the
 second gather of a layer decodes the same codes, so it reproduces the first bit for bit.
 """
@@ -257,10 +258,15 @@ class ShardedLayers:
         self.ensure(self.root)
 
     def free_root(self):
+        """After the update: the root and the pool's buffers go (16P/N held between steps)."""
         self.free(self.root)
+        for unit in self.units:
+            if unit.gathered or unit.handles is not None:
+                self.free(unit)
+        self.pool.drop()
 
     def pool_bytes(self):
-        """Bytes of the slot pool (held for the engine's life: K x the largest layer)."""
+        """Bytes of the slot pool during a step (K x the largest layer; none between steps)."""
         return self.pool.nbytes()
 
     def noise(self):

@@ -15,7 +15,9 @@ before those references are read. Order: forward 0..L-1, backward L-1..0, so whe
 backward starts (its output's gradient is complete) every later layer's backward is done,
 and when it ends (its input's gradient is complete) none of its ops is left; with K >= 2 the
 prefetch of i-1 lands in the slot of i+1 (done) and never in slot(i) (computing). Memory:
-K x the largest layer, whatever the depth.
+K x the largest layer, whatever the depth, during the step: the buffers are allocated at the
+step's first gather and dropped with the root after the update (``drop``), so between steps a
+rank holds exactly 16P/N.
 
 Each slot has a state: ``free`` (its contents may be overwritten), ``gathering`` and ``live``
 (a layer's parameters are there for a computation that has started); claiming a slot that is
@@ -47,11 +49,9 @@ class SlotPool:
         if slots < 1:
             raise ValueError(f"a ZeRO-3 pool needs at least one slot, got {slots}")
         self.poison = poison_default() if poison is None else bool(poison)
-        self.slots = []
-        for _ in range(slots):
-            bufs = {dt: get_array_module(like[dt]).empty(n, dtype=like[dt].dtype) for dt, n in sizes.items()}
-            self.slots.append({"bufs": bufs, "holder": None, "state": FREE})
-            self._poison(self.slots[-1])
+        self.sizes = dict(sizes)
+        self.make = {dt: (get_array_module(like[dt]), like[dt].dtype) for dt in sizes}
+        self.slots = [{"bufs": None, "holder": None, "state": FREE} for _ in range(slots)]
 
     def __len__(self):
         return len(self.slots)
@@ -67,6 +67,9 @@ class SlotPool:
             raise RuntimeError(f"ZeRO-3 pool: {name} needs slot {self.slot_of(i)}, still {s['state']} for layer "
                                f"{s['holder']} (a schedule with too few slots: {len(self.slots)})")
         s["holder"], s["state"] = i, GATHERING
+        if s["bufs"] is None:                             # the step's first use of this slot
+            s["bufs"] = {dt: xp.empty(self.sizes[dt], dtype=d) for dt, (xp, d) in self.make.items()}
+            self._poison(s)
         return s["bufs"]
 
     def mark_live(self, i):
@@ -79,17 +82,18 @@ class SlotPool:
             s["state"] = FREE
             self._poison(s)
 
-    def reset(self):
-        """Every slot free (a new forward: what a graph left unreleased is garbage now)."""
+    def drop(self):
+        """The buffers go (the step is over; every slot must be free); the next claim makes them again."""
         for i, s in enumerate(self.slots):
             if s["state"] != FREE:
-                s["state"] = FREE
-                self._poison(s)
+                raise RuntimeError(f"ZeRO-3 pool: slot {i} dropped while {s['state']} for layer {s['holder']}")
+            s["bufs"], s["holder"] = None, None
 
     def _poison(self, s):
-        if self.poison:
+        if self.poison and s["bufs"] is not None:
             for b in s["bufs"].values():
                 b.fill(float("nan"))
 
     def nbytes(self):
-        return sum(b.nbytes for s in self.slots for b in s["bufs"].values())
+        """Bytes of the K slots while allocated (during a step)."""
+        return len(self.slots) * sum(n * d.itemsize for n, (_, d) in zip(self.sizes.values(), self.make.values()))
