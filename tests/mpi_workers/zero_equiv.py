@@ -137,12 +137,20 @@ def norm_rel(params, ref):
     return (diff / sum(float((ref[n] ** 2).sum()) for n in ref)) ** 0.5
 
 
-def stage3_grads(poison, skip_second_gather=False, slots=2):
+SPARSE = dict(ffn_sparsity=4, ffn_lowrank=4, ffn_temperature=0.5, ffn_hard_prob=0.5, qkv_modules=2)
+
+
+def stage3_grads(poison, skip_second_gather=False, slots=2, stage=3, **extra):
     """One stage 3 forward and backward (float64, N ranks, 3 layers so that the pool wraps):
     this rank's gradient shard. skip_second_gather: the deliberately wrong schedule, whose
-    backward reads each layer's slot as later layers left it."""
-    cfg = GPTConfig(**dict(vars(CFG), n_layer=3, dropout=0.0))
-    eng = ZeroEngine(GPT(cfg, np.random.default_rng(SEED)).astype("float64"), comm, stage=3, **OPT)
+    backward reads each layer's slot as later layers left it. extra: GPTConfig fields."""
+    cfg = GPTConfig(**dict(vars(CFG), n_layer=3, dropout=0.0, **extra))
+    eng = ZeroEngine(GPT(cfg, np.random.default_rng(SEED)).astype("float64"), comm, stage=stage, **OPT)
+    if stage < 3:
+        eng.zero_grad()
+        eng.backward(eng(*(a[R * (B // N):(R + 1) * (B // N)] for a in Batcher(TOKENS, B, cfg.block_size,
+                                                                              SEED).next()))[1])
+        return to_numpy(eng.grad_shards["float64"]).copy()
     if slots != 2:                                                        # the same layers, another pool
         eng.layers = ShardedLayers(eng, list(eng.model.blocks), slots=slots, poison=poison)
     eng.layers.pool.poison = poison
@@ -172,11 +180,15 @@ def pool_checks():
     except RuntimeError as e:
         refused = str(e)
     ok_one = "still gathering for layer 0" in refused or "still live for layer 0" in refused
-    bad = comm.all_reduce(np.array([0 if ok and ok_plain and ok_poison and ok_one else 1]))[0]
+    sparse = comm.all_reduce(np.array([rel(stage3_grads(poison=True, **SPARSE), stage3_grads(False, stage=2, **SPARSE))]),
+                             op="max")[0]                         # sparse FFN and QKV layers through the pool
+    ok_sparse = sparse <= 1e-10
+    bad = comm.all_reduce(np.array([0 if ok and ok_plain and ok_poison and ok_one and ok_sparse else 1]))[0]
     if R == 0:
         print(f"pool N={N}: right schedule poisoned finite {ok}; skipped second gather: without poison finite, "
               f"gradient rel err {err:.2e} {ok_plain}; with poison NaN {ok_poison}; one slot refused "
-              f"{ok_one} ({refused}) {'ok' if bad == 0 else 'FAIL'}", flush=True)
+              f"{ok_one} ({refused}); sparse layers poisoned vs stage 2 rel err {sparse:.2e} "
+              f"{'ok' if bad == 0 else 'FAIL'}", flush=True)
     return int(bad > 0)
 
 
