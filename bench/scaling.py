@@ -11,14 +11,17 @@ rank (set the variables above; the benchmark prints what it got).
 Measured, alternating in rounds so drift in machine load hits every configuration alike:
   - N=1: rank 0 trains alone (a size-1 communicator, stage 0) while the other ranks sleep
     on a non-blocking barrier (polled with sleeps, so they leave the core alone);
-  - N ranks, ZeRO stage 0 (DDP) and stages 1, 2, 3.
+  - N ranks, ZeRO stage 0 (DDP) and stages 1, 2, 3, without activation recomputation;
+  - N ranks, stages 0 and 3 with recomputation "full" and "selective" (engine/recompute.py).
 Reported: ms/step (median over the timed steps; the slowest rank's time per step),
 weak-scaling efficiency = t(N=1) / t(N, stage 0) (ideal 1; the goal is >= 0.9), the
 fraction of the step each rank spends blocked in collectives (ZeroEngine.comm_wait: the
 wait for the gradient buckets after backward, the grad-norm all-reduce, the parameter
-all-gathers; stage 3's layer gathers), and each stage's step time relative to stage 0.
+all-gathers; stage 3's layer gathers), and each configuration's step time relative to stage 0
+without recomputation (the goal of ZeRO-3 without recomputation: <= 1.10 at N=2).
 JSON keys: efficiency, t1_ms, ms_per_step {stage: ms}, comm_fraction {stage: f},
-stage_vs_stage0 {stage: ratio}, ranks, blas_threads.
+stage_vs_stage0 {stage: ratio}, recompute {"st<stage> <mode>": {ms, vs_stage0, comm_fraction}},
+zero3_vs_stage0, ranks, blas_threads.
 """
 import argparse
 import statistics
@@ -34,15 +37,16 @@ from engine.data import Batcher, DataError, load_dataset
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel.data import ZeroEngine
+from parallel.data.zero import RECOMPUTE
 
 
 class Trainer:
     """One configuration: its engine, its own batcher (same seed everywhere), its timings."""
 
-    def __init__(self, name, comm, stage, cfg, tokens, batch):
+    def __init__(self, name, comm, stage, cfg, tokens, batch, recompute="none"):
         self.name, self.comm = name, comm
         self.eng = ZeroEngine(GPT(cfg, rng=1337), comm, stage=stage, lr=TRAIN["lr"], betas=TRAIN["betas"],
-                              weight_decay=TRAIN["weight_decay"])
+                              weight_decay=TRAIN["weight_decay"], recompute=recompute)
         self.batcher = Batcher(tokens, batch * comm.size, cfg.block_size, seed=1337)
         self.times, self.waits, self.b = [], [], batch
 
@@ -89,7 +93,9 @@ def main(argv=None):
     cfg = GPTConfig(vocab_size=data.vocab_size, **dict(MODEL, n_layer=args.n_layer, n_embd=args.n_embd))
     batch = TRAIN["batch_size"]
     solo = world.split(0 if R == 0 else None, label="solo")    # rank 0 alone: the N=1 baseline
-    trainers = [Trainer(f"stage {s}", world, s, cfg, data.train, batch) for s in range(4)]
+    trainers = [Trainer(f"N={N} st{s}", world, s, cfg, data.train, batch) for s in range(4)]
+    trainers += [Trainer(f"st{s} {mode}", world, s, cfg, data.train, batch, recompute=mode)
+                 for s in (0, 3) for mode in RECOMPUTE if mode != "none"]
     base = Trainer("N=1", solo, 0, cfg, data.train, batch) if solo is not None else None
 
     def run(tr, n, timed):
@@ -118,7 +124,7 @@ def main(argv=None):
 
     med = {}
     frac = {}
-    for s, tr in enumerate(trainers):
+    for s, tr in enumerate(trainers):                             # 0-3: the stages; then the recompute rows
         t = slowest(tr.times)
         med[s] = statistics.median(t) * 1e3
         frac[s] = float(np.sum(slowest(tr.waits)) / np.sum(t))
@@ -130,15 +136,19 @@ def main(argv=None):
     print(f"DP weak scaling, {N} ranks, {blas_threads()} BLAS thread(s) per rank, batch {batch} per rank, "
           f"GPT n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size}, "
           f"{args.steps} timed steps each")
-    print(f"{'config':>10} | {'ms/step':>8} | {'vs stage 0':>10} | {'comm wait':>9}")
-    print(f"{'N=1':>10} | {t1:8.1f} | {'':>10} | {'':>9}")
-    for s in range(4):
-        print(f"{f'N={N} st{s}':>10} | {med[s]:8.1f} | {med[s] / med[0]:10.2f} | {100 * frac[s]:8.1f}%")
+    print(f"{'config':>14} | {'ms/step':>8} | {'vs stage 0':>10} | {'comm wait':>9}")
+    print(f"{'N=1':>14} | {t1:8.1f} | {'':>10} | {'':>9}")
+    for s, tr in enumerate(trainers):
+        print(f"{tr.name:>14} | {med[s]:8.1f} | {med[s] / med[0]:10.2f} | {100 * frac[s]:8.1f}%")
     print(f"efficiency t(N=1)/t(N={N}, stage 0) = {eff:.3f}  (goal >= 0.9)")
+    print(f"ZeRO-3 without recomputation / stage 0 = {med[3] / med[0]:.3f}  (goal <= 1.10 at N=2)")
     result = {"efficiency": eff, "t1_ms": t1, "ranks": N, "blas_threads": blas_threads(),
               "ms_per_step": {str(s): med[s] for s in range(4)},
               "comm_fraction": {str(s): frac[s] for s in range(4)},
-              "stage_vs_stage0": {str(s): med[s] / med[0] for s in range(4)}}
+              "stage_vs_stage0": {str(s): med[s] / med[0] for s in range(4)},
+              "recompute": {trainers[s].name: {"ms": med[s], "vs_stage0": med[s] / med[0], "comm_fraction": frac[s]}
+                            for s in range(4, len(trainers))},
+              "zero3_vs_stage0": med[3] / med[0]}
     if args.json:
         atomic_write_json(args.json, result)
     return 0

@@ -5,8 +5,8 @@
 
 Rajbhandari et al. 2019 (arXiv 1910.02054, section 5), float32 AdamW, P parameters, N ranks:
 plain DP 16P bytes per rank (4 params + 4 grads + 8 moments); stage 1 8P + 8P/N; stage 2
-4P + 12P/N; stage 3 16P/N, plus the parameters gathered for the layer computing (and the
-next one, prefetched) and, here, the root (tied embeddings, ln_f: see parallel/data/fsdp.py).
+4P + 12P/N; stage 3 16P/N between steps, plus, during a step, the slot pool (two slots, each
+the largest layer: parallel/data/pool.py) and the root (tied embeddings, ln_f: fsdp.py).
 
 For each stage the benchmark builds the baby GPT of bench/train_step.py (float32, vocab 65)
 on the N ranks, runs two training steps, and measures per rank:
@@ -14,12 +14,16 @@ on the N ranks, runs two training steps, and measures per rank:
              arrays the engine keeps (ZeroEngine.model_state_bytes), the largest over ranks;
   peak       tracemalloc's peak during the second step minus the traced bytes before it
              (activations, gradients in flight, gathered layers: the transient part);
-  layer      bytes of the largest gathered layer's parameters (stage 3's allowance);
+  layer      bytes of the largest gathered layer's parameters;
+  pool       stage 3: bytes of the slot pool (2 x layer), the allowance on top of 16P/N;
   traced     everything tracemalloc sees held after the steps (from before the model was
              built): the model state plus the rest (stage 0's full 1-byte decay mask, the
              shard masks, the model's Python objects, communicator scratch pools).
-Goal: measured <= formula * 1.05 + layer. JSON rows: stage, ranks, measured_bytes,
-formula_bytes, layer_bytes, step_peak_bytes, traced_resident_bytes, within_goal.
+Goal: measured <= formula * 1.05 + pool. Every stage runs with each activation
+recomputation mode (engine/recompute.py: none, full, selective); the model state is the same,
+the step peak is where they differ (``peak vs none``: the same stage's peak without
+recomputation). JSON rows: stage, recompute, ranks, measured_bytes, formula_bytes, layer_bytes,
+pool_bytes, step_peak_bytes, traced_resident_bytes, within_goal.
 
 ``--device gpu``: the same model's parameters on the device (CuPy, or engine/device_double.py
 under ENGINE_DEVICE=gpu-emulated), ZeRO stages 0-3 and ZeRO-Offload over stages 1-2 (Ren et
@@ -56,6 +60,7 @@ from collectives import Communicator
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
 from parallel.data import ZeroEngine
+from parallel.data.zero import RECOMPUTE
 
 FORMULA = {0: lambda P, N: 16 * P, 1: lambda P, N: 8 * P + 8 * P / N,
            2: lambda P, N: 4 * P + 12 * P / N, 3: lambda P, N: 16 * P / N}
@@ -70,13 +75,14 @@ DEVICE_NAMES = {(0, "none"): "17P", (1, "none"): "8P + 9P/N", (2, "none"): "4P +
 HOST_FORMULA = {1: lambda P, N, k: (4 * k + 1) * P / N, 2: lambda P, N, k: (5 * k + 1) * P / N}
 
 
-def measure(comm, cfg, stage, batch=12):
+def measure(comm, cfg, stage, batch=12, recompute="none"):
     gc.collect()
     tracemalloc.start()
     model = GPT(cfg, rng=1337)
     P = model.num_params()
     layer = 4 * max(sum(p.size for p in block.parameters()) for block in model.blocks)
-    eng = ZeroEngine(model, comm, stage=stage, lr=1e-3)
+    eng = ZeroEngine(model, comm, stage=stage, lr=1e-3, recompute=recompute)
+    pool = eng.layers.pool_bytes() if eng.layers is not None else 0
     rng = np.random.default_rng(0)
     b = max(1, batch // comm.size)
     peak = before = 0
@@ -96,9 +102,9 @@ def measure(comm, cfg, stage, batch=12):
     tracemalloc.stop()
     held = eng.model_state_bytes()
     held, peak, resident = (float(v) for v in comm.all_reduce(np.array([held, peak, resident], np.float64), op="max"))
-    return {"stage": stage, "ranks": comm.size, "params": P, "measured_bytes": int(held),
-            "formula_bytes": int(FORMULA[stage](P, comm.size)), "layer_bytes": layer, "step_peak_bytes": int(peak),
-            "traced_resident_bytes": int(resident)}
+    return {"stage": stage, "recompute": recompute, "ranks": comm.size, "params": P, "measured_bytes": int(held),
+            "formula_bytes": int(FORMULA[stage](P, comm.size)), "layer_bytes": layer, "pool_bytes": pool,
+            "step_peak_bytes": int(peak), "traced_resident_bytes": int(resident)}
 
 
 def measure_device(comm, cfg, stage, offload, batch=12):
@@ -173,21 +179,25 @@ def main(argv=None):
             if args.json:
                 atomic_write_json(args.json, rows)
         return 0 if all(r["within_goal"] for r in rows) else 1
-    rows = [measure(comm, cfg, stage) for stage in range(4)]
+    rows = [measure(comm, cfg, stage, recompute=mode) for stage in range(4) for mode in RECOMPUTE]
+    none = {r["stage"]: r["step_peak_bytes"] for r in rows if r["recompute"] == "none"}
     for r in rows:
-        r["within_goal"] = r["measured_bytes"] <= 1.05 * r["formula_bytes"] + r["layer_bytes"]
+        r["within_goal"] = r["measured_bytes"] <= 1.05 * r["formula_bytes"] + r["pool_bytes"]
+        r["peak_vs_none"] = r["step_peak_bytes"] / max(none[r["stage"]], 1)
     if comm.rank != 0:
         return 0
     mib = 2.0 ** -20
-    print(f"ZeRO model-state memory per rank, float32 AdamW, {rows[0]['params']:,} parameters, N={comm.size}")
-    print(f"{'stage':>5} | {'formula':>14} | {'formula MiB':>11} | {'measured MiB':>12} | {'ratio':>6} | "
-          f"{'layer MiB':>9} | {'traced MiB':>10} | {'step peak MiB':>13} | goal")
-    names = {0: "16P", 1: "8P + 8P/N", 2: "4P + 12P/N", 3: "16P/N + layer"}
+    print(f"ZeRO model-state memory per rank, float32 AdamW, {rows[0]['params']:,} parameters, N={comm.size}, "
+          f"GPT n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size}, batch {max(1, 12 // comm.size)} "
+          f"per rank")
+    print(f"{'stage':>5} | {'recompute':>9} | {'formula':>14} | {'formula MiB':>11} | {'measured MiB':>12} | "
+          f"{'ratio':>6} | {'pool MiB':>8} | {'traced MiB':>10} | {'step peak MiB':>13} | {'vs none':>7} | goal")
+    names = {0: "16P", 1: "8P + 8P/N", 2: "4P + 12P/N", 3: "16P/N (+ pool)"}
     for r in rows:
-        print(f"{r['stage']:>5} | {names[r['stage']]:>14} | {r['formula_bytes'] * mib:11.2f} | "
+        print(f"{r['stage']:>5} | {r['recompute']:>9} | {names[r['stage']]:>14} | {r['formula_bytes'] * mib:11.2f} | "
               f"{r['measured_bytes'] * mib:12.2f} | {r['measured_bytes'] / r['formula_bytes']:6.3f} | "
-              f"{r['layer_bytes'] * mib:9.2f} | {r['traced_resident_bytes'] * mib:10.2f} | "
-              f"{r['step_peak_bytes'] * mib:13.2f} | "
+              f"{r['pool_bytes'] * mib:8.2f} | {r['traced_resident_bytes'] * mib:10.2f} | "
+              f"{r['step_peak_bytes'] * mib:13.2f} | {r['peak_vs_none']:7.2f} | "
               f"{'ok' if r['within_goal'] else 'MISSED'}")
     if args.json:
         atomic_write_json(args.json, rows)

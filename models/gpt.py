@@ -152,14 +152,22 @@ class HeadsAttention(Function):
     engine.ops.attention's (attention_fwd / attention_bwd). Forward copies once (the heads
     merged back, (B, T, nh, hs)), and backward writes dq, dk, dv straight into one (B, T, 3C)
     gradient: the split, the four transposes and the two reshapes as separate ops would cost
-    three zero-filled gradients, their sums and two more copies."""
+    three zero-filled gradients, their sums and two more copies.
 
-    def forward(self, qkv, n_head=1):
+    ``keep_probs=False`` is selective recomputation (Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", section 4.2): the probabilities
+    P (B, nh, T, T), the one activation that grows with T^2 and costs the least to recompute
+    (2 B nh T^2 hs FLOPs of q k^T against the block's 24 B T C^2), are not kept; backward
+    recomputes them blockwise from q, k, v and the saved log-sum-exp (FlashAttention's
+    backward), so the memory per layer is that of q, k, v, O and the LSE only."""
+
+    def forward(self, qkv, n_head=1, keep_probs=True):
         B, T, C3 = qkv.shape
         self.nh, self.hs = n_head, C3 // 3 // n_head
         heads = qkv.reshape(B, T, 3, n_head, self.hs)          # (B, T, 3, nh, hs) view
         q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (B, nh, T, hs) views
-        y, _, self.state = attention_fwd(q, k, v, causal=True, keep_probs=is_grad_enabled() and any(self.needs_input_grad))
+        keep = keep_probs and is_grad_enabled() and any(self.needs_input_grad)   # False: recomputed in backward
+        y, _, self.state = attention_fwd(q, k, v, causal=True, keep_probs=keep)
         out = y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)   # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
         self.state.o = out.reshape(B, T, n_head, self.hs).transpose(0, 2, 1, 3)   # O as a view of it: one copy kept
         return out
@@ -190,6 +198,7 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng)
         self.attention_fn = attention_fn
         self.noise, self.layer = noise, layer
+        self.keep_probs = True                                 # False: selective recomputation
 
     def forward(self, x, kv_cache=None):
         B, T, _ = x.shape
@@ -201,7 +210,7 @@ class CausalSelfAttention(Module):
         else:
             qkv = self.c_attn(x)                               # (B, T, 3C)
         if kv_cache is None and self.attention_fn is None:
-            y = HeadsAttention.apply(qkv, n_head=nh)           # (B, T, C)
+            y = HeadsAttention.apply(qkv, n_head=nh, keep_probs=self.keep_probs)   # (B, T, C)
         else:
             qkv = ops.reshape(qkv, (B, T, 3, nh, hs))          # (B, T, 3, nh, hs) view
             q, k, v = (ops.transpose(ops.reshape(t, (B, T, nh, hs)), (0, 2, 1, 3))   # (B, nh, T, hs)
@@ -335,6 +344,13 @@ class GPT(Module):
         for block in self.blocks:
             x = block(x)                                       # (B, T, C)
         return self.head(x, targets)                           # (B, T, V), scalar or None
+
+    def selective_recompute(self, on=True):
+        """Selective activation recomputation (HeadsAttention's docstring): every block's
+        attention probabilities recomputed in backward instead of kept (parallel/data/zero.py
+        recompute="selective")."""
+        for block in self.blocks:
+            block.attn.keep_probs = not on
 
     # -- accounting -----------------------------------------------------------------------
     def num_params(self, non_embedding=False):

@@ -19,6 +19,8 @@ composes what passed.
     Terraformer layers (--reversible, --attention lsh, --loss-sparsity): pp = sp = tp = 1
     --offload optimizer (ZeRO-Offload, parallel/data/offload.py): ZeRO 1 or 2, pp = sp = tp = 1, no
             compressed communication; --device gpu (check_offload_device: the device is train's)
+    --recompute full|selective (engine/recompute.py, any ZeRO stage): pp = sp = tp = 1; full: not
+            with --reversible (it recomputes already); selective: a GPT (no Terraformer layers)
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -90,6 +92,11 @@ class ParallelConfig:
                               "activations and gradients on the device; each gradient bucket goes to the host as "
                               "its reduce-scatter completes, the updated shard comes back (device: 4P bytes at "
                               "--zero 2, float32)", choices=("none", "optimizer"))
+    recompute: str = _f("none", "activation recomputation, any --zero: none (keep every activation), full (each "
+                                "block recomputed in backward from its input: +1 forward, activations of one "
+                                "block), selective (only the attention probabilities, (B, heads, T, T) per block, "
+                                "recomputed blockwise in backward); --pp, --sp and --tp: none only",
+                        choices=("none", "full", "selective"))
     comm_timeout: float = _f(300.0, "seconds a collective waits for a missing rank before aborting the job, "
                                     "when there are several ranks (0: no watchdog)")
 
@@ -147,6 +154,22 @@ def check_offload_device(par, device):
          "optimizer state already lives in host memory")
 
 
+def check_recompute(par, get):
+    """--recompute against the layout and the model (get: the model's field getter)."""
+    mode = par.recompute
+    need(mode in ("none", "full", "selective"), f"recompute must be none, full or selective, got {mode!r}")
+    if mode == "none":
+        return
+    for n, what in ((par.pp, "--pp"), (par.sp, "--sp"), (par.tp, "--tp")):
+        need(n == 1, f"--recompute {mode} with {what} {n} is not supported yet: it is built and tested over dp "
+             "with ZeRO 0-3 only")
+    need(not (mode == "full" and get("reversible")), "--recompute full with --reversible: the reversible stack "
+         "recomputes every layer already; use --recompute none")
+    terra = get("reversible") or get("attention") == "lsh" or get("loss_sparsity")
+    need(not (mode == "selective" and terra), "--recompute selective needs a GPT without Terraformer layers "
+         "(--reversible, --attention lsh, --loss-sparsity): it drops the dense attention's probabilities")
+
+
 def check_layout(par, model, batch_size):
     """Raise LayoutError unless ``par`` can train ``model`` (a GPTConfig, or a dict of its
     fields) on global batches of ``batch_size`` sequences. Fills par.micro_batches = pp when 0."""
@@ -162,6 +185,7 @@ def check_layout(par, model, batch_size):
     need(par.comm_timeout >= 0, f"comm_timeout must be >= 0, got {par.comm_timeout}")
     check_compression(par)
     check_offload(par)
+    check_recompute(par, get)
     terra = [f for f, on in (("--reversible", get("reversible")), ("--attention lsh", get("attention") == "lsh"),
                              ("--loss-sparsity", get("loss_sparsity"))) if on]
     if terra:                             # the Terraformer (models/terraformer.py) trains under dp and ZeRO 0-3

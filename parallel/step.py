@@ -127,7 +127,7 @@ def build_step(model_cfg, par, train, mesh):
     engine = ZeroEngine(model if stage is None else stage, grad_comm, stage=par.zero, lr=train.lr,
                         betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
                         bucket_bytes=int(par.bucket_mb * 2**20), wire=wire_of(par, grad_comm),
-                        offload=par.offload)
+                        offload=par.offload, recompute=par.recompute)
     pipe = None
     if stage is not None:
         pipe = PipelineEngine(mesh.pp_comm, model_cfg, stage, par.schedule, par.micro_batches, par.virtual_stages,
@@ -342,4 +342,5 @@ class Step:
                 f"rank per micro-batch | gradients averaged over {self.engine.comm.size} ranks (dp x sp) | "
                 f"buckets {self.engine.buckets.describe()}"
                 + (" | optimizer offloaded to the host (ZeRO-Offload)" if self.engine.offload is not None else "")
+                + (f" | recompute {par.recompute}" if par.recompute != "none" else "")
                 + (f" | {self.engine.wire.describe()}" if self.engine.wire.describe() else ""))

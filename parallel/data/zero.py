@@ -10,8 +10,15 @@ float32 in place of its 2 + 2 + 12 bytes of mixed precision):
     0      full    full   full       16P               all-reduce grads (bucketed, in backward)
     1      full    full   shard      8P + 8P/N         reduce-scatter grads, all-gather params
     2      full    shard  shard      4P + 12P/N        bucketed reduce-scatter in backward; all-gather
-    3      shard   shard  shard      16P/N + layers    per-layer all-gather in forward and again in
+    3      shard   shard  shard      16P/N + pool      per-layer all-gather in forward and again in
                                                        backward (parallel/data/fsdp.py); reduce-scatter
+
+The pool: stage 3's K = 2 slots, each the size of the largest layer (parallel/data/pool.py).
+Activations are independent of the stage: ``recompute`` "none" keeps them all; "full"
+(activation checkpointing, Chen et al. 2016; Megatron's and torchtitan's full mode) keeps each
+layer's input and recomputes the layer in backward (+1 forward); "selective" (Korthikanti et
+al. 2022, section 4.2) drops only the attention probabilities, (B, nh, T, T) per layer, and
+recomputes them blockwise from q, k, v in backward (the cheap, large part).
 
 Step, any stage:  grads averaged over ``comm`` (parallel/data/buckets.py) -> global grad norm (sum
 of squares of each rank's shard, all-reduced) -> clip -> AdamW on the owned shard (the
@@ -47,13 +54,15 @@ import numpy as np
 from engine.backend import get_array_module, to_numpy
 from engine.flat import FlatParameters, copy_into, placeholder, shard_range
 from engine.optim import AdamW, clip_grad_norm_, grad_norm_sq
+from engine.recompute import checkpointed
 
 from .buckets import GradBuckets
-from .fsdp import ShardedLayers
+from .fsdp import ShardedLayers, default_layers
 from .offload import MODES as OFFLOAD, HostOptimizer
 from .wire import Wire
 
 STAGES = (0, 1, 2, 3)
+RECOMPUTE = ("none", "full", "selective")
 
 
 class ZeroEngine:
@@ -67,12 +76,19 @@ class ZeroEngine:
              parameters outside them form the root, gathered for the whole step
     AdamW hyper-parameters as engine/optim.py; bucket_bytes: gradient bucket size; wire: a
              parallel/data/wire.py Wire over comm (compressed gathers / reduce-scatter; stage >= 1).
-    offload  "none", or "optimizer": ZeRO-Offload (stages 1-2, device parameters; see the docstring)."""
+    offload  "none", or "optimizer": ZeRO-Offload (stages 1-2, device parameters; see the docstring).
+    recompute "none" (keep every activation), "full" (each layer recomputed in backward, any
+             stage: engine/recompute.py) or "selective" (the attention probabilities recomputed:
+             the model's ``selective_recompute()``, models/gpt.py); see the docstring."""
 
     def __init__(self, model, comm, stage=0, layers=None, lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.0, bucket_bytes=1 << 20, align=1, wire=None, offload="none"):
+                 weight_decay=0.0, bucket_bytes=1 << 20, align=1, wire=None, offload="none", recompute="none"):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+        if recompute == "selective" and not hasattr(model, "selective_recompute"):
+            raise ValueError(f"recompute 'selective': {type(model).__name__} has no selective_recompute()")
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
         if offload != "none" and stage not in (1, 2):
@@ -122,9 +138,14 @@ class ZeroEngine:
         self.buckets = GradBuckets(flat, comm, mode, bucket_bytes, self.grad_shards if stage >= 2 and not host else None,
                                    wire=self.wire if self.wire.grads is not None else None,
                                    sink=self.offload.receive if host else None)
-        self.layers = None
+        self.layers, self.recompute = None, recompute
+        if recompute == "selective":
+            model.selective_recompute()
         if stage == 3:
-            self.layers = ShardedLayers(self, layers)
+            self.layers = ShardedLayers(self, layers, recompute=recompute == "full")
+        elif recompute == "full":                           # each layer one Recomputed node
+            for m in default_layers(model) if layers is None else layers:
+                checkpointed(m, getattr(model, "noise", None))
         self._wait_s = 0.0              # seconds blocked waiting on collectives (comm_wait)
         self._sync = True               # False inside no_sync()
         if master and stage < 3:        # compute with the decoded weights from the start

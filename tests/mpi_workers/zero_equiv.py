@@ -3,11 +3,20 @@
     mpiexec -n N python tests/mpi_workers/zero_equiv.py [DTYPE ...]
 
 For each dtype (default float64 float32) and stage 0..3 (and gradient accumulation 2 on
-stage 0 and 2), trains a tiny GPT for 5 steps with ZeroEngine, each rank on its slice of
+stage 0 and 2; activation recomputation "full" and "selective" on several stages, engine/
+recompute.py), trains a tiny GPT with dropout for 5 steps with ZeroEngine, each rank on its slice of
 the global batch drawn by one shared seeded Batcher, and compares the mean losses and the
 final parameters with the single-process reference computed independently on every rank
 (FlatParameters + AdamW + clip_grad_norm_, as train.py on one process). Prints one line
 per case from rank 0 ("case ... max rel err ...") and "N failures" at the end; exit 1 if any.
+Dropout draws from the model's counter-based generator located at each rank's global rows,
+so every layout, and every recomputation, masks as the one process does.
+
+ZeRO-3's slot pool (parallel/data/pool.py): run with ENGINE_POOL_POISON=1 every released slot
+is NaN, so the stage 3 cases pass only if no saved reference reads a slot between its release
+and its second gather. The "pool" lines show that the poison catches such a read (a backward
+that skips the second gather: finite but wrong without poison, NaN with it) and that a pool
+of one slot refuses a prefetch into the slot of the layer computing.
 
 Tolerances: float64, each parameter tensor and each loss within 1e-10 relative (max |a - b|
 over max |b|); float32, the losses likewise within 1e-5 and the parameter vector within 1e-5
@@ -28,9 +37,10 @@ from engine.flat import FlatParameters
 from engine.optim import AdamW, clip_grad_norm_
 from models.gpt import GPT, GPTConfig
 from parallel.data import ZeroEngine
+from parallel.data.fsdp import ShardedLayers
 
 TOL = {"float64": 1e-10, "float32": 1e-5}
-CFG = GPTConfig(block_size=16, vocab_size=41, n_layer=2, n_head=2, n_embd=14)   # 5894 parameters: N=3, 4 pad
+CFG = GPTConfig(block_size=16, vocab_size=41, n_layer=2, n_head=2, n_embd=14, dropout=0.1)   # 5894 parameters: N=3, 4 pad
 B, STEPS, SEED, CLIP = 12, 5, 7, 0.5
 OPT = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, size=4000).astype(np.uint16)
@@ -55,8 +65,9 @@ def reference(dtype, accum):
     for step in range(STEPS):
         flat.zero_grad()
         total = 0.0
-        for _ in range(accum):
+        for k in range(accum):
             x, y = batcher.next()
+            m.noise.set_step(step, k)
             loss = m(x, y)[1]
             total += loss.item()
             (loss * (1.0 / accum)).backward()
@@ -66,16 +77,18 @@ def reference(dtype, accum):
     return losses, {n: p.data.copy() for n, p in m.named_parameters()}
 
 
-def distributed(dtype, stage, accum):
+def distributed(dtype, stage, accum, recompute="none"):
     m = model(dtype)
-    eng = ZeroEngine(m, comm, stage=stage, bucket_bytes=2000, **OPT)      # several buckets
+    eng = ZeroEngine(m, comm, stage=stage, bucket_bytes=2000, recompute=recompute, **OPT)   # several buckets
     batcher, losses, b = Batcher(TOKENS, B, CFG.block_size, SEED), [], B // N
     for step in range(STEPS):
         eng.zero_grad()
         total = 0.0
         for k in range(accum):
             x, y = batcher.next()                                         # (B, T): the global batch
-            loss = eng(x[R * b:(R + 1) * b], y[R * b:(R + 1) * b])[1]     # (B/N, T): this rank's slice
+            m.noise.set_step(step, k)
+            with m.noise.located(np.arange(R * b, (R + 1) * b)):          # this rank's global rows
+                loss = eng(x[R * b:(R + 1) * b], y[R * b:(R + 1) * b])[1]   # (B/N, T): this rank's slice
             total += loss.item()
             eng.backward(loss * (1.0 / accum), sync=k == accum - 1)
         check_after_backward(eng)
@@ -124,14 +137,71 @@ def norm_rel(params, ref):
     return (diff / sum(float((ref[n] ** 2).sum()) for n in ref)) ** 0.5
 
 
-failures = 0
+SPARSE = dict(ffn_sparsity=4, ffn_lowrank=4, ffn_temperature=0.5, ffn_hard_prob=0.5, qkv_modules=2)
+
+
+def stage3_grads(poison, skip_second_gather=False, slots=2, stage=3, **extra):
+    """One stage 3 forward and backward (float64, N ranks, 3 layers so that the pool wraps):
+    this rank's gradient shard. skip_second_gather: the deliberately wrong schedule, whose
+    backward reads each layer's slot as later layers left it. extra: GPTConfig fields."""
+    cfg = GPTConfig(**dict(vars(CFG), n_layer=3, dropout=0.0, **extra))
+    eng = ZeroEngine(GPT(cfg, np.random.default_rng(SEED)).astype("float64"), comm, stage=stage, **OPT)
+    if stage < 3:
+        eng.zero_grad()
+        eng.backward(eng(*(a[R * (B // N):(R + 1) * (B // N)] for a in Batcher(TOKENS, B, cfg.block_size,
+                                                                              SEED).next()))[1])
+        return to_numpy(eng.grad_shards["float64"]).copy()
+    if slots != 2:                                                        # the same layers, another pool
+        eng.layers = ShardedLayers(eng, list(eng.model.blocks), slots=slots, poison=poison)
+    eng.layers.pool.poison = poison
+    if skip_second_gather:
+        eng.layers.before_backward = lambda unit: None
+    x, y = Batcher(TOKENS, B, cfg.block_size, SEED).next()
+    b = B // N
+    eng.zero_grad()
+    eng.backward(eng(x[R * b:(R + 1) * b], y[R * b:(R + 1) * b])[1])
+    return to_numpy(eng.grad_shards["float64"]).copy()
+
+
+def pool_checks():
+    """The poison catches a stale read; one slot is refused. Returns the failures (0 or 1)."""
+    right = stage3_grads(poison=True)
+    wrong_plain = stage3_grads(poison=False, skip_second_gather=True)
+    wrong_poisoned = stage3_grads(poison=True, skip_second_gather=True)
+    sq = comm.all_reduce(np.array([((wrong_plain - right) ** 2).sum(), (right ** 2).sum(),
+                                   float(np.isnan(wrong_poisoned).any()), float(np.isfinite(right).all())]))
+    err = float(np.sqrt(sq[0] / sq[1]))                  # over the whole gradient (every rank's shard)
+    ok = sq[3] == N
+    ok_plain = bool(np.isfinite(wrong_plain).all()) and err > 1e-3                       # silently wrong
+    ok_poison = sq[2] > 0                                                                # caught
+    try:
+        stage3_grads(poison=True, slots=1)
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    ok_one = "still gathering for layer 0" in refused or "still live for layer 0" in refused
+    sparse = comm.all_reduce(np.array([rel(stage3_grads(poison=True, **SPARSE), stage3_grads(False, stage=2, **SPARSE))]),
+                             op="max")[0]                         # sparse FFN and QKV layers through the pool
+    ok_sparse = sparse <= 1e-10
+    bad = comm.all_reduce(np.array([0 if ok and ok_plain and ok_poison and ok_one and ok_sparse else 1]))[0]
+    if R == 0:
+        print(f"pool N={N}: right schedule poisoned finite {ok}; skipped second gather: without poison finite, "
+              f"gradient rel err {err:.2e} {ok_plain}; with poison NaN {ok_poison}; one slot refused "
+              f"{ok_one} ({refused}); sparse layers poisoned vs stage 2 rel err {sparse:.2e} "
+              f"{'ok' if bad == 0 else 'FAIL'}", flush=True)
+    return int(bad > 0)
+
+
+CASES = [(0, 1, "none"), (1, 1, "none"), (2, 1, "none"), (3, 1, "none"), (0, 2, "none"), (2, 2, "none"),
+         (3, 2, "none"), (0, 1, "full"), (1, 1, "selective"), (2, 2, "full"), (3, 1, "full"), (3, 2, "selective")]
+failures = pool_checks()
 for dtype in sys.argv[1:] or ["float64", "float32"]:
     refs = {}
-    for stage, accum in [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2)]:
+    for stage, accum, recompute in CASES:
         if accum not in refs:
             refs[accum] = reference(dtype, accum)
         ref_losses, ref_params = refs[accum]
-        losses, params = distributed(dtype, stage, accum)
+        losses, params = distributed(dtype, stage, accum, recompute)
         err_loss = rel(losses, ref_losses)
         if dtype == "float64":           # every tensor, elementwise
             err_param = max(rel(params[n], ref_params[n]) for n in ref_params)
@@ -141,7 +211,7 @@ for dtype in sys.argv[1:] or ["float64", "float32"]:
         bad = comm.all_reduce(np.array([0 if ok else 1]))[0]
         failures += int(bad > 0)
         if R == 0:
-            print(f"case N={N} {dtype} stage={stage} accum={accum}: loss rel err {err_loss:.2e}, "
+            print(f"case N={N} {dtype} stage={stage} accum={accum} recompute={recompute}: loss rel err {err_loss:.2e}, "
                   f"param rel err {err_param:.2e} {'ok' if bad == 0 else 'FAIL'}", flush=True)
 probe = ZeroEngine(model("float64"), comm).flat
 pad = len(probe.data["float64"]) - probe.numel["float64"]
