@@ -24,8 +24,8 @@ initial weights, with the same decay groups and the same batches (a Batcher of t
 seed), so the first losses agree (printed as a check).
 
 Threads: the engine's BLAS threads come from the environment (OPENBLAS_NUM_THREADS /
-OMP_NUM_THREADS, else every core); engine/threads.py splits large elementwise ops over the
-same count. Under ``mpiexec -n C`` the engine runs dp = C, one process per core, and PyTorch
+OMP_NUM_THREADS, else every core); engine/threads.py spreads the GELU and AdamW chunks over
+the same count (ENGINE_THREADS overrides it). Under ``mpiexec -n C`` the engine runs dp = C, one process per core, and PyTorch
 runs on rank 0 with ``--torch-threads`` (default C times the ranks' threads) while the other
 ranks wait asleep (a polled non-blocking barrier: no core spins), the same global batch.
 
