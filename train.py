@@ -261,6 +261,34 @@ def train_step(run, lr):
     return loss, norm
 
 
+def measured_step(run, tracer, lr, peak):
+    """Step run.step as the loop takes it (bench/train_step.py times this same call): the step,
+    its memory trace, the bytes sent and their maximum over the ranks; returns its record."""
+    step, T = run.step, run.model_cfg.block_size
+    tokens_per_step = run.cfg.batch_size * T * run.cfg.grad_accum
+    tracer.begin(step)
+    sent0 = run.stepper.bytes_by_kind()              # bytes this rank sends in the step, per kind
+    t0 = time.perf_counter()
+    loss, norm = train_step(run, lr)
+    run.watch.see(loss)
+    dt, mem = time.perf_counter() - t0, tracer.end()
+    sent = [n - sent0[k] for k, n in run.stepper.bytes_by_kind().items()]
+    v = np.array([dt, mem, sum(sent), *sent], np.float64)
+    if run.world > 1:                                # the slowest rank's time, the largest peak and bytes
+        v = run.mesh.world.all_reduce(v, op="max")
+    dt, mem = float(v[0]), float(v[1])
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms_per_step": dt * 1e3,
+            "tokens_per_s": tokens_per_step / dt, "mfu": run.model.flops_per_token() * tokens_per_step / dt / peak,
+            "peak_bytes": int(mem), "bytes_sent": int(v[2]),
+            "bytes_by_kind": {k: int(n) for k, n in zip(sent0, v[3:]) if n}}
+
+
+def log_line(rec):
+    return (f"step {rec['step']:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['ms_per_step']:7.1f} ms | "
+            f"{rec['tokens_per_s']:7.0f} tok/s | mfu {100 * rec['mfu']:5.2f}% | mem {rec['peak_bytes'] / 2**20:6.1f} "
+            f"MiB | sent {rec['bytes_sent'] / 2**20:.3f} MiB")
+
+
 def banner(run, peak, tracer, say):
     """The start-up lines (rank 0): model, data, layout, MFU and memory conventions."""
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
@@ -284,7 +312,7 @@ def banner(run, peak, tracer, say):
 
 
 def train(run, tracer):
-    cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
+    cfg, model = run.cfg, run.model
     say = print if run.is_main else (lambda *a, **k: None)
     if cfg.device == "gpu" and isinstance(tracer, MemoryTracer):     # the arrays live on the device
         tracer.stop()
@@ -292,7 +320,6 @@ def train(run, tracer):
     else:
         tracer.every = cfg.mem_trace_interval
     peak = measure_peak_flops(cfg.dtype) * run.world
-    flops_per_token, tokens_per_step = model.flops_per_token(), cfg.batch_size * T * cfg.grad_accum
     banner(run, peak, tracer, say)
     model.train()
     trace_step = run.step + min(2, cfg.max_steps - run.step) if cfg.trace else None   # the second step, warm
@@ -303,26 +330,10 @@ def train(run, tracer):
             lr = cosine_lr(step - 1, cfg.lr, cfg.warmup, cfg.max_steps, cfg.min_lr)
             if step == trace_step:                       # a barrier aligns the ranks' clocks
                 run.stepper.tracer = Tracer().start(run.mesh.world)
-            tracer.begin(step)
-            sent0 = run.stepper.bytes_by_kind()          # bytes this rank sends in the step, per kind
-            t0 = time.perf_counter()
-            loss, norm = train_step(run, lr)
-            run.watch.see(loss)
-            dt, mem = time.perf_counter() - t0, tracer.end()
-            sent = [n - sent0[k] for k, n in run.stepper.bytes_by_kind().items()]
-            v = np.array([dt, mem, sum(sent), *sent], np.float64)
-            if run.world > 1:                            # the slowest rank's time, the largest peak and bytes
-                v = run.mesh.world.all_reduce(v, op="max")
-            dt, mem = float(v[0]), float(v[1])
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms_per_step": dt * 1e3,
-                   "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
-                   "peak_bytes": int(mem), "bytes_sent": int(v[2]),
-                   "bytes_by_kind": {k: int(n) for k, n in zip(sent0, v[3:]) if n}}
+            rec = measured_step(run, tracer, lr, peak)
             last = step == cfg.max_steps
             if step % cfg.log_interval == 0 or last:
-                say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | {rec['tokens_per_s']:7.0f} "
-                    f"tok/s | mfu {100 * rec['mfu']:5.2f}% | mem {rec['peak_bytes'] / 2**20:6.1f} MiB | sent "
-                    f"{rec['bytes_sent'] / 2**20:.3f} MiB", flush=True)
+                say(log_line(rec), flush=True)
             if step == trace_step:                       # gathered over the world, rank 0 writes
                 write_chrome_trace(cfg.trace, run.stepper.tracer, run.mesh.world, mesh_labels(run.mesh))
                 run.stepper.tracer = None

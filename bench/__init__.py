@@ -3,7 +3,7 @@ README's Benchmarks table lists each command). --json files are written atomical
 (engine/io.py atomic_write_json): a crash leaves the previous file, never half of one.
 
     collectives.py   hand-written collectives against the MPI library's own (OSU / nccl-tests style)
-    train_step.py    one GPT training step against PyTorch eager; nanoGPT's char-level run
+    train_step.py    train.py's step against PyTorch eager (torch_gpt.py: nanoGPT's model); nanoGPT's char-level run
     scaling.py       DP weak-scaling efficiency and each ZeRO stage's step time
     zero_memory.py   per-rank model-state bytes against the ZeRO formulas
     long_context.py  memory per rank and ring overlap under sequence parallelism

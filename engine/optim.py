@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .flat import copy_into
+from .threads import for_chunks, threads
 
 CPU_CHUNK = 1 << 16
 
@@ -124,8 +125,9 @@ class AdamW(_FlatOptimizer):
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
         xp, mask = self.xp, self.decay_mask
-        for a, b in _chunks(n, self.chunk_size):
-            p, g, m, v, s = self.params[a:b], self.grads[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b], tmp[:b - a]
+
+        def update(a, b, s):
+            p, g, m, v = self.params[a:b], self.grads[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b]
             if wd != 0.0 and lr != 0.0:
                 self._decay(p, 1.0 - lr * wd, None if mask is None else mask[a:b], s)
             xp.subtract(g, m, out=s)                    # m += (1 - b1) (g - m)
@@ -141,8 +143,14 @@ class AdamW(_FlatOptimizer):
             xp.divide(m, s, out=s)                      # p -= lr / (1 - b1^t) * m / denom
             s *= -step_size
             p += s
-            if on_chunk is not None:
-                on_chunk(a, b)
+        if on_chunk is None:                            # chunks over the elementwise threads (engine/threads.py)
+            shared = xp is not np or threads() == 1     # one thread at a time: one scratch chunk
+            for_chunks(n, lambda a, b: update(a, b, tmp[:b - a] if shared else xp.empty(b - a, dtype=tmp.dtype)),
+                       xp, self.chunk_size)
+            return
+        for a, b in _chunks(n, self.chunk_size):        # in order: each chunk is handed on when final
+            update(a, b, tmp[:b - a])
+            on_chunk(a, b)
 
 
 class SGD(_FlatOptimizer):

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..autograd import Function, Tensor, is_grad_enabled
 from ..backend import get_array_module, scatter_add
+from ..threads import for_chunks
 
 
 # -- linear ---------------------------------------------------------------------------------
@@ -102,39 +103,60 @@ _GELU_A = 0.044715
 class GELU(Function):
     """Hendrycks & Gimpel 2016, tanh approximation as in GPT-2:
         y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
-    Computed as y = x * sigmoid(2u) (0.5 (1 + tanh u) = sigmoid(2u)), one exp instead of a
+    Computed as y = x / (1 + e^(-2u)) (0.5 (1 + tanh u) = sigmoid(2u)), one exp instead of a
     slower tanh; then dy/dx = s + x s (1 - s) 2u'(x) = s (1 + (1 - s) x (2c + 6ca x^2)), s = sigmoid(2u).
     Only x is kept: backward recomputes s (one exp), so the layer holds its input and not also
-    a second (B, T, 4C) array (Korthikanti et al. 2022 count GeLU's input alone)."""
+    a second (B, T, 4C) array (Korthikanti et al. 2022 count GeLU's input alone). Both passes
+    run chunk by chunk (engine/threads.py): each chain of in-place ufuncs stays in cache, and
+    the chunks spread over the elementwise threads; bitwise the same at any thread count."""
     def forward(self, x):
-        self.x = x
-        return x * self._sigmoid_2u(x)
+        xp = get_array_module(x)
+        self.x = x = xp.ascontiguousarray(x)
+        out = xp.empty_like(x)
+        xf, of = x.reshape(-1), out.reshape(-1)                       # (N,) views
+
+        def part(a, b):
+            xs, e = xf[a:b], of[a:b]
+            self._minus_2u(xs, e)
+            xp.exp(e, out=e)
+            e += 1.0
+            xp.divide(xs, e, out=e)                                   # x sigmoid(2u) = x / (1 + e^(-2u))
+        for_chunks(xf.size, part, xp)
+        return out
 
     @staticmethod
-    def _sigmoid_2u(x):
+    def _minus_2u(x, e):
+        """e = min(-2u, 80) (exp(80) fits float32: no overflow)."""
         xp = get_array_module(x)
-        e = x * x
+        xp.multiply(x, x, out=e)
         e *= -2.0 * _GELU_C * _GELU_A
         e -= 2.0 * _GELU_C
         e *= x                                                        # -2u
-        xp.minimum(e, 80.0, out=e)                                    # exp(80) fits float32: no overflow
-        xp.exp(e, out=e)
-        e += 1.0
-        return xp.reciprocal(e, out=e)                                # s = sigmoid(2u) = 1 / (1 + e^(-2u))
+        return xp.minimum(e, 80.0, out=e)
 
     def backward(self, g):
         xp = get_array_module(g)
         x = self.x
-        s = self._sigmoid_2u(x)
-        d = x * x
-        d *= 6.0 * _GELU_C * _GELU_A
-        d += 2.0 * _GELU_C
-        d *= x                                                        # x (2c + 6ca x^2)
-        d *= xp.subtract(1.0, s, dtype=s.dtype)                       # * (1 - s)
-        d += 1.0
-        d *= s
-        d *= g
-        return (d,)
+        g = xp.ascontiguousarray(g)
+        out = xp.empty_like(x)
+        xf, gf, of = x.reshape(-1), g.reshape(-1), out.reshape(-1)    # (N,) views
+
+        def part(a, b):
+            xs, d = xf[a:b], of[a:b]
+            s = self._minus_2u(xs, xp.empty_like(xs))
+            xp.exp(s, out=s)
+            s += 1.0
+            xp.reciprocal(s, out=s)                                   # s = sigmoid(2u)
+            xp.multiply(xs, xs, out=d)
+            d *= 6.0 * _GELU_C * _GELU_A
+            d += 2.0 * _GELU_C
+            d *= xs                                                   # x (2c + 6ca x^2)
+            d *= xp.subtract(1.0, s, dtype=s.dtype)                   # * (1 - s)
+            d += 1.0
+            d *= s
+            d *= gf[a:b]
+        for_chunks(xf.size, part, xp)
+        return (out,)
 
 
 def gelu(x):
