@@ -19,7 +19,6 @@ import gc
 import sys
 
 import numpy as np
-from compare import rel
 
 from engine import backend, device_double
 from collectives import Communicator
@@ -27,6 +26,7 @@ from engine.data import Batcher
 from models.gpt import GPT, GPTConfig
 from parallel.data import ZeroEngine
 from bench.zero_memory import DEVICE_FORMULA, HOST_FORMULA
+from compare import rel
 
 if not backend.emulated():
     sys.exit("offload_equiv.py runs under ENGINE_DEVICE=gpu-emulated")

@@ -15,7 +15,6 @@ bad layouts: each must raise PipelineConfigError with the same line on every ran
 import sys
 
 import numpy as np
-from compare import rel
 
 from collectives import Mesh
 from engine.data import Batcher
@@ -23,6 +22,7 @@ from engine.flat import FlatParameters
 from engine.optim import AdamW, clip_grad_norm_
 from models.gpt import GPT, GPTConfig
 from parallel.pipeline import PipelineConfigError, PipelineEngine, PipelineStage
+from compare import rel
 
 PP = int(sys.argv[1])
 DP = int(sys.argv[2]) if len(sys.argv) > 2 else 1

@@ -3,13 +3,14 @@ arrays (independent of parallel/tensor/model.py slice_specs), for tp_worker.py a
 tp_step_worker.py to compare against."""
 import numpy as np
 
+from engine.backend import to_numpy
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from parallel.tensor.layers import ParallelSparseFFN
 
 
 def slice_of(module, name, full):
-    """The part of ``full`` (the one-process parameter ``name``) that ``module`` holds."""
-    m = module
+    """The part of ``full`` (the one-process parameter ``name``) that ``module`` holds, on the host."""
+    full, m = to_numpy(full), module
     for part in name.rsplit(".", 1)[0].split("."):
         m = getattr(m, part)
     leaf = name.rsplit(".", 1)[1]

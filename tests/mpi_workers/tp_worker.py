@@ -13,15 +13,16 @@ check, against the dense layers every rank builds from the same seed:
 Rank 0 prints "tp=<t> <case> err=<worst relative error>"; the test asserts each below 1e-12.
 """
 import numpy as np
-from compare import rel
 
 from collectives import Communicator
 from engine import ops
 from engine.autograd import Tensor
+from engine.backend import to_device, to_numpy
 from engine.nn import Embedding, Linear
 from models.gpt import GPT, GPTConfig
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_gpt
 from tp_slices import slice_of
+from compare import rel
 
 world = Communicator()
 W, R = world.size, world.rank
@@ -34,8 +35,8 @@ def mlp_case(comm):
     l1, l2 = Linear(C, H, rng=g), Linear(H, C, rng=g)
     for lin in (l1, l2):
         lin.astype("float64")
-        lin.bias.data[:] = g.standard_normal(lin.bias.shape)
-    x0, r = g.standard_normal((2, 5, C)), g.standard_normal((2, 5, C))
+        lin.bias.data[:] = to_device(g.standard_normal(lin.bias.shape))
+    x0, r = (to_device(g.standard_normal((2, 5, C))) for _ in range(2))    # on the device the layers use
     x = Tensor(x0.copy(), requires_grad=True)
     y = l2(ops.gelu(l1(x)))
     (y * Tensor(r)).sum().backward()
@@ -59,7 +60,7 @@ def vocab_case(comm, granule):
     idx = g.integers(0, V, (3, 6))
     tgt = g.integers(0, V, (3, 6))
     tgt[0, :2] = -1
-    h0 = g.standard_normal((3, 6, C))
+    h0 = to_device(g.standard_normal((3, 6, C)))
 
     def run(e):
         h = Tensor(h0.copy(), requires_grad=True)
@@ -71,7 +72,7 @@ def vocab_case(comm, granule):
     vp = VocabParallelEmbedding.from_embedding(emb, comm, granule)
     got = run(vp)
     n = vp.weight.shape[0]
-    rows = dense[2][vp.lo:vp.lo + n]
+    rows = to_numpy(dense[2][vp.lo:vp.lo + n])
     pad = np.zeros((n - rows.shape[0], C))
     return max(rel(got[0], dense[0]), rel(got[1], dense[1]), rel(got[2], np.concatenate([rows, pad])))
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from collectives import Communicator, Mesh
+from engine.backend import to_numpy
 from models.gpt import GPTConfig
 from parallel import ParallelConfig, build_step, check_layout
 from parallel.data import step_bytes
@@ -34,14 +35,14 @@ def used_weights(step):
     """{dt: the full flat vector of weights this rank computes with} (stage 3: gathered now)."""
     eng = step.engine
     if eng.layers is None:
-        return {dt: eng.flat.data[dt].copy() for dt in eng.flat.dtypes}
+        return {dt: to_numpy(eng.flat.data[dt]).copy() for dt in eng.flat.dtypes}
     out = {dt: np.zeros(len(eng.flat.grad[dt]), eng.flat.grad[dt].dtype) for dt in eng.flat.dtypes}
     for unit in eng.layers.units + [eng.layers.root]:
         eng.layers.ensure(unit)
         for name, p in zip(eng.flat.names, eng.flat.params):
             dt, off, n, _ = eng.flat.index[name]
             if any(p is q for q in unit.params):
-                out[dt][off:off + n] = p.data.reshape(-1)
+                out[dt][off:off + n] = to_numpy(p.data).reshape(-1)
         eng.layers.free(unit)
     return out
 
@@ -73,7 +74,7 @@ def run(case, world):
                 problems.append(f"step {n}: rank {world.rank}'s {dt} weights differ from rank 0's")
             if eng.wire.weights is not None:
                 lo, hi = eng.ranges[dt]
-                master, mine = eng.param_shards[dt], u[lo:hi]
+                master, mine = to_numpy(eng.param_shards[dt]), u[lo:hi]
                 bound = np.abs(master).max() / 254 if eng.wire.weights.bits else np.abs(master) * 2.0 ** -8
                 if np.array_equal(master, mine) or (np.abs(master - mine) > bound).any():
                     problems.append(f"step {n}: the {dt} master shard is not kept apart within the codec's bound")

@@ -28,7 +28,6 @@ summation order gives other noise. In float64 that noise is still 1e-13.)
 import sys
 
 import numpy as np
-from compare import rel
 
 from collectives import Communicator
 from engine.backend import to_numpy
@@ -38,6 +37,7 @@ from engine.optim import AdamW, clip_grad_norm_
 from models.gpt import GPT, GPTConfig
 from parallel.data import ZeroEngine
 from parallel.data.fsdp import ShardedLayers
+from compare import rel
 
 TOL = {"float64": 1e-10, "float32": 1e-5}
 CFG = GPTConfig(block_size=16, vocab_size=41, n_layer=2, n_head=2, n_embd=14, dropout=0.1)   # 5894 parameters: N=3, 4 pad
