@@ -40,3 +40,27 @@ def _host_comparisons():
 
 
 _host_comparisons()
+
+
+# Test files with no device code path: under ENGINE_DEVICE=gpu-emulated (CI's second job,
+# `-m "not cpu_only"`) they would run exactly what the CPU job runs. Everything else runs on
+# both. The collectives' device buffers are tested by test_collectives_gpu.py, the watchdog
+# and the supervisor by the CPU job: neither looks at where an array lives.
+CPU_ONLY = {
+    "test_bpe.py": "the tokenizer is pure Python on bytes",
+    "test_schedules.py": "pipeline schedules are lists of actions, no arrays",
+    "test_collectives_fuzz.py": "its cases build host buffers; device buffers: test_collectives_gpu.py",
+    "test_collectives_hardening.py": "host buffers; device buffers: test_collectives_gpu.py",
+    "test_comm_debug.py": "the arrival handshake moves host metadata only",
+    "test_hang.py": "deadlines and blame on host messages; the watchdog never sees device arrays",
+    "test_elastic.py": "the supervisor relaunches processes; replicas on a device: test_replicas.py",
+    "test_elastic_ulfm.py": "Open MPI's ULFM job (pytest -m ulfm) runs on the CPU",
+    "test_ulfm.py": "Open MPI's ULFM job (pytest -m ulfm) runs on the CPU",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        reason = CPU_ONLY.get(os.path.basename(str(item.fspath)))
+        if reason is not None:
+            item.add_marker(pytest.mark.cpu_only(reason))
