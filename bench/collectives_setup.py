@@ -219,3 +219,61 @@ def measure_ceiling(comm, nbytes):
     n = comm.size
     return dict(memcpy_GBps=w.allreduce(nbytes / t_copy / 1e9) / n,
                 add_GBps=w.allreduce(nbytes / t_add / 1e9) / n, ceiling_bytes=nbytes)
+
+
+def strip_flags(argv, flags):
+    """argv without the given flags and their values ("--json F" and "--json=F" alike)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def summarize_launches(launches):
+    """Per (op, mem, algo, bytes) over K launches' rows: the median, min and max of vs_mpi (busbw
+    ratio to the library in the same launch) and of the time ratio (time / library's time), and
+    the median time; rows in the first launch's order."""
+    groups = {}
+    for rows in launches:
+        for r in rows:
+            if r.get("vs_mpi"):
+                groups.setdefault((r["op"], r["mem"], r["algo"], r["bytes"]), []).append(r)
+    out = []
+    for (op, mem, algo, nbytes), rs in groups.items():
+        bw = [r["vs_mpi"] for r in rs]
+        tr = [1.0 / v for v in bw]
+        out.append(dict(op=op, mem=mem, algo=algo, chosen=rs[0]["chosen"], bytes=nbytes, launches=len(rs),
+                        time_us_median=float(np.median([r["time_us"] for r in rs])),
+                        vs_mpi_median=float(np.median(bw)), vs_mpi_min=min(bw), vs_mpi_max=max(bw),
+                        time_ratio_median=float(np.median(tr)), time_ratio_min=min(tr), time_ratio_max=max(tr)))
+    return out
+
+
+def launches_goal(rows, small=4096, big=65536, latency_goal=1.1, busbw_goal=1.0):
+    """Issue 20's goal at N=2 on the medians over launches, per op: (op, worst median busbw ratio
+    from `big` bytes, its size, worst median time ratio up to `small` bytes, its size)."""
+    lines = []
+    for op in ("all_reduce", "reduce_scatter", "all_gather"):
+        auto = [r for r in rows if r["op"] == op and r["algo"] == "auto" and r["mem"] == "host"]
+        hi = min((r for r in auto if r["bytes"] >= big), key=lambda r: r["vs_mpi_median"], default=None)
+        lo = max((r for r in auto if r["bytes"] <= small), key=lambda r: r["time_ratio_median"], default=None)
+        if hi is None and lo is None:
+            continue
+        text = f"# {op:<15} median over launches, auto vs mpi:"
+        if hi is not None:
+            ok = "met" if hi["vs_mpi_median"] >= busbw_goal else "MISSED"
+            text += f" busbw >= {big >> 10} KiB worst {hi['vs_mpi_median']:.2f} at {hi['bytes']} B " \
+                    f"(goal >= {busbw_goal}: {ok});"
+        if lo is not None:
+            ok = "met" if lo["time_ratio_median"] <= latency_goal else "MISSED"
+            text += f" latency <= {small >> 10} KiB worst {lo['time_ratio_median']:.2f}x at {lo['bytes']} B " \
+                    f"(goal <= {latency_goal}: {ok})"
+        lines.append(text)
+    return lines
