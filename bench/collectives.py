@@ -3,6 +3,14 @@
     mpiexec -n 2 python -m bench.collectives
     mpiexec -n 4 python -m bench.collectives --op all_reduce --sizes 8B:64MB --json ar.json --plot ar.png
     mpiexec -n 8 python -m bench.collectives --op all_gather --algo ring,bruck,mpi --sizes 1KB:1MB
+    python -m bench.collectives --launches 5 --algo auto,mpi --json l5.json    (no mpiexec: it launches)
+
+--launches K runs the whole comparison in K separate `mpiexec -n RANKS` launches (this
+machine's MPI moves messages faster or slower from one launch to the next, so one launch's
+ratio is one draw), prints each launch's tables to stderr and then, per (op, size, algo),
+the median and [min, max] over the launches of vs_mpi and of time / the library's time, and
+at 2 ranks issue 20's goals read on the medians (busbw >= 1.0x from 64 KiB, latency <= 1.1x
+up to 4 KiB); --json writes those rows, every launch's rows and metadata.
 
 An OSU-style sweep (osu_allreduce & co.: warm-up, iterations scaled by size and capped by
 --round-seconds, each one timed
@@ -42,7 +50,8 @@ the own block"), to rerun on your machine:
     mpiexec -n 2 python -m bench.collectives --op all_gather --algo auto,recursive_doubling,mpi --sizes 1MB:8MB
 
 (recursive_doubling on the general path sends the own block straight from the input
-below 16 MiB, the library copies it first, auto takes the fast path, which times both.)
+below 16 MiB, the library copies it first, auto takes the fast path, which times copying
+while step 1's exchange is in flight against copying first.)
 On the development machine (2 vCPUs of a shared AMD EPYC, the MPICH wheel, N=2, one
 launch each) the outcome depended on a state that came and went between launches and even
 between consecutive calls: MPICH moves messages between processes through shared-memory
@@ -52,7 +61,17 @@ MPI_Allgather (which copies first), input first from 1 to 8 MiB gathered was 1.9
 faster in launches where the library was slow and 0.7-0.85x at 4-8 MiB where it was fast;
 copying first ran level with the library in both (it is the library's algorithm), and up
 to 1 MiB input first won in every launch (1.2-4.3x). Hence direct.PLACE_TRIAL_BYTES (2 MiB):
-below it the block goes input first, from it up each plan times both placements.
+below it the block goes input first, from it up each plan times two placements. Issue 20
+found auto at 0.85-0.97 of the library at 16-64 MiB in some launches: the copy after the
+exchange (input first) or before it (copy first, the library's way) costs the same memory
+traffic as the library's, so the best such a placement can do is tie. The overlapped
+placement posts step 1 (Isend, Irecv), copies the own block in 4 MiB pieces with an
+MPI_Testall after each and then waits, so the copy runs while the library moves the
+message. In an interleaved test (2 ranks, 2-64 MiB gathered, 12 launches, the machine
+shared with other jobs, load average 9-10 on 2 cores) the library's time over the
+overlapped placement's was 0.84-1.24, median 1.02; over copy first's (the library's
+algorithm in Python) 0.92-1.78 in 8 launches: level within this machine's noise, not a
+clear win. The trial now picks between overlapped and copy first.
 """
 import argparse
 import json

@@ -28,14 +28,17 @@ Placing the own block. An out-of-place all-gather must also copy its input into 
 block of the output, and the block can travel from either place:
 
     input first   step 1 sends the block straight from the input, then it is copied
+    overlapped    step 1 is posted (Isend from the input, Irecv), the block is copied in
+                  OVERLAP_CHUNK pieces with a test of the exchange after each, then waited:
+                  the copy runs while the library moves the message
     copy first    the block is copied into the output, step 1 sends it from there (MPICH)
 
 The messages are identical, so each rank may choose alone, and which is faster depends
 on the machine and its state (how the MPI library moves messages between processes),
 which the cost model cannot see. So below PLACE_TRIAL_BYTES the block goes input first,
-and from it up a plan runs TRIALS consecutive calls with each placement, timed, and keeps
-the one with the lower median (the first call of each set, which follows the other
-placement, left out): a per-rank choice by measurement. The measurements behind these
+and from it up a plan runs TRIALS consecutive calls overlapped and TRIALS copy first, timed,
+and keeps the one with the lower median (the first call of each set, which follows the
+other placement, left out): a per-rank choice by measurement. The measurements behind these
 thresholds, and the command that repeats them, are in bench/collectives.py's docstring.
 
 The loops send exactly the messages, with the same tags, that recursive_doubling.py and
@@ -56,6 +59,7 @@ from statistics import median
 from time import perf_counter
 
 import numpy as np
+from mpi4py import MPI
 
 from .buffers import balanced
 from .ops import ACCEPTED, AVG, OPS, finish
@@ -63,10 +67,20 @@ from .ops import ACCEPTED, AVG, OPS, finish
 MAX_BYTES = 1 << 20          # larger reductions take the general path (pooled, segmented)
 PLACE_TRIAL_BYTES = 2 << 20  # all-gathers from this size time both placements (see above)
 TRIALS = 4                   # calls timed per placement
+OVERLAP_CHUNK = 4 << 20      # bytes of the own block copied between two tests of the exchange in flight
 PLANS = 16
 KIND = {"ar": "all_reduce", "ag": "all_gather", "rs": "reduce_scatter"}
 _OP = OPS.get
 _ndarray = np.ndarray
+
+
+class Overlap:
+    """In place of a step's reduce args: local copies (dst, src memoryviews, OVERLAP_CHUNK bytes
+    each) made while that step's exchange is in flight (Isend/Irecv, tested between copies)."""
+    __slots__ = ("copies",)
+
+    def __init__(self, dst, src):
+        self.copies = [(dst[i:i + OVERLAP_CHUNK], src[i:i + OVERLAP_CHUNK]) for i in range(0, len(dst), OVERLAP_CHUNK)]
 
 
 class Plan:
@@ -153,7 +167,7 @@ class DirectPath:
         count = self.traffic.add if self.traffic is not None else (lambda kind, nbytes: None)
         sent = sum(send.nbytes for peer, send, _, _ in steps if peer is not None)
         avg = (OPS[AVG], plan.final) if plan.avg else None
-        if len(steps) == 1 and steps[0][0] is not None and avg is None:
+        if len(steps) == 1 and steps[0][0] is not None and avg is None and type(steps[0][3]) is not Overlap:
             (peer, send, recv, reduce_args), = steps
             if reduce_args is None:
                 def run():
@@ -172,36 +186,28 @@ class DirectPath:
                 return result
             return run
 
+        isend, irecv, testall, waitall = self.mpi.Isend, self.mpi.Irecv, MPI.Request.Testall, MPI.Request.Waitall
+
         def run():
             tag = next_tag()
             count(kind, sent)
             for peer, send, recv, reduce_args in steps:
                 if peer is None:
                     send[:] = recv
-                    continue
-                sendrecv(send, peer, tag, recv, peer, tag)
-                if reduce_args is not None:
-                    ufunc(*reduce_args)
+                elif type(reduce_args) is Overlap:       # the exchange in flight while the copies run
+                    reqs = [irecv(recv, peer, tag), isend(send, peer, tag)]
+                    for dst, src in reduce_args.copies:
+                        dst[:] = src
+                        testall(reqs)                    # moves the message on between copies
+                    waitall(reqs)
+                else:
+                    sendrecv(send, peer, tag, recv, peer, tag)
+                    if reduce_args is not None:
+                        ufunc(*reduce_args)
             if avg is not None:
                 finish(avg[0], avg[1], peers)
             return result
         return run
-
-    def _run(self, plan):
-        """Execute a plan step by step (the all-gather's placement trials, whose steps change)."""
-        tag, comm, ufunc = self.calls.next_tag(), self.mpi, plan.ufunc
-        for peer, send, recv, reduce_args in plan.steps:
-            if peer is None:
-                send[:] = recv
-                continue
-            if self.traffic is not None:
-                self.traffic.add(plan.kind, send.nbytes)
-            comm.Sendrecv(send, peer, tag, recv, peer, tag)
-            if reduce_args is not None:
-                ufunc(*reduce_args)
-        if plan.avg:
-            finish(OPS[AVG], plan.final, self.size)
-        return plan.result
 
     # ---- the collectives -------------------------------------------------------------------
 
@@ -258,8 +264,11 @@ class DirectPath:
             plan.steps, plan.ufunc, plan.avg, plan.final = input_first, None, False, None
             plan.result = out
             plan.placements = None
-            if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
-                plan.placements, plan.times = (input_first, copy_first), ([], [])
+            if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:    # overlapped: step 1 in flight while placing
+                peer, send, recv, _ = input_first[0]
+                overlapped = [(peer, send, recv, Overlap(place[1], place[2]))] + exchanges[1:]
+                plan.steps = overlapped
+                plan.placements, plan.times = (overlapped, copy_first), ([], [])
             plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None, cache)
         if plan.placements is not None:
             return self._run_trial(plan)
@@ -271,8 +280,9 @@ class DirectPath:
         times = plan.times
         which = len(times[0]) == TRIALS
         plan.steps = plan.placements[which]
+        plan.run = self._compile(plan)
         t0 = perf_counter()
-        result = self._run(plan)
+        result = plan.run()
         times[which].append(perf_counter() - t0)
         if len(times[1]) == TRIALS:
             plan.steps = plan.placements[median(times[1][1:]) < median(times[0][1:])]

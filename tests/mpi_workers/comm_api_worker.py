@@ -86,7 +86,18 @@ def test_nonblocking():
 
 def test_repeated():
     """The fast path replays a plan: fresh values every call, in and out of place (enough calls
-    for an all-gather plan to try both placements of its own block and settle on one)."""
+    for an all-gather plan to try both placements of its own block and settle on one). The
+    placement trial and the overlapped copy's pieces are scaled down (64 B, 24 B) so that small
+    arrays take them (the overlapped copy in 1 to 334 pieces)."""
+    trial, chunk = direct.PLACE_TRIAL_BYTES, direct.OVERLAP_CHUNK
+    direct.PLACE_TRIAL_BYTES, direct.OVERLAP_CHUNK = 64, 24
+    try:
+        _repeated()
+    finally:
+        direct.PLACE_TRIAL_BYTES, direct.OVERLAP_CHUNK = trial, chunk
+
+
+def _repeated():
     for count in (1, 5, 1000):
         x, out = np.empty(count), np.empty(count)
         g_in, g_out = np.empty(count), np.empty(count * N)
