@@ -74,20 +74,15 @@ algorithm in Python) 0.92-1.78 in 8 launches: level within this machine's noise,
 clear win. The trial now picks between overlapped and copy first.
 """
 import argparse
-import json
-import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from bench.collectives_setup import (BUSBW, Case, fit_model, fit_rows, launches_goal, measure_ceiling, parse_sizes,
-                                     strip_flags, summarize_launches)
-from bench.elastic import mpiexec
+from bench.collectives_launches import run_launches
+from bench.collectives_setup import BUSBW, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
 from collectives import Communicator, cost
 from collectives.devices import cuda_aware, cuda_aware_source, select_gpu
 from collectives.launch import env_world
@@ -218,60 +213,6 @@ def plot(path, rows, meta):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def run_launches(args, argv):
-    """--launches K: the whole comparison in K separate `mpiexec -n RANKS` launches of this
-    benchmark (this machine's MPI moves messages faster or slower from one launch to the next),
-    each launch's table to stderr, then per (op, size, algorithm) the median and range of the
-    ratios to the library over the launches."""
-    child = strip_flags(argv, ("--launches", "--ranks", "--json", "--plot"))
-    launches, metas = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.launches):
-            js = os.path.join(tmp, f"launch{i}.json")
-            cmd = [*mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "bench.collectives", *child, "--json", js]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (
-                                      os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                      os.environ.get("PYTHONPATH"))))))
-            sys.stderr.write(proc.stdout)
-            if proc.returncode != 0:
-                print(f"bench.collectives: launch {i + 1} of {args.launches} failed (exit {proc.returncode})",
-                      file=sys.stderr)
-                return proc.returncode
-            with open(js) as f:
-                data = json.load(f)
-            launches.append(data["rows"])
-            metas.append(data["meta"])
-            print(f"# launch {i + 1}/{args.launches} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-                  flush=True)
-    rows = summarize_launches(launches)
-    m = metas[0]
-    print(f"# bench.collectives --launches {args.launches}: {args.ranks} ranks per launch, {m['mpi']}, "
-          f"numpy {m['numpy']}, {m['dtype']}, {'in place' if m['inplace'] else 'out of place'}")
-    print("# per (op, size, algo) over the launches: vs_mpi = busbw / busbw(mpi) in the same launch, "
-          "t/t_mpi = time / mpi's time; median [min, max]")
-    for op in dict.fromkeys(r["op"] for r in rows):
-        dev = any(r["mem"] == "device" for r in rows if r["op"] == op)
-        print(f"\n# {op}\n# {'bytes':>10}  {'mem  ' if dev else ''}{'algo':<26} {'time_us':>9} "
-              f"{'vs_mpi':>6} {'[min, max]':>13}  {'t/t_mpi':>7} {'[min, max]':>13}")
-        for r in rows:
-            if r["op"] != op or r["algo"] == "mpi":
-                continue
-            algo = r["algo"] if r["algo"] != "auto" else f"auto({r['chosen']})"
-            mem = f"{r['mem']:<6} " if dev else ""
-            print(f"  {r['bytes']:>10}  {mem}{algo:<26} {r['time_us_median']:9.1f} {r['vs_mpi_median']:6.2f} "
-                  f"[{r['vs_mpi_min']:5.2f}, {r['vs_mpi_max']:5.2f}]  {r['time_ratio_median']:7.2f} "
-                  f"[{r['time_ratio_min']:5.2f}, {r['time_ratio_max']:5.2f}]")
-    if args.ranks == 2:
-        print("\n" + "\n".join(launches_goal(rows)))
-    if args.json:
-        atomic_write_json(args.json, {"meta": dict(launches=args.launches, ranks=args.ranks, argv=child,
-                                                   per_launch=metas),
-                                      "rows": rows, "per_launch_rows": launches})
-    return 0
 
 
 def main(argv=None):
