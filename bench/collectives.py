@@ -3,6 +3,14 @@
     mpiexec -n 2 python -m bench.collectives
     mpiexec -n 4 python -m bench.collectives --op all_reduce --sizes 8B:64MB --json ar.json --plot ar.png
     mpiexec -n 8 python -m bench.collectives --op all_gather --algo ring,bruck,mpi --sizes 1KB:1MB
+    python -m bench.collectives --launches 5 --algo auto,mpi --json l5.json    (no mpiexec: it launches)
+
+--launches K runs the whole comparison in K separate `mpiexec -n RANKS` launches (this
+machine's MPI moves messages faster or slower from one launch to the next, so one launch's
+ratio is one draw), prints each launch's tables to stderr and then, per (op, size, algo),
+the median and [min, max] over the launches of vs_mpi and of time / the library's time, and
+at 2 ranks issue 20's goals read on the medians (busbw >= 1.0x from 64 KiB, latency <= 1.1x
+up to 4 KiB); --json writes those rows, every launch's rows and metadata.
 
 An OSU-style sweep (osu_allreduce & co.: warm-up, iterations scaled by size and capped by
 --round-seconds, each one timed
@@ -42,7 +50,8 @@ the own block"), to rerun on your machine:
     mpiexec -n 2 python -m bench.collectives --op all_gather --algo auto,recursive_doubling,mpi --sizes 1MB:8MB
 
 (recursive_doubling on the general path sends the own block straight from the input
-below 16 MiB, the library copies it first, auto takes the fast path, which times both.)
+below 16 MiB, the library copies it first, auto takes the fast path, which times copying
+while step 1's exchange is in flight against copying first.)
 On the development machine (2 vCPUs of a shared AMD EPYC, the MPICH wheel, N=2, one
 launch each) the outcome depended on a state that came and went between launches and even
 between consecutive calls: MPICH moves messages between processes through shared-memory
@@ -52,7 +61,17 @@ MPI_Allgather (which copies first), input first from 1 to 8 MiB gathered was 1.9
 faster in launches where the library was slow and 0.7-0.85x at 4-8 MiB where it was fast;
 copying first ran level with the library in both (it is the library's algorithm), and up
 to 1 MiB input first won in every launch (1.2-4.3x). Hence direct.PLACE_TRIAL_BYTES (2 MiB):
-below it the block goes input first, from it up each plan times both placements.
+below it the block goes input first, from it up each plan times two placements. Issue 20
+found auto at 0.85-0.97 of the library at 16-64 MiB in some launches: the copy after the
+exchange (input first) or before it (copy first, the library's way) costs the same memory
+traffic as the library's, so the best such a placement can do is tie. The overlapped
+placement posts step 1 (Isend, Irecv), copies the own block in 4 MiB pieces with an
+MPI_Testall after each and then waits, so the copy runs while the library moves the
+message. In an interleaved test (2 ranks, 2-64 MiB gathered, 12 launches, the machine
+shared with other jobs, load average 9-10 on 2 cores) the library's time over the
+overlapped placement's was 0.84-1.24, median 1.02; over copy first's (the library's
+algorithm in Python) 0.92-1.78 in 8 launches: level within this machine's noise, not a
+clear win. The trial now picks between overlapped and copy first.
 """
 import argparse
 import platform
@@ -62,9 +81,11 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from bench.collectives_launches import run_launches
 from bench.collectives_setup import BUSBW, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
 from collectives import Communicator, cost
 from collectives.devices import cuda_aware, cuda_aware_source, select_gpu
+from collectives.launch import env_world
 from engine import backend
 from engine.io import atomic_write_json
 
@@ -152,7 +173,7 @@ def print_table(op, rows, n):
 
 
 def goal_summary(rows):
-    """The issue's goal at N=2: auto >= 1.0x mpi busbw from 64 KiB, <= 1.5x its latency at <= 4 KiB."""
+    """The issue's goal at N=2: auto >= 1.0x mpi busbw from 64 KiB, <= 1.1x its latency at <= 4 KiB (issue 20)."""
     lines = []
     for op in ("all_reduce", "reduce_scatter", "all_gather"):
         auto = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "auto" and r["mem"] == "host"}
@@ -162,7 +183,7 @@ def goal_summary(rows):
         if big or small:
             lines.append(f"# {op:<15} auto vs mpi: busbw ratio >= 64 KiB min {min(big, default=float('nan')):.2f} "
                          f"(goal >= 1.0); latency ratio <= 4 KiB max {max(small, default=float('nan')):.2f} "
-                         f"(goal <= 1.5)")
+                         f"(goal <= 1.1)")
     return lines
 
 
@@ -212,9 +233,20 @@ def main(argv=None):
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: also every algorithm on device buffers (rows marked mem=device), on the GPU "
                         "each rank selects (local rank %% GPUs); ENGINE_DEVICE=gpu-emulated: the device double")
+    p.add_argument("--launches", type=int, default=1,
+                   help="K > 1: run without mpiexec; the comparison runs in K separate mpiexec launches and "
+                        "the median and range of each ratio over them is printed (and written by --json)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks per launch with --launches")
     p.add_argument("--json", help="write the rows and metadata as JSON")
     p.add_argument("--plot", help="write busbw vs size as a PNG (needs matplotlib)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    if args.launches < 1 or args.ranks < 1:
+        p.exit(2, f"bench.collectives: --launches and --ranks must be >= 1, got {args.launches}, {args.ranks}\n")
+    if args.launches > 1:
+        if env_world() > 1:
+            p.exit(2, "bench.collectives: --launches K starts its own mpiexec launches; run it without mpiexec\n")
+        sys.exit(run_launches(args, argv))
 
     comm = Communicator()
     n, rank = comm.size, comm.rank

@@ -219,3 +219,4 @@ def measure_ceiling(comm, nbytes):
     n = comm.size
     return dict(memcpy_GBps=w.allreduce(nbytes / t_copy / 1e9) / n,
                 add_GBps=w.allreduce(nbytes / t_add / 1e9) / n, ceiling_bytes=nbytes)
+

@@ -62,8 +62,9 @@ LIVE = weakref.WeakSet()     # every Communicator of this process (collectives/u
 class Communicator(Reductions, Movement, PointToPoint):
     """A group of ranks (an mpi4py communicator) with hand-written collectives."""
 
-    def __init__(self, comm=None, label=None):
+    def __init__(self, comm=None, label=None, owns=False):
         self.mpi = MPI.COMM_WORLD if comm is None else comm
+        self._owns = owns                      # free() frees self.mpi too (split made it)
         LIVE.add(self)
         self.rank, self.size = self.mpi.Get_rank(), self.mpi.Get_size()
         self.label = label or ("world" if self.mpi == MPI.COMM_WORLD else f"comm{self.size}")
@@ -101,9 +102,31 @@ class Communicator(Reductions, Movement, PointToPoint):
         (transport.KINDS, every kind present), a copy."""
         return dict(self._traffic.by_kind)
 
+    def plan_stats(self):
+        """The fast path's persistent plans (direct.py) on this communicator: {"built": plans made
+        so far, "kept": plans held now}; both 0 where the fast path does not apply."""
+        d = self._direct
+        return {"built": d.built if d else 0, "kept": len(d.plans) if d else 0}
+
+    def _drop_plans(self):
+        """No more fast path: its plans (and the arrays they keep alive) go."""
+        if self._direct is not None:
+            self._direct.clear()
+            self._direct = None
+
+    def free(self):
+        """Free the MPI communicators this one made (its two duplicates; the one split() made)
+        and drop its plans. Collective: every rank calls it; no call on it afterwards."""
+        self._drop_plans()
+        LIVE.discard(self)
+        for c in (self._coll, self._p2p) + ((self.mpi,) if self._owns else ()):
+            if c != MPI.COMM_NULL:
+                c.Free()
+
     def revoke(self):
         """ULFM (collectives/ulfm.py): revoke every MPI communicator this one uses, so that any
-        rank waiting on it fails at once instead of waiting for a dead peer."""
+        rank waiting on it fails at once instead of waiting for a dead peer. Its plans go first."""
+        self._drop_plans()
         for c in (self.mpi, self._coll, self._p2p):
             c.Revoke()
         if self._checker is not None:
@@ -113,7 +136,7 @@ class Communicator(Reductions, Movement, PointToPoint):
         """Ranks passing the same color form a new Communicator, ordered by key (default: rank).
         color=None: this rank joins none and gets None."""
         c = self.mpi.Split(MPI.UNDEFINED if color is None else color, self.rank if key is None else key)
-        return None if c == MPI.COMM_NULL else Communicator(c, label)
+        return None if c == MPI.COMM_NULL else Communicator(c, label, owns=True)
 
     # ---- the machinery every collective goes through -------------------------------------
 

@@ -12,24 +12,33 @@ and takes the general path.
 Plans. A training loop reduces the same buffers every step, so the first call on given
 (input, output, op) checks everything and records a plan: the flat views, a scratch
 buffer and the ready-made message specs of every step (what MPI-4's persistent
-collectives, MPI_Allreduce_init, do explicitly). A repeat call only checks that the
-arrays are the same objects with the same dtype. A plan keeps its arrays alive; each
-DirectPath keeps at most PLANS of them, dropping the oldest. A caller whose buffers live for
-one call only (tensor parallelism's activations) passes cache=False: the plan runs and is
-dropped, so it pins nothing.
+collectives, MPI_Allreduce_init, do explicitly), compiled into one function (Plan.run)
+with every name it needs bound, so a replay is the MPI calls, the reductions and about a
+microsecond of Python. A plan belongs to one communicator (its DirectPath) and is found by
+the identity of its arrays, which fixes their shape, dtype and memory (the dtype is checked
+again on every call: it is the one property NumPy lets change in place that changes the
+bytes); the algorithm is the one auto chose for that size, the collective and op are in the
+key. A repeat call only checks that the arrays are the same objects with the same dtype.
+A plan keeps its arrays alive; each DirectPath keeps at most PLANS of them, dropping the
+oldest; Communicator.revoke() and free() drop them all (plan_stats() counts what was built
+and what is kept). A caller whose buffers live for one call only (tensor parallelism's
+activations) passes cache=False: the plan runs and is dropped, so it pins nothing.
 
 Placing the own block. An out-of-place all-gather must also copy its input into its own
 block of the output, and the block can travel from either place:
 
     input first   step 1 sends the block straight from the input, then it is copied
+    overlapped    step 1 is posted (Isend from the input, Irecv), the block is copied in
+                  OVERLAP_CHUNK pieces with a test of the exchange after each, then waited:
+                  the copy runs while the library moves the message
     copy first    the block is copied into the output, step 1 sends it from there (MPICH)
 
 The messages are identical, so each rank may choose alone, and which is faster depends
 on the machine and its state (how the MPI library moves messages between processes),
 which the cost model cannot see. So below PLACE_TRIAL_BYTES the block goes input first,
-and from it up a plan runs TRIALS consecutive calls with each placement, timed, and keeps
-the one with the lower median (the first call of each set, which follows the other
-placement, left out): a per-rank choice by measurement. The measurements behind these
+and from it up a plan runs TRIALS consecutive calls overlapped and TRIALS copy first, timed,
+and keeps the one with the lower median (the first call of each set, which follows the
+other placement, left out): a per-rank choice by measurement. The measurements behind these
 thresholds, and the command that repeats them, are in bench/collectives.py's docstring.
 
 The loops send exactly the messages, with the same tags, that recursive_doubling.py and
@@ -50,6 +59,7 @@ from statistics import median
 from time import perf_counter
 
 import numpy as np
+from mpi4py import MPI
 
 from .buffers import balanced
 from .ops import ACCEPTED, AVG, OPS, finish
@@ -57,10 +67,20 @@ from .ops import ACCEPTED, AVG, OPS, finish
 MAX_BYTES = 1 << 20          # larger reductions take the general path (pooled, segmented)
 PLACE_TRIAL_BYTES = 2 << 20  # all-gathers from this size time both placements (see above)
 TRIALS = 4                   # calls timed per placement
+OVERLAP_CHUNK = 4 << 20      # bytes of the own block copied between two tests of the exchange in flight
 PLANS = 16
 KIND = {"ar": "all_reduce", "ag": "all_gather", "rs": "reduce_scatter"}
 _OP = OPS.get
 _ndarray = np.ndarray
+
+
+class Overlap:
+    """In place of a step's reduce args: local copies (dst, src memoryviews, OVERLAP_CHUNK bytes
+    each) made while that step's exchange is in flight (Isend/Irecv, tested between copies)."""
+    __slots__ = ("copies",)
+
+    def __init__(self, dst, src):
+        self.copies = [(dst[i:i + OVERLAP_CHUNK], src[i:i + OVERLAP_CHUNK]) for i in range(0, len(dst), OVERLAP_CHUNK)]
 
 
 class Plan:
@@ -68,7 +88,7 @@ class Plan:
     (None, dst bytes, src bytes, None) for a local copy; bytes are memoryviews (the cheapest
     message spec for mpi4py, and the cheapest copy)."""
     __slots__ = ("x", "out", "op", "dtype", "steps", "ufunc", "avg", "result", "final",
-                 "placements", "times", "kind")
+                 "placements", "times", "kind", "run")
 
 
 def _flat(a):
@@ -97,6 +117,12 @@ class DirectPath:
         self.mpi, self.rank, self.size = mpi, rank, size
         self.calls, self.choices, self.traffic = calls, choices, traffic
         self.plans, self.last = {}, {}       # plans by arrays and op, and the last one of each kind
+        self.built = 0                       # plans made so far (plan_stats)
+
+    def clear(self):
+        """Drop every plan (and so the arrays they keep alive)."""
+        self.plans.clear()
+        self.last.clear()
 
     # ---- plans -----------------------------------------------------------------------------
 
@@ -112,6 +138,8 @@ class DirectPath:
     def _remember(self, key, plan, x, out, op, cache=True):
         plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
         plan.kind = KIND[key[-1]]                # what Traffic counts its messages as
+        plan.run = self._compile(plan)
+        self.built += 1
         if not cache:                          # transient buffers (activations): run once, keep nothing
             return plan
         if len(self.plans) >= PLANS:
@@ -130,26 +158,64 @@ class DirectPath:
             return None
         return plan
 
-    def _run(self, plan):
-        """Execute a plan: per step a Sendrecv and (for reductions) a reduce, or a local copy."""
-        tag, comm, ufunc = self.calls.next_tag(), self.mpi, plan.ufunc
-        for peer, send, recv, reduce_args in plan.steps:
-            if peer is None:
-                send[:] = recv
-                continue
-            if self.traffic is not None:
-                self.traffic.add(plan.kind, send.nbytes)
-            comm.Sendrecv(send, peer, tag, recv, peer, tag)
-            if reduce_args is not None:
-                ufunc(*reduce_args)
-        if plan.avg:
-            finish(OPS[AVG], plan.final, self.size)
-        return plan.result
+    def _compile(self, plan):
+        """The plan as one function of no arguments: per step a Sendrecv and (for reductions) a
+        reduce, or a local copy; then avg's division. Every name is bound here, once; a plan of
+        one exchange (N = 2) runs as a straight line."""
+        steps, ufunc, result, peers = tuple(plan.steps), plan.ufunc, plan.result, self.size
+        next_tag, sendrecv, kind = self.calls.next_tag, self.mpi.Sendrecv, plan.kind
+        count = self.traffic.add if self.traffic is not None else (lambda kind, nbytes: None)
+        sent = sum(send.nbytes for peer, send, _, _ in steps if peer is not None)
+        avg = (OPS[AVG], plan.final) if plan.avg else None
+        if len(steps) == 1 and steps[0][0] is not None and avg is None and type(steps[0][3]) is not Overlap:
+            (peer, send, recv, reduce_args), = steps
+            if reduce_args is None:
+                def run():
+                    tag = next_tag()
+                    count(kind, sent)
+                    sendrecv(send, peer, tag, recv, peer, tag)
+                    return result
+                return run
+            a, b, c = reduce_args
+
+            def run():
+                tag = next_tag()
+                count(kind, sent)
+                sendrecv(send, peer, tag, recv, peer, tag)
+                ufunc(a, b, c)
+                return result
+            return run
+
+        isend, irecv, testall, waitall = self.mpi.Isend, self.mpi.Irecv, MPI.Request.Testall, MPI.Request.Waitall
+
+        def run():
+            tag = next_tag()
+            count(kind, sent)
+            for peer, send, recv, reduce_args in steps:
+                if peer is None:
+                    send[:] = recv
+                elif type(reduce_args) is Overlap:       # the exchange in flight while the copies run
+                    reqs = [irecv(recv, peer, tag), isend(send, peer, tag)]
+                    for dst, src in reduce_args.copies:
+                        dst[:] = src
+                        testall(reqs)                    # moves the message on between copies
+                    waitall(reqs)
+                else:
+                    sendrecv(send, peer, tag, recv, peer, tag)
+                    if reduce_args is not None:
+                        ufunc(*reduce_args)
+            if avg is not None:
+                finish(avg[0], avg[1], peers)
+            return result
+        return run
 
     # ---- the collectives -------------------------------------------------------------------
 
     def all_reduce(self, x, op, out, cache=True):
         """Communicator.all_reduce's fast path; None when it does not apply."""
+        plan = self.last.get("ar")
+        if plan is not None and plan.x is x and plan.out is out and plan.op is op and plan.dtype is x.dtype:
+            return plan.run()                  # the replay of the last plan: the common case
         plan = self._find("ar", x, out, op)
         if plan is None:
             rop = _OP(op)
@@ -169,10 +235,13 @@ class DirectPath:
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
             plan.result = x if out is None else out
             plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op, cache)
-        return self._run(plan)
+        return plan.run()
 
     def all_gather(self, x, out, cache=True):
         """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
+        plan = self.last.get("ag")
+        if plan is not None and plan.x is x and plan.out is out and plan.dtype is x.dtype and plan.placements is None:
+            return plan.run()
         plan = self._find("ag", x, out, None)
         if plan is None:
             if type(out) is not _ndarray or \
@@ -195,12 +264,15 @@ class DirectPath:
             plan.steps, plan.ufunc, plan.avg, plan.final = input_first, None, False, None
             plan.result = out
             plan.placements = None
-            if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:
-                plan.placements, plan.times = (input_first, copy_first), ([], [])
+            if exchanges and out.nbytes >= PLACE_TRIAL_BYTES:    # overlapped: step 1 in flight while placing
+                peer, send, recv, _ = input_first[0]
+                overlapped = [(peer, send, recv, Overlap(place[1], place[2]))] + exchanges[1:]
+                plan.steps = overlapped
+                plan.placements, plan.times = (overlapped, copy_first), ([], [])
             plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None, cache)
         if plan.placements is not None:
             return self._run_trial(plan)
-        return self._run(plan)
+        return plan.run()
 
     def _run_trial(self, plan):
         """Run an all-gather plan TRIALS times input first, then TRIALS times copy first, timed;
@@ -208,16 +280,20 @@ class DirectPath:
         times = plan.times
         which = len(times[0]) == TRIALS
         plan.steps = plan.placements[which]
+        plan.run = self._compile(plan)
         t0 = perf_counter()
-        result = self._run(plan)
+        result = plan.run()
         times[which].append(perf_counter() - t0)
         if len(times[1]) == TRIALS:
             plan.steps = plan.placements[median(times[1][1:]) < median(times[0][1:])]
-            plan.placements = None
+            plan.placements, plan.run = None, self._compile(plan)
         return result
 
     def reduce_scatter(self, x, op, out, cache=True):
         """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
+        plan = self.last.get("rs")
+        if plan is not None and plan.x is x and plan.out is out and plan.op is op and plan.dtype is x.dtype:
+            return plan.run()
         plan = self._find("rs", x, out, op)
         if plan is None:
             rop = _OP(op)
@@ -247,4 +323,4 @@ class DirectPath:
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
             plan.result = dst if out is None else out
             plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op, cache)
-        return self._run(plan)
+        return plan.run()

@@ -1,8 +1,11 @@
 """bench/collectives.py runs end to end: table, JSON rows with the documented keys, PNG; and
---device gpu on the device double (host and device rows side by side)."""
+--device gpu on the device double (host and device rows side by side); --launches K."""
 import json
+import os
+import subprocess
+import sys
 
-from mpi_util import describe, run_mpi
+from mpi_util import ROOT, describe, run_mpi
 
 
 def test_bench_collectives_smoke(tmp_path):
@@ -40,3 +43,32 @@ def test_bench_collectives_device_rows(tmp_path):
     assert all(r["vs_mpi"] == 1.0 for r in rows if r["algo"] == "mpi")
     assert all(r["model_us"] is None for r in rows if r["mem"] == "device")
     assert any(line.split()[2:3] == ["device"] for line in proc.stdout.splitlines()), describe(proc)
+
+
+def test_bench_collectives_launches(tmp_path):
+    """--launches 2: two mpiexec launches, the median and range of each ratio over them; bad
+    --launches and --launches under mpiexec stop with exit code 2."""
+    js = tmp_path / "l.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "bench.collectives", "--op", "all_reduce,all_gather", "--algo", "auto,mpi",
+           "--sizes", "8B:16B", "--rounds", "1", "--max-iters", "2"]
+    proc = subprocess.run([*cmd, "--launches", "2", "--json", str(js)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "# bench.collectives --launches 2: 2 ranks per launch" in proc.stdout, proc.stdout
+    assert proc.stderr.count("# bench.collectives: 2 ranks") == 2, proc.stderr
+    assert "median over launches, auto vs mpi" in proc.stdout, proc.stdout
+    data = json.loads(js.read_text())
+    assert data["meta"]["launches"] == 2 and len(data["per_launch_rows"]) == 2
+    rows = {(r["op"], r["algo"], r["bytes"]): r for r in data["rows"]}
+    assert set(rows) == {(op, algo, b) for op in ("all_reduce", "all_gather") for algo in ("auto", "mpi")
+                         for b in (8, 16)}, sorted(rows)
+    for (op, algo, b), r in rows.items():
+        ratios = [x["vs_mpi"] for launch in data["per_launch_rows"] for x in launch
+                  if (x["op"], x["algo"], x["bytes"]) == (op, algo, b)]
+        assert r["launches"] == 2 and r["vs_mpi_min"] == min(ratios) and r["vs_mpi_max"] == max(ratios)
+        assert abs(r["vs_mpi_median"] - sum(ratios) / 2) < 1e-12 and abs(r["time_ratio_min"] - 1 / max(ratios)) < 1e-12
+    bad = subprocess.run([*cmd, "--launches", "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "--launches and --ranks must be >= 1" in bad.stderr, bad.stderr
+    nested = run_mpi(2, "-m bench.collectives", "--launches", "2", timeout=120)
+    assert nested.returncode == 2 and "run it without mpiexec" in nested.stderr, describe(nested)

@@ -3,17 +3,23 @@
 - non-blocking collectives (async_op=True) of every algorithm, several in flight at once and
   completed in a different order on different ranks (tags keep them apart), with test()
   polling;
-- repeated calls on the same arrays (the direct fast path and its plans);
+- repeated calls on the same arrays (the direct fast path and its plans); plans built once per
+  communicator and arrays (plan_stats), none shared between shapes, dtypes or communicators,
+  dropped by free() and revoke();
 - non-contiguous and multi-dimensional arrays, in place and out of place;
 - argument errors; point-to-point send/recv/sendrecv/isend/irecv (bfloat16 too); split.
 
     mpiexec -n N python tests/mpi_workers/comm_api_worker.py
 (collectives_worker.py also runs it, so pytest needs one launch per rank count)
 """
+import gc
+import weakref
+
 import numpy as np
 from mpi4py import MPI
 
 from collectives import Communicator, cost, direct, wait_all
+from collectives.debug import env_flags
 from engine.backend import bfloat16
 
 comm = Communicator()
@@ -80,7 +86,18 @@ def test_nonblocking():
 
 def test_repeated():
     """The fast path replays a plan: fresh values every call, in and out of place (enough calls
-    for an all-gather plan to try both placements of its own block and settle on one)."""
+    for an all-gather plan to try both placements of its own block and settle on one). The
+    placement trial and the overlapped copy's pieces are scaled down (64 B, 24 B) so that small
+    arrays take them (the overlapped copy in 1 to 334 pieces)."""
+    trial, chunk = direct.PLACE_TRIAL_BYTES, direct.OVERLAP_CHUNK
+    direct.PLACE_TRIAL_BYTES, direct.OVERLAP_CHUNK = 64, 24
+    try:
+        _repeated()
+    finally:
+        direct.PLACE_TRIAL_BYTES, direct.OVERLAP_CHUNK = trial, chunk
+
+
+def _repeated():
     for count in (1, 5, 1000):
         x, out = np.empty(count), np.empty(count)
         g_in, g_out = np.empty(count), np.empty(count * N)
@@ -103,6 +120,50 @@ def test_repeated():
             res = comm.reduce_scatter(rs_in)
             expect(np.array_equal(res, summed(count * N, salt=step)[R * count:(R + 1) * count]),
                    f"repeated reduce_scatter in place step {step}")
+
+
+def test_plans():
+    """A plan is built on the second call on given arrays (the first records auto's choice) and
+    replayed after; a reshaped view or a view of the same bytes as another dtype gets its own;
+    another communicator builds its own; free() and revoke() drop them (the arrays they kept
+    alive go). Where the fast path does not apply (N not a power of two, debug flags) none is made."""
+    fast = N & (N - 1) == 0 and not any(env_flags())
+    one = 1 if fast else 0
+    a, b = comm.split(0, label="plans a"), comm.split(0, label="plans b")
+    expect(a.plan_stats() == {"built": 0, "kept": 0}, f"a new communicator has no plans: {a.plan_stats()}")
+    count = 6 * N
+    x, out = np.empty(count), np.empty(count)
+
+    def reduced(c, src, dst, dtype, calls, what):
+        for step in range(calls):
+            src[...] = rank_data(count, dtype, salt=step).reshape(src.shape)
+            c.all_reduce(src, out=dst)
+            expect(np.array_equal(dst.reshape(-1), summed(count, dtype, salt=step)), f"plans: {what} step {step}")
+    reduced(a, x, out, np.float64, 6, "float64")
+    expect(a.plan_stats() == {"built": one, "kept": one}, f"plans: 6 calls build one plan: {a.plan_stats()}")
+    reduced(a, x.reshape(2, -1), out.reshape(2, -1), np.float64, 3, "reshaped")
+    expect(a.plan_stats()["built"] == 2 * one, f"plans: a reshaped view gets its own: {a.plan_stats()}")
+    reduced(a, x.view(np.int64), out.view(np.int64), np.int64, 3, "int64 view of the same bytes")
+    expect(a.plan_stats() == {"built": 3 * one, "kept": 3 * one}, f"plans: a dtype view gets its own: {a.plan_stats()}")
+    reduced(a, x, out, np.float64, 2, "float64 again")
+    expect(a.plan_stats()["built"] == 3 * one, f"plans: the first plan is still replayed: {a.plan_stats()}")
+    reduced(b, x, out, np.float64, 3, "float64 on another communicator")
+    expect(b.plan_stats()["built"] == one and a.plan_stats()["built"] == 3 * one,
+           f"plans: each communicator builds its own: a {a.plan_stats()} b {b.plan_stats()}")
+    y = np.empty(count)
+    kept = weakref.ref(y)
+    reduced(b, y, out, np.float64, 2, "an array only the plan keeps")
+    del y
+    gc.collect()
+    expect((kept() is not None) == fast, "plans: a plan keeps its arrays alive")
+    b.free()
+    gc.collect()
+    expect(b.plan_stats()["kept"] == 0 and kept() is None, "plans: free() drops them and their arrays")
+    try:
+        a.revoke()
+    except NotImplementedError:            # an MPI without ULFM (MPICH's wheel): the plans went first
+        pass
+    expect(a.plan_stats()["kept"] == 0, f"plans: revoke() drops them: {a.plan_stats()}")
 
 
 def test_layouts():
@@ -183,7 +244,7 @@ def test_p2p_and_split():
 
 def run():
     """Run every test here; returns the number of failures over all ranks."""
-    for test in (test_nonblocking, test_repeated, test_layouts, test_errors, test_p2p_and_split):
+    for test in (test_nonblocking, test_repeated, test_plans, test_layouts, test_errors, test_p2p_and_split):
         test()
     bad = MPI.COMM_WORLD.allreduce(len(failures))
     if R == 0:
