@@ -41,8 +41,9 @@ import types
 import numpy as np
 
 from collectives import Communicator, Mesh
-from engine.autograd import Tensor
 from bench import idle
+from engine import backend
+from engine.autograd import Tensor
 from engine.config import parse_bytes
 from engine.io import atomic_write_json
 from models.gpt import GPT, GPTConfig
@@ -169,6 +170,7 @@ def largest(comm, budget, n_layer, b, s, regions):
 
 
 def main(argv=None):
+    backend.set_device("cpu")     # activation and step bytes are tracemalloc's: host memory
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
