@@ -21,6 +21,7 @@ The closing sample reads back the checkpoint the run just wrote, as ``python sam
 does (sample.py ``load``: any layout's shards are consolidated on rank 0), and continues a short
 prompt with KV-cached decoding (models/generate.py), temperature 0.8.
 """
+import importlib
 import os
 import shlex
 import sys
@@ -36,7 +37,7 @@ BAR_WIDTH = 24
 
 def have_matplotlib():
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         return False
     return True
