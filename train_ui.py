@@ -17,6 +17,9 @@ step and the validation loss of every evaluation against steps (bottom axis) and
 (top axis, steps x tokens per step). matplotlib is optional (the [test] extra): without it the
 default plot is skipped with a one-line note, and an explicit ``--plot`` is refused at start-up.
 
+``ENGINE_RUN_EXTRAS=off`` (the test suite sets it) skips the default plot and the closing sample,
+for scripts that run train.py many times; an explicit ``--plot FILE`` is still drawn.
+
 The closing sample reads back the checkpoint the run just wrote, as ``python sample.py --ckpt``
 does (sample.py ``load``: any layout's shards are consolidated on rank 0), and continues a short
 prompt with KV-cached decoding (models/generate.py), temperature 0.8.
@@ -50,7 +53,11 @@ def plot_path(plot, out_dir):
         return None
     if plot:
         return plot
-    return os.path.join(out_dir, "loss.png") if have_matplotlib() else None
+    return os.path.join(out_dir, "loss.png") if have_matplotlib() and not extras_off() else None
+
+
+def extras_off():
+    return os.environ.get("ENGINE_RUN_EXTRAS", "") == "off"
 
 
 def duration(seconds):
@@ -198,9 +205,9 @@ def finish(run, history, plot, tokens_per_step, progress, say):
         plot_losses(plot, history, tokens_per_step, title=f"{run.model.num_params():,} parameters, "
                     f"{os.path.basename(run.data.source) or run.data.source}")
         say(f"loss plot: {plot}", flush=True)
-    elif not have_matplotlib() and run.cfg.plot != "off":
+    elif not have_matplotlib() and run.cfg.plot != "off" and not extras_off():
         print("note: no loss plot (matplotlib is not installed: pip install matplotlib)", file=sys.stderr, flush=True)
-    if run.last_good is None:
+    if run.last_good is None or extras_off():
         return
     t0 = time.perf_counter()
     prompt, text = closing_sample(run.last_good)

@@ -13,7 +13,8 @@ import pytest
 import train_ui
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+ENV = dict({k: v for k, v in os.environ.items() if k != "ENGINE_RUN_EXTRAS"},     # conftest.py: extras off
+           OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
         "--eval-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2"]
 STEPS = 12
