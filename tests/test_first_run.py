@@ -117,3 +117,17 @@ def test_without_matplotlib_a_note_and_no_plot(corpus, tmp_path):
     r = train("--data", corpus, "--max-steps", 3, "--out-dir", tmp_path / "out2", "--plot", tmp_path / "l.png", env=env)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --plot ") and "needs matplotlib" in r.stderr
     assert not (tmp_path / "out2").exists() and r.stdout == ""
+
+
+def test_two_ranks_rank_0_alone_plots_and_samples_the_sharded_checkpoint(corpus, tmp_path):
+    """--dp 2 --zero 3: no rank holds the whole model; rank 0 reads the checkpoint back whole."""
+    from mpi_util import TRAIN, describe, run_mpi
+    out = tmp_path / "out"
+    r = run_mpi(2, TRAIN, "--data", corpus, *TINY, "--dp", 2, "--zero", 3, "--max-steps", 3, "--out-dir", out,
+                env={"ENGINE_RUN_EXTRAS": "on"})
+    assert r.returncode == 0, describe(r)
+    for once in ("plan: 3 steps", "estimate: 3 steps", "done: 3 steps", "sample (", "sample more:", "train longer:"):
+        assert r.stdout.count(once) == 1, (once, describe(r))
+    assert "\ndef " in r.stdout
+    if train_ui.have_matplotlib():
+        assert f"loss plot: {out / 'loss.png'}" in r.stdout and (out / "loss.png").stat().st_size > 1000
