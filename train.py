@@ -71,9 +71,9 @@ def _f(default, help, **meta):
 
 
 # The defaults are the first run (issue 21): `python train.py` on the stdlib corpus, about 3 minutes
-# on an idle 2-core machine. Measured (byte loss = nats per byte; lr peak, cosine to lr/10, 20 warm-up):
-#   4x128 GPT, block 128, batch 12, lr 2e-3:  250 steps  40 s idle  val 2.39  (the old default)
-#                                            1000 steps 110 s idle  val 1.90  (issue 21's numbers)
+# on an idle 2-core machine (estimated, below). Measured (byte loss = nats per byte; lr peak, cosine to lr/10, 20 warm-up):
+#   4x128 GPT, block 128, batch 12, lr 2e-3:  250 steps  40 s  val 2.39  (the old default; issue 21's
+#                                            1000 steps 110 s  val 1.90   numbers, their load not given)
 #   same, lr 6e-3 (300 steps, load 7):       val 2.60 (worse than 2e-3's 2.39 at 250: lr stays 2e-3)
 #   same, 1600 steps (the default):          not measured to the end: on the shared machine (load 4-7,
 #                                            a memory-bandwidth benchmark beside it) 0.2-9 s a step
