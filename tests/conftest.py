@@ -6,6 +6,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# train.py's end-of-run plot and sample (train_ui.py) cost a second or two per run and the suite
+# runs train.py many times: off here (and in every process the tests start), on in test_first_run.py
+os.environ.setdefault("ENGINE_RUN_EXTRAS", "off")
 
 
 @pytest.fixture(scope="session")
