@@ -20,8 +20,9 @@ same backward: d mask / d p = I, so dlogits = p * (dp - sum_block(dp * p)).
 Evaluation and decoding: sel = argmax(logits), the hard mask. With fewer rows than N (decoding
 one token), only the chosen units are read (``gather_forward``): rows sel + N * block of W1 and
 W2 are contiguous d-vectors, d_ff/N of them, so a token reads d_ff/N rows of each instead of
-d_ff; the dense FFN is never computed. With many rows (a validation batch) the masked dense
-product is cheaper and gives the same numbers.
+d_ff; the dense FFN is never computed. On the CPU the blocks are done in fixed chunks on
+engine/threads.py's pool, so the gathers use the threads they are given. With many rows (a
+validation batch) the masked dense product is cheaper and gives the same numbers.
 
 Randomness (the coin and the Gumbel noise) comes from the model's counter-based generator
 (engine/random.py, the one dropout uses): the coin is one number per (step, accumulation
