@@ -4,6 +4,7 @@ Scaling Transformers" (Jaszczur et al., NeurIPS 2021, arXiv 2111.12763, Table 1)
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m bench.sparse_decode [--json FILE]
     python -m bench.sparse_decode --shapes small --tokens 32     # the small shape only
     python -m bench.sparse_decode --device gpu                   # on CuPy (synchronized per token)
+    python -m bench.sparse_decode --threads 1,2                  # one child process per thread count
 
 Variants, each a GPT (models/gpt.py) with a KV cache, float32, batch 1:
   dense       GPT-2 blocks
@@ -22,11 +23,25 @@ timed one by one (greedy); s/token is the median, speed-up is dense's over the v
 The paper's figures (800M model, seconds per token; speed-ups 1.72x Sparse FF, 2.62x both)
 are printed beside ours. Decoding one token is a chain of matrix-vector products, bound by
 the bytes of weights read, so the speed-up follows the bytes each variant reads per token.
+
+The four variants of a shape are held at once and decode in turn, one token each, with a
+STREAM triad a = b + s c (McCalpin 1995; three float32 arrays of --triad-mib MiB, counted as
+3 n itemsize bytes) after each round, so load from other processes hits every variant and the
+bandwidth measurement alike; with several threads the triad runs on the pool and on one
+thread and the better median is the bandwidth. Bytes/token counts the weights a token must
+read: every parameter once (the tied wte as the output layer, plus its one embedding row; one
+row of wpe), except that a sparse FFN reads its controller and d_ff/N rows of W1 and of W2
+(SparseFFN.decode_read_elements). GB/s = bytes/token / s/token; "of triad" = GB/s over the
+triad's. Threads: ENGINE_THREADS / OPENBLAS_NUM_THREADS (engine/threads.py) for BLAS, the
+sparse FFN's gathers and the triad; --threads N,M runs one child process per count.
 """
 import argparse
-import gc
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -34,8 +49,10 @@ import numpy as np
 from engine import backend
 from engine.autograd import no_grad
 from engine.io import atomic_write_json
+from engine.threads import for_chunks, threads
 from models.generate import KVCache, next_logits
 from models.gpt import GPT, GPTConfig
+from models.sparse_ffn import SparseFFN
 
 PAPER = {"dense": 0.160, "sparse_ff": 0.093, "sparse_qkv": 0.152, "both": 0.061}   # Table 1, s/token
 SHAPES = {
@@ -55,52 +72,125 @@ def build(shape, variant, block_size, seed=0):
     return GPT(cfg, rng=seed).eval()
 
 
-def time_decode(model, prompt, warmup, tokens):
-    """Seconds of each timed decode step (prefill and warm-up untimed)."""
-    caches = [KVCache(model.config.block_size) for _ in model.blocks]
-    idx = np.asarray(prompt)[None]                                     # (1, T0)
-    times = []
-    with no_grad():
-        logits = next_logits(model, idx, caches)
-        for i in range(warmup + tokens):
-            tok = logits.argmax(axis=1)[:, None]                       # (1, 1) greedy
-            backend.synchronize()                                      # no-op on the CPU
-            t0 = time.perf_counter()
-            logits = next_logits(model, tok, caches)                   # host logits: the device waited
-            backend.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return times
+def weight_bytes_per_token(model):
+    """Bytes of weights one decoded token reads (see the module docstring)."""
+    t = model.transformer
+    n = sum(p.size for p in model.parameters()) - t.wpe.weight.size + t.wpe.weight.shape[1]   # one wpe row
+    n += t.wte.weight.shape[1]                                         # wte: the output layer and one row
+    for _, m in model.named_modules():
+        if isinstance(m, SparseFFN):
+            n += m.decode_read_elements() - sum(p.size for p in m.parameters())
+    return n * t.wte.weight.dtype.itemsize
 
 
-def run(shapes, prompt_len, warmup, tokens, seed=0):
+class Triad:
+    """STREAM triad a = b + s c over three float32 arrays of ``mib`` MiB: on the CPU in cache-sized
+    chunks over engine/threads.py's pool (s c then + b on a chunk that stays in cache, so memory
+    sees STREAM's three streams), on a device in chunks of 4 Mi elements. One call: GB/s. With
+    several threads the benchmark takes the better of the pooled and the one-thread median."""
+
+    def __init__(self, mib):
+        xp = backend.xp()
+        self.n = mib * (1 << 20) // 4
+        self.a, self.b, self.c = (xp.full(self.n, v, dtype=xp.float32) for v in (0.0, 1.0, 2.0))
+        self.xp = xp
+
+    def _part(self, i, j):
+        a = self.a[i:j]
+        self.xp.multiply(self.c[i:j], 3.0, out=a)
+        a += self.b[i:j]
+
+    def __call__(self, pooled=True):
+        backend.synchronize()
+        t0 = time.perf_counter()
+        if self.xp is np and pooled:
+            for_chunks(self.n, self._part)
+        elif self.xp is np:
+            for i in range(0, self.n, 1 << 16):                       # this thread only
+                self._part(i, min(i + (1 << 16), self.n))
+        else:
+            for i in range(0, self.n, 1 << 22):
+                self._part(i, min(i + (1 << 22), self.n))
+        backend.synchronize()
+        return 3 * self.n * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def decode_one(model, state):
+    """Decode one greedy token with ``state`` = (caches, logits); seconds (device synchronized)."""
+    caches, logits = state
+    tok = logits.argmax(axis=1)[:, None]                               # (1, 1) greedy
+    backend.synchronize()                                              # no-op on the CPU
+    t0 = time.perf_counter()
+    logits = next_logits(model, tok, caches)                           # host logits: the device waited
+    backend.synchronize()
+    state[1] = logits
+    return time.perf_counter() - t0
+
+
+def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
     rows = []
+    triad = Triad(triad_mib)
     for shape in shapes:
         block = prompt_len + warmup + tokens
-        prompt = np.random.default_rng(seed).integers(0, SHAPES[shape]["vocab_size"], prompt_len)
-        dense = None
-        for variant in VARIANTS:
-            model = build(shape, variant, block, seed)
-            params = model.num_params()
-            s = statistics.median(time_decode(model, prompt, warmup, tokens))
-            del model
-            gc.collect()                                               # one model in memory at a time
-            dense = s if variant == "dense" else dense
-            rows.append(dict(shape=shape, variant=variant, device=backend.device(), s_per_token=s,
-                             speedup=dense / s, params=params,
-                             paper_s_per_token=PAPER[variant], paper_speedup=PAPER["dense"] / PAPER[variant]))
-            print(f"  built, timed and freed {shape}/{variant}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
+        prompt = np.random.default_rng(seed).integers(0, SHAPES[shape]["vocab_size"], prompt_len)[None]   # (1, T0)
+        models, states, times, bws = {}, {}, {v: [] for v in VARIANTS}, []
+        load0 = os.getloadavg()[0]
+        with no_grad():
+            for v in VARIANTS:
+                models[v] = build(shape, v, block, seed)
+                caches = [KVCache(block) for _ in models[v].blocks]
+                states[v] = [caches, next_logits(models[v], prompt, caches)]   # prefill, untimed
+                print(f"  built and prefilled {shape}/{v}", file=sys.stderr, flush=True)
+            for i in range(warmup + tokens):                           # round robin: one token each, then a triad
+                for v in VARIANTS:
+                    sec = decode_one(models[v], states[v])
+                    if i >= warmup:
+                        times[v].append(sec)
+                bw = (triad(True), triad(False) if threads() > 1 else 0.0)   # the pool's threads, and one
+                if i >= warmup:
+                    bws.append(bw)
+        load = (load0 + os.getloadavg()[0]) / 2
+        bw = max(statistics.median(b[0] for b in bws), statistics.median(b[1] for b in bws))
+        dense = statistics.median(times["dense"])
+        for v in VARIANTS:
+            s = statistics.median(times[v])
+            nbytes = weight_bytes_per_token(models[v])
+            rows.append(dict(shape=shape, variant=v, device=backend.device(), threads=threads(),
+                             s_per_token=s, speedup=dense / s, params=models[v].num_params(),
+                             bytes_per_token=nbytes, gb_per_s=nbytes / s / 1e9, triad_gb_per_s=bw,
+                             bw_fraction=nbytes / s / 1e9 / bw, load=load,
+                             paper_s_per_token=PAPER[v], paper_speedup=PAPER["dense"] / PAPER[v]))
+            print(f"  {shape}/{v}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
+        models.clear()
+        states.clear()
     return rows
 
 
 def table(rows):
-    head = (f"{'shape':<6} {'variant':<11} {'params':>12} {'s/token':>10} {'speed-up':>9} | "
-            f"{'paper s/token':>13} {'paper speed-up':>14}")
+    head = (f"{'shape':<6} {'thr':>3} {'variant':<11} {'params':>12} {'MB/token':>9} {'s/token':>9} {'speed-up':>9} "
+            f"{'GB/s':>6} {'triad':>6} {'of triad':>8} {'load':>5} | {'paper s/token':>13} {'paper speed-up':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['shape']:<6} {r['variant']:<11} {r['params']:>12,} {r['s_per_token']:>10.4f} "
-                     f"{r['speedup']:>8.2f}x | {r['paper_s_per_token']:>13.3f} {r['paper_speedup']:>13.2f}x")
+        lines.append(f"{r['shape']:<6} {r['threads']:>3} {r['variant']:<11} {r['params']:>12,} "
+                     f"{r['bytes_per_token'] / 1e6:>9.1f} {r['s_per_token']:>9.4f} {r['speedup']:>8.2f}x "
+                     f"{r['gb_per_s']:>6.2f} {r['triad_gb_per_s']:>6.2f} {r['bw_fraction']:>7.0%} {r['load']:>5.1f} | "
+                     f"{r['paper_s_per_token']:>13.3f} {r['paper_speedup']:>13.2f}x")
     return "\n".join(lines)
+
+
+def run_threads(counts, argv):
+    """One child process per thread count (BLAS reads its thread count at start-up): their rows."""
+    rows = []
+    for n in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            js = os.path.join(tmp, "rows.json")
+            env = dict(os.environ, OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n),
+                       ENGINE_THREADS=str(n))
+            subprocess.run([sys.executable, "-m", "bench.sparse_decode", *argv, "--json", js], env=env, check=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL)
+            with open(js) as f:
+                rows += json.load(f)
+    return rows
 
 
 def add_decode_args(p, shapes):
@@ -131,18 +221,32 @@ def main(argv=None):
     add_decode_args(p, "paper,small")
     p.add_argument("--device", choices=("cpu", "gpu"), default=backend.default_device(),
                    help="cpu (NumPy) or gpu (CuPy); default: $ENGINE_DEVICE, else cpu")
+    p.add_argument("--threads", default="", help="comma-separated thread counts, one child process each "
+                   "(default: this process, threads from the environment)")
+    p.add_argument("--triad-mib", type=int, default=64, help="MiB of each of the triad's three arrays")
     args = p.parse_args(argv)
     shapes = decode_shapes(args)
     if shapes is None:
+        return 2
+    counts = [c for c in args.threads.split(",") if c]
+    if not all(c.isdigit() and int(c) > 0 for c in counts) or args.triad_mib < 1:
+        print("error: --threads takes positive integers (e.g. 1,2) and --triad-mib must be >= 1", file=sys.stderr)
         return 2
     try:
         backend.set_device(args.device)
     except RuntimeError as e:                      # no CuPy
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = run(shapes, args.prompt, args.warmup, args.tokens)
+    if counts:
+        child = ["--shapes", args.shapes, "--prompt", str(args.prompt), "--warmup", str(args.warmup), "--tokens",
+                 str(args.tokens), "--device", args.device, "--triad-mib", str(args.triad_mib)]
+        rows = run_threads([int(c) for c in counts], child)
+    else:
+        rows = run(shapes, args.prompt, args.warmup, args.tokens, triad_mib=args.triad_mib)
     where = "the device double" if backend.emulated() and args.device == "gpu" else args.device
     print(f"unbatched greedy decoding on {where}, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")
+    print("MB/token: weights read per token; GB/s = MB/token / s/token; triad: STREAM triad GB/s, same launch, "
+          "interleaved; load: 1-min load average")
     print(table(rows))
     if args.json:
         atomic_write_json(args.json, rows)

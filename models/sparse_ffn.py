@@ -20,8 +20,9 @@ same backward: d mask / d p = I, so dlogits = p * (dp - sum_block(dp * p)).
 Evaluation and decoding: sel = argmax(logits), the hard mask. With fewer rows than N (decoding
 one token), only the chosen units are read (``gather_forward``): rows sel + N * block of W1 and
 W2 are contiguous d-vectors, d_ff/N of them, so a token reads d_ff/N rows of each instead of
-d_ff; the dense FFN is never computed. With many rows (a validation batch) the masked dense
-product is cheaper and gives the same numbers.
+d_ff; the dense FFN is never computed. On the CPU the blocks are done in fixed chunks on
+engine/threads.py's pool, so the gathers use the threads they are given. With many rows (a
+validation batch) the masked dense product is cheaper and gives the same numbers.
 
 Randomness (the coin and the Gumbel noise) comes from the model's counter-based generator
 (engine/random.py, the one dropout uses): the coin is one number per (step, accumulation
@@ -48,6 +49,9 @@ from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.backend import get_array_module, to_device
 from engine.nn import Module, Parameter, _normal
 from engine.random import SITES
+from engine.threads import for_chunks
+
+GATHER_BLOCKS = 32                       # blocks per gather chunk (one pool task) when decoding
 
 
 def _glorot(rng, shape, dtype="float32"):
@@ -133,14 +137,32 @@ class SparseFFNFunction(Function):
 
 def gather_forward(x, w1, w2, b2, c1, c2, cb, N):
     """Evaluation without the dense FFN: each row reads only its chosen units.
-    x (..., d) array -> (..., d). Reads d_ff/N rows of W1 and of W2 per input row."""
-    d = x.shape[-1]
+    x (..., d) array -> (..., d). Reads the controller and d_ff/N rows of W1 and of W2 per row.
+
+    On the CPU the blocks are cut into chunks of GATHER_BLOCKS blocks, run on engine/threads.py's
+    pool: each chunk computes its slice of the controller logits, picks and gathers its units
+    and returns its partial y; the partials are summed in chunk order. The chunks are the same
+    at any thread count, so the result is too (bitwise); under CuPy it is one chunk."""
+    xp = get_array_module(x)
+    d, nb = x.shape[-1], w1.shape[0] // N
     x2 = x.reshape(-1, d)                                              # (n, d)
-    logits = (x2 @ c1.T) @ c2.T                                        # (n, d_ff): the controller
-    if cb is not None:
-        logits += cb
-    rows = chosen_units(logits, N)                                     # (n, nb)
-    return units_forward(x2, w1[rows], w2[rows], b2).reshape(x.shape)
+    low = x2 @ c1.T                                                    # (n, r): the controller's first half
+    parts = [None] * -(-nb // GATHER_BLOCKS)
+
+    def chunk(a, b):                                                   # blocks [a, b), units [a N, b N)
+        logits = low @ c2[a * N:b * N].T                               # (n, (b - a) N)
+        if cb is not None:
+            logits += cb[a * N:b * N]
+        rows = chosen_units(logits, N) + a * N                         # (n, b - a)
+        parts[a // GATHER_BLOCKS] = units_forward(x2, w1[rows], w2[rows], None)
+    for_chunks(nb, chunk, xp, chunk=GATHER_BLOCKS)
+    y = parts[0]
+    for part in parts[1:]:
+        if part is not None:                                           # (CuPy: one chunk only)
+            y += part
+    if b2 is not None:
+        y += b2
+    return y.reshape(x.shape)
 
 
 def chosen_units(logits, N):
@@ -194,6 +216,12 @@ class SparseFFN(Module):
 
     def _params(self):
         return self.w1, self.w2, self.b2, self.c1, self.c2, self.cb
+
+    def decode_read_elements(self):
+        """Weights one decoded token reads (gather_forward): the controller, b2, and d_ff/N rows
+        of W1 and of W2, against 2 d_ff d for the dense product."""
+        nb, d = self.w1.shape[0] // self.N, self.w1.shape[1]
+        return sum(p.size for p in (self.b2, self.c1, self.c2, self.cb) if p is not None) + 2 * nb * d
 
     def forward(self, x):
         n = int(np.prod(x.shape[:-1]))

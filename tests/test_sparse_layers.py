@@ -172,3 +172,22 @@ def test_conv_qkv_is_causal_and_its_context_continues_a_sequence():
     z = args[0]                                                        # positions 3.. given z[1:3] as context
     tail = H(ConvQKV.apply(*dev([z[:, 3:]] + args[1:]), context=to_device(z[:, 1:3])).data)
     np.testing.assert_allclose(tail, full[:, 3:], rtol=1e-12)
+
+
+def test_gather_in_chunks_equals_the_masked_dense_product_at_any_thread_count(monkeypatch):
+    """More blocks than one gather chunk (models/sparse_ffn.py GATHER_BLOCKS): the chunked,
+    threaded decode gather equals the masked dense product, bitwise alike at 1 and 2 threads."""
+    from models import sparse_ffn
+    g = np.random.default_rng(7)
+    nb, dd, rr = sparse_ffn.GATHER_BLOCKS * 2 + 5, 6, 3                 # 3 chunks, the last one short
+    units = 2 * nb
+    a = dict(x=g.standard_normal((1, 1, dd)), w1=g.standard_normal((units, dd)), w2=g.standard_normal((units, dd)),
+             b2=g.standard_normal(dd), c1=g.standard_normal((rr, dd)), c2=g.standard_normal((units, rr)),
+             cb=g.standard_normal(units))
+    dense = H(SparseFFNFunction.apply(*(Tensor(to_device(a[k])) for k in NAMES), N=2, hard=True).data)
+    outs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("ENGINE_THREADS", threads)
+        outs.append(H(gather_forward(*(to_device(a[k]) for k in NAMES), N=2)))
+    np.testing.assert_allclose(outs[0], dense, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(outs[0], outs[1])
