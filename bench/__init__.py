@@ -19,6 +19,19 @@ import time
 from engine.io import atomic_write_json
 
 
+def use_device(device):
+    """backend.set_device(device); False (after one error line) where it cannot be had (no CuPy)."""
+    import sys
+
+    from engine import backend
+    try:
+        backend.set_device(device)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def idle(comm):
     """Wait at a barrier of ``comm`` without spinning a core (MPICH's barrier busy-polls), so
     ranks outside the group being measured do not steal its cores."""

@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from bench import use_device
 from engine import backend
 from engine.autograd import no_grad
 from engine.io import atomic_write_json
@@ -232,10 +233,7 @@ def main(argv=None):
     if not all(c.isdigit() and int(c) > 0 for c in counts) or args.triad_mib < 1:
         print("error: --threads takes positive integers (e.g. 1,2) and --triad-mib must be >= 1", file=sys.stderr)
         return 2
-    try:
-        backend.set_device(args.device)
-    except RuntimeError as e:                      # no CuPy
-        print(f"error: {e}", file=sys.stderr)
+    if not use_device(args.device):                # no CuPy
         return 2
     if counts:
         child = ["--shapes", args.shapes, "--prompt", str(args.prompt), "--warmup", str(args.warmup), "--tokens",

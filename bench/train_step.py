@@ -57,6 +57,7 @@ import time
 import numpy as np
 
 import train as train_py
+from bench import use_device
 from collectives.launch import env_world
 from engine import backend
 from engine.autograd import no_grad
@@ -387,10 +388,7 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        backend.set_device(args.device)
-    except RuntimeError as e:                      # no CuPy
-        print(f"error: {e}", file=sys.stderr)
+    if not use_device(args.device):                # no CuPy
         return 2
     cfg = GPTConfig(vocab_size=data.vocab_size, **shape)
     if args.profile:
