@@ -78,6 +78,16 @@ def device():
     return _DEVICE
 
 
+def real_gpu_count():
+    """GPUs that real CuPy sees (0 without CuPy, a driver or a GPU), whatever ENGINE_DEVICE
+    says: for tests that run only on the real thing."""
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # ImportError, CUDARuntimeError: no usable GPU here
+        return 0
+
+
 def device_count():
     """GPUs this process can see (CUDA's count; the double's ENGINE_GPU_DOUBLE_DEVICES)."""
     return int(_import_cupy().cuda.runtime.getDeviceCount())

@@ -13,13 +13,10 @@ import types
 import numpy as np
 import pytest
 
+from engine import backend
 from mpi_util import describe, run_mpi
 
-try:
-    import cupy
-    has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # pragma: no cover - depends on the machine
-    has_gpu = False
+has_gpu = backend.real_gpu_count() > 0
 
 
 def _assert_ran(proc, n):
