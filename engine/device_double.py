@@ -21,7 +21,7 @@ and device memory:
 - ``__cuda_array_interface__`` (what mpi4py and the project's device detection read) points
   at the host memory underneath, so a "CUDA-aware" MPI really can move it; whether the double
   pretends MPI is CUDA-aware is ``ENGINE_GPU_DOUBLE_CUDA_AWARE=1`` (default 0, which makes
-  the staging path the one tested), read by collectives/buffers.py through ``mpi_cuda_aware()``.
+  the staging path the one tested), read by collectives/devices.py through ``mpi_cuda_aware()``.
 - What the project calls beyond NumPy's names: ``cuda.get_current_stream().synchronize()``,
   ``cuda.Stream(non_blocking=True)`` with ``record()`` / ``wait_event()`` (parallel/data/offload.py),
   ``cuda.Device(i).use()``, ``cuda.runtime.getDeviceCount()`` (``ENGINE_GPU_DOUBLE_DEVICES``,
