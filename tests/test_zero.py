@@ -16,15 +16,17 @@ def test_every_stage_equals_one_process(n):
     proc = run_mpi(n, "zero_equiv.py", timeout=240, env={"ENGINE_POOL_POISON": "1"})
     assert proc.returncode == 0, describe(proc)
     cases = [line for line in proc.stdout.splitlines() if line.startswith("case ")]
-    assert len(cases) == 2 * 12 and all(line.endswith(" ok") for line in cases), describe(proc)
+    assert len(cases) == 2 * 14 and all(line.endswith(" ok") for line in cases), describe(proc)
     for stage in range(4):
         assert any(f"float64 stage={stage}" in line for line in cases)
         assert any(f"float32 stage={stage}" in line for line in cases)
     for mode in ("none", "full", "selective"):
         assert any(f"stage=3 accum=1 recompute={mode}" in line or f"stage=3 accum=2 recompute={mode}" in line
                    for line in cases), mode
+    assert sum(" pool=resident: " in line for line in cases) == 2 * 2, describe(proc)
     pool = [line for line in proc.stdout.splitlines() if line.startswith("pool ")]
     assert len(pool) == 1 and pool[0].endswith(" ok") and "with poison NaN True" in pool[0], describe(proc)
+    assert "reused {'gathered': 4, 'reused': 2}" in pool[0] and "bitwise equal True" in pool[0], describe(proc)
     assert "0 failures" in proc.stdout and "engine checks ok" in proc.stdout, describe(proc)
 
 

@@ -9,6 +9,9 @@ pool.py: slot(i) = i mod K, K = 2, each sized for the largest layer):
     backward, layer i:   all-gather(i) again, into the same slot | start all-gather(i-1) | backward | release(i)
                          -> its gradients go to the reduce-scatter buckets (parallel/data/buckets.py)
 
+(A layer whose slot no other layer has claimed since, the forward's last K, is still there:
+its second all-gather is skipped, pool.py.)
+
 Gather of a contiguous range [lo, hi) of the flat buffer: rank k contributes its shard's
 overlap with it (uneven all-gather counts, count_k = |[lo, hi) & [k S, (k+1) S)|), whose
 concatenation in rank order is exactly flat[lo:hi]; parameters become views of the slot,
@@ -21,7 +24,7 @@ runs when the layer's backward is about to start (its output gradient is complet
 gathers the layer into its slot again, so the saved references read the right values
 (pool.py explains why the order makes this safe); ``LayerEntry`` on its input, whose backward
 runs when every op of the layer is done, and releases the slot. Cost: two gathers of each
-layer per step (as with recomputation) and no second forward; memory: every activation, as
+layer per step but the last K (as with recomputation) and no second forward; memory: every activation, as
 stages 0-2, plus the pool.
 
 Full recomputation (``recompute=True``; Chen et al. 2016, engine/recompute.py): the layer's
@@ -188,7 +191,7 @@ class ShardedLayers:
             return
         eng = self.engine
         N, r = eng.comm.size, eng.comm.rank
-        slot = self.pool.claim(unit.index, unit.name) if unit is not self.root else None
+        slot, ready = self.pool.claim(unit.index, unit.name) if unit is not self.root else (None, False)
         unit.handles, used = [], {}
         for dt, lo, hi in unit.segments:
             shard = eng.param_shards[dt]
@@ -199,7 +202,8 @@ class ShardedLayers:
             else:                                                                   # the segments one after another
                 at = used.get(dt, 0)
                 buf, used[dt] = slot[dt][at:at + hi - lo], at + hi - lo
-            h = eng.wire.all_gather(mine, buf, counts=overlap_counts(lo, hi, S, N), async_op=True)   # maybe encoded
+            h = None if ready else eng.wire.all_gather(mine, buf, counts=overlap_counts(lo, hi, S, N),
+                                                       async_op=True)        # maybe encoded; None: resident
             unit.handles.append((dt, lo, buf, h))
 
     def prefetch(self, i):
@@ -215,7 +219,8 @@ class ShardedLayers:
         views = {}
         with self.engine.timed_wait():
             for dt, lo, buf, h in unit.handles:
-                h.wait()
+                if h is not None:
+                    h.wait()
                 views[dt, lo] = buf
         for p, name in ((p, self._name(p)) for p in unit.params):
             dt, off, n, shape = index[name]
@@ -235,8 +240,11 @@ class ShardedLayers:
     def free(self, unit):
         if unit.handles is not None:                      # a prefetch never used: finish it first
             for *_, h in unit.handles:
-                h.wait()
+                if h is not None:
+                    h.wait()
             unit.handles = None
+            if unit is not self.root:
+                self.pool.mark_live(unit.index)           # its values are in the slot: resident after release
         for p in unit.params:
             p.data = placeholder(p.shape, p.dtype, get_array_module(p.data))
         unit.gathered = False
@@ -264,6 +272,10 @@ class ShardedLayers:
             if unit.gathered or unit.handles is not None:
                 self.free(unit)
         self.pool.drop()
+
+    def gather_stats(self):
+        """{'gathered': layer gathers posted, 'reused': claims whose layer was still resident} so far."""
+        return dict(self.pool.stats)
 
     def pool_bytes(self):
         """Bytes of the slot pool during a step (K x the largest layer; none between steps)."""

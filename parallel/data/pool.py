@@ -19,6 +19,13 @@ K x the largest layer, whatever the depth, during the step: the buffers are allo
 step's first gather and dropped with the root after the update (``drop``), so between steps a
 rank holds exactly 16P/N.
 
+A released slot keeps its layer's values until another layer claims it, and the shards do not
+change within a step: so a claim by the layer still *resident* there needs no gather. With
+K = 2 that is the last two layers of the forward, whose backward follows at once: ZeRO-3
+gathers 2L - 2 layers per step instead of 2L (``stats`` counts both kinds). Resident values
+are exactly a fresh gather's (the same shards, the same codes); ``drop`` after the update
+forgets them, and the debug mode below, which poisons every released slot, disables the reuse.
+
 Each slot has a state: ``free`` (its contents may be overwritten), ``gathering`` and ``live``
 (a layer's parameters are there for a computation that has started); claiming a slot that is
 not free for another layer is a RuntimeError naming both layers, so a schedule that would
@@ -51,7 +58,8 @@ class SlotPool:
         self.poison = poison_default() if poison is None else bool(poison)
         self.sizes = dict(sizes)
         self.make = {dt: (get_array_module(like[dt]), like[dt].dtype) for dt in sizes}
-        self.slots = [{"bufs": None, "holder": None, "state": FREE} for _ in range(slots)]
+        self.slots = [{"bufs": None, "holder": None, "state": FREE, "resident": None} for _ in range(slots)]
+        self.stats = {"gathered": 0, "reused": 0}         # claims that gathered / found their values there
 
     def __len__(self):
         return len(self.slots)
@@ -60,34 +68,43 @@ class SlotPool:
         return i % len(self.slots)
 
     def claim(self, i, name):
-        """Slot(i)'s buffers {dt: 1-D array} for layer i's gather; RuntimeError if another
-        layer's computation still holds it."""
+        """Slot(i)'s buffers {dt: 1-D array} for layer i, and True if they hold layer i's values
+        already (resident: no gather needed; the slot is live at once), False if layer i must be
+        gathered into them; RuntimeError if another layer's computation still holds the slot."""
         s = self.slots[self.slot_of(i)]
         if s["state"] != FREE and s["holder"] != i:
             raise RuntimeError(f"ZeRO-3 pool: {name} needs slot {self.slot_of(i)}, still {s['state']} for layer "
                                f"{s['holder']} (a schedule with too few slots: {len(self.slots)})")
-        s["holder"], s["state"] = i, GATHERING
+        ready = s["resident"] == i and s["bufs"] is not None
+        s["holder"], s["state"], s["resident"] = i, (LIVE if ready else GATHERING), (i if ready else None)
         if s["bufs"] is None:                             # the step's first use of this slot
             s["bufs"] = {dt: xp.empty(self.sizes[dt], dtype=d) for dt, (xp, d) in self.make.items()}
             self._poison(s)
-        return s["bufs"]
+        self.stats["reused" if ready else "gathered"] += 1
+        return s["bufs"], ready
 
     def mark_live(self, i):
-        self.slots[self.slot_of(i)]["state"] = LIVE
+        """Layer i's gather into its slot is complete: the slot holds (and computes with) its values."""
+        s = self.slots[self.slot_of(i)]
+        s["state"], s["resident"] = LIVE, i
 
     def release(self, i):
-        """Layer i is done with its slot for now: it may be overwritten (debug: poisoned)."""
+        """Layer i is done with its slot for now: it may be overwritten; until then its values stay
+        resident (debug: poisoned instead, and forgotten)."""
         s = self.slots[self.slot_of(i)]
         if s["holder"] == i and s["state"] != FREE:
             s["state"] = FREE
-            self._poison(s)
+            if self.poison:
+                self._poison(s)
+                s["resident"] = None
 
     def drop(self):
-        """The buffers go (the step is over; every slot must be free); the next claim makes them again."""
+        """The buffers go, and what was resident in them (the step is over, the shards are about to
+        change or have; every slot must be free); the next claim makes them again."""
         for i, s in enumerate(self.slots):
             if s["state"] != FREE:
                 raise RuntimeError(f"ZeRO-3 pool: slot {i} dropped while {s['state']} for layer {s['holder']}")
-            s["bufs"], s["holder"] = None, None
+            s["bufs"], s["holder"], s["resident"] = None, None, None
 
     def _poison(self, s):
         if self.poison and s["bufs"] is not None:

@@ -323,6 +323,8 @@ class ZeroEngine:
                 if self.stage < 3:
                     self._gather_params(dt)
             opt.step_count = int(o["step"])
+        if self.layers is not None:                     # the shards changed: nothing gathered stays resident
+            self.layers.free_root()
 
     def full_state(self):
         """Every rank: {'params': {dt: full padded array}, 'optim': {dt: {'m', 'v', 'step'}}},

@@ -16,7 +16,9 @@ ZeRO-3's slot pool (parallel/data/pool.py): run with ENGINE_POOL_POISON=1 every 
 is NaN, so the stage 3 cases pass only if no saved reference reads a slot between its release
 and its second gather. The "pool" lines show that the poison catches such a read (a backward
 that skips the second gather: finite but wrong without poison, NaN with it) and that a pool
-of one slot refuses a prefetch into the slot of the layer computing.
+of one slot refuses a prefetch into the slot of the layer computing, and that without poison the
+last two layers' slots are reused in backward (4 gathers of 3 layers instead of 6) with a
+gradient bitwise equal to the poisoned run's.
 
 Tolerances: float64, each parameter tensor and each loss within 1e-10 relative (max |a - b|
 over max |b|); float32, the losses likewise within 1e-5 and the parameter vector within 1e-5
@@ -77,9 +79,12 @@ def reference(dtype, accum):
     return losses, {n: p.data.copy() for n, p in m.named_parameters()}
 
 
-def distributed(dtype, stage, accum, recompute="none"):
+def distributed(dtype, stage, accum, recompute="none", poison=None):
+    """poison: stage 3's pool debug mode (None: ENGINE_POOL_POISON; False: resident slots reused)."""
     m = model(dtype)
     eng = ZeroEngine(m, comm, stage=stage, bucket_bytes=2000, recompute=recompute, **OPT)   # several buckets
+    if poison is not None:
+        eng.layers.pool.poison = poison
     batcher, losses, b = Batcher(TOKENS, B, CFG.block_size, SEED), [], B // N
     for step in range(STEPS):
         eng.zero_grad()
@@ -160,12 +165,21 @@ def stage3_grads(poison, skip_second_gather=False, slots=2, stage=3, **extra):
     b = B // N
     eng.zero_grad()
     eng.backward(eng(x[R * b:(R + 1) * b], y[R * b:(R + 1) * b])[1])
+    stats.update(eng.layers.gather_stats())
     return to_numpy(eng.grad_shards["float64"]).copy()
+
+
+stats = {}                                                # the last stage3_grads' pool gather counts
 
 
 def pool_checks():
     """The poison catches a stale read; one slot is refused. Returns the failures (0 or 1)."""
     right = stage3_grads(poison=True)
+    poisoned_counts = dict(stats)
+    reused = stage3_grads(poison=False)                  # the last two layers stay resident: not gathered again
+    reused_counts = dict(stats)
+    ok_reuse = (np.array_equal(reused, right) and poisoned_counts == {"gathered": 6, "reused": 0}
+                and reused_counts == {"gathered": 4, "reused": 2})
     wrong_plain = stage3_grads(poison=False, skip_second_gather=True)
     wrong_poisoned = stage3_grads(poison=True, skip_second_gather=True)
     sq = comm.all_reduce(np.array([((wrong_plain - right) ** 2).sum(), (right ** 2).sum(),
@@ -183,25 +197,28 @@ def pool_checks():
     sparse = comm.all_reduce(np.array([rel(stage3_grads(poison=True, **SPARSE), stage3_grads(False, stage=2, **SPARSE))]),
                              op="max")[0]                         # sparse FFN and QKV layers through the pool
     ok_sparse = sparse <= 1e-10
-    bad = comm.all_reduce(np.array([0 if ok and ok_plain and ok_poison and ok_one and ok_sparse else 1]))[0]
+    bad = comm.all_reduce(np.array([0 if ok and ok_plain and ok_poison and ok_one and ok_sparse and ok_reuse
+                                    else 1]))[0]
     if R == 0:
         print(f"pool N={N}: right schedule poisoned finite {ok}; skipped second gather: without poison finite, "
               f"gradient rel err {err:.2e} {ok_plain}; with poison NaN {ok_poison}; one slot refused "
-              f"{ok_one} ({refused}); sparse layers poisoned vs stage 2 rel err {sparse:.2e} "
+              f"{ok_one} ({refused}); resident slots reused {reused_counts} (poisoned {poisoned_counts}), "
+              f"gradient bitwise equal {ok_reuse}; sparse layers poisoned vs stage 2 rel err {sparse:.2e} "
               f"{'ok' if bad == 0 else 'FAIL'}", flush=True)
     return int(bad > 0)
 
 
 CASES = [(0, 1, "none"), (1, 1, "none"), (2, 1, "none"), (3, 1, "none"), (0, 2, "none"), (2, 2, "none"),
-         (3, 2, "none"), (0, 1, "full"), (1, 1, "selective"), (2, 2, "full"), (3, 1, "full"), (3, 2, "selective")]
+         (3, 2, "none"), (0, 1, "full"), (1, 1, "selective"), (2, 2, "full"), (3, 1, "full"), (3, 2, "selective"),
+         (3, 2, "none", "resident"), (3, 1, "full", "resident")]   # stage 3 unpoisoned: resident slots reused
 failures = pool_checks()
 for dtype in sys.argv[1:] or ["float64", "float32"]:
     refs = {}
-    for stage, accum, recompute in CASES:
+    for stage, accum, recompute, *pool in CASES:
         if accum not in refs:
             refs[accum] = reference(dtype, accum)
         ref_losses, ref_params = refs[accum]
-        losses, params = distributed(dtype, stage, accum, recompute)
+        losses, params = distributed(dtype, stage, accum, recompute, poison=False if pool else None)
         err_loss = rel(losses, ref_losses)
         if dtype == "float64":           # every tensor, elementwise
             err_param = max(rel(params[n], ref_params[n]) for n in ref_params)
@@ -211,7 +228,8 @@ for dtype in sys.argv[1:] or ["float64", "float32"]:
         bad = comm.all_reduce(np.array([0 if ok else 1]))[0]
         failures += int(bad > 0)
         if R == 0:
-            print(f"case N={N} {dtype} stage={stage} accum={accum} recompute={recompute}: loss rel err {err_loss:.2e}, "
+            print(f"case N={N} {dtype} stage={stage} accum={accum} recompute={recompute}"
+                  f"{' pool=' + pool[0] if pool else ''}: loss rel err {err_loss:.2e}, "
                   f"param rel err {err_param:.2e} {'ok' if bad == 0 else 'FAIL'}", flush=True)
 probe = ZeroEngine(model("float64"), comm).flat
 pad = len(probe.data["float64"]) - probe.numel["float64"]
