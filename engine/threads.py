@@ -8,19 +8,28 @@ every pass of a chain over a chunk stays in the core's L2 cache instead of strea
 whole array through memory once per pass.
 
     for_chunks(n, fn, xp)      # fn(a, b) for [a, b) covering [0, n), chunk by chunk
+    for_parts(n, fn, xp)       # fn(a, b) for threads() contiguous parts of [0, n): independent rows
+    run_ranges(fn, ranges)     # fn(a, b) for given ranges (a backward over its forward's parts)
 
 The chunks are the same whatever the thread count and each element sees the same ufuncs in
 the same order, so results are bitwise identical at 1 thread and at N. Threads: ENGINE_THREADS,
 else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS (the BLAS's own), else every core; at 1 thread,
 under CuPy (one stream does the work) or below two chunks everything runs inline, no pool.
 Cost: one pool task per chunk (tens of microseconds against a chunk's hundreds); memory: none.
+
+``for_parts`` is for work whose rows are independent and each row's result does not depend on
+which rows share its call (attention: each (batch, head) is its own softmax and its own small
+GEMMs), so it is cut into as many parts as there are threads, and is bitwise the same at any
+count. A task already running on the pool runs nested work inline (no deadlock on a full pool).
 """
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 CHUNK = 1 << 16
+_PREFIX = "engine-elementwise"
 _pool = {}
 
 
@@ -40,14 +49,31 @@ def for_chunks(n, fn, xp=np, chunk=CHUNK):
         if n:
             fn(0, n)
         return
-    ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    run_ranges(fn, [(a, min(a + chunk, n)) for a in range(0, n, chunk)])
+
+
+def for_parts(n, fn, xp=np):
+    """Call fn(a, b) for min(threads(), n) contiguous near-equal [a, b) covering [0, n), on the
+    pool (NumPy) or as one call fn(0, n) (CuPy, or one thread)."""
+    k = 1 if xp is not np else min(threads(), n)
+    if k <= 1:
+        if n:
+            fn(0, n)
+        return
+    cuts = [n * i // k for i in range(k + 1)]
+    run_ranges(fn, list(zip(cuts[:-1], cuts[1:])))
+
+
+def run_ranges(fn, ranges):
+    """fn(a, b) for each of the given ranges: on the pool, or in order on this thread (one
+    thread, one range, or called from a pool task: nested work runs inline)."""
     k = threads()
-    if k == 1 or len(ranges) < 2:
+    if k == 1 or len(ranges) < 2 or threading.current_thread().name.startswith(_PREFIX):
         for a, b in ranges:
             fn(a, b)
         return
     pool = _pool.get(k)
     if pool is None:
-        pool = _pool[k] = ThreadPoolExecutor(k, thread_name_prefix="engine-elementwise")
+        pool = _pool[k] = ThreadPoolExecutor(k, thread_name_prefix=_PREFIX)
     for f in [pool.submit(fn, a, b) for a, b in ranges]:
-        f.result()                                              # re-raises a chunk's error here
+        f.result()                                              # re-raises a part's error here

@@ -37,6 +37,7 @@ import numpy as np
 from engine import backend, ops
 from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.random import SITES, CounterRNG
+from engine.threads import for_parts, run_ranges
 from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from engine.ops.attention import attention_bwd, attention_forward, attention_fwd
 
@@ -152,7 +153,10 @@ class HeadsAttention(Function):
     engine.ops.attention's (attention_fwd / attention_bwd). Forward copies once (the heads
     merged back, (B, T, nh, hs)), and backward writes dq, dk, dv straight into one (B, T, 3C)
     gradient: the split, the four transposes and the two reshapes as separate ops would cost
-    three zero-filled gradients, their sums and two more copies.
+    three zero-filled gradients, their sums and two more copies. The sequences are cut over
+    the elementwise threads (engine/threads.py ``for_parts``): each (batch, head) is its own
+    softmax and its own small GEMMs, which BLAS runs on one thread, so one process uses its
+    cores in attention too; bitwise the same at any thread count.
 
     ``keep_probs=False`` is selective recomputation (Korthikanti et al. 2022, "Reducing
     Activation Recomputation in Large Transformer Models", section 4.2): the probabilities
@@ -162,23 +166,35 @@ class HeadsAttention(Function):
     backward), so the memory per layer is that of q, k, v, O and the LSE only."""
 
     def forward(self, qkv, n_head=1, keep_probs=True):
+        xp = backend.get_array_module(qkv)
         B, T, C3 = qkv.shape
-        self.nh, self.hs = n_head, C3 // 3 // n_head
-        heads = qkv.reshape(B, T, 3, n_head, self.hs)          # (B, T, 3, nh, hs) view
-        q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (B, nh, T, hs) views
+        nh, hs = self.nh, self.hs = n_head, C3 // 3 // n_head
+        heads = qkv.reshape(B, T, 3, nh, hs)                    # (B, T, 3, nh, hs) view
         keep = keep_probs and is_grad_enabled() and any(self.needs_input_grad)   # False: recomputed in backward
-        y, _, self.state = attention_fwd(q, k, v, causal=True, keep_probs=keep)
-        out = y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)   # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
-        self.state.o = out.reshape(B, T, n_head, self.hs).transpose(0, 2, 1, 3)   # O as a view of it: one copy kept
-        return out
+        out = xp.empty((B, T, nh, hs), dtype=qkv.dtype)
+        self.parts = []
+
+        def part(a, b):                                         # sequences [a, b): independent of the others
+            q, k, v = (heads[a:b, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (b - a, nh, T, hs) views
+            y, _, state = attention_fwd(q, k, v, causal=True, keep_probs=keep)
+            out[a:b] = y.transpose(0, 2, 1, 3)                  # (b - a, nh, T, hs) -> (b - a, T, nh, hs)
+            state.o = out[a:b].transpose(0, 2, 1, 3)            # O as a view of it: one copy kept
+            self.parts.append((a, b, state))
+        for_parts(B, part, xp)                                  # the sequences over the threads
+        return out.reshape(B, T, C3 // 3)                       # (B, T, C)
 
     def backward(self, g):
+        xp = backend.get_array_module(g)
         B, T, C = g.shape
-        dy = g.reshape(B, T, self.nh, self.hs).transpose(0, 2, 1, 3)   # (B, nh, T, hs) view
-        grads = attention_bwd(self.state, dy)                   # dq, dk, dv (B, nh, T, hs)
-        dqkv = backend.get_array_module(g).empty((B, T, 3, self.nh, self.hs), dtype=g.dtype)
-        for i, d in enumerate(grads):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)             # (B, T, nh, hs) slot of (B, T, 3, nh, hs)
+        dy = g.reshape(B, T, self.nh, self.hs)                  # (B, T, nh, hs) view
+        dqkv = xp.empty((B, T, 3, self.nh, self.hs), dtype=g.dtype)
+        states = {(a, b): state for a, b, state in self.parts}
+
+        def part(a, b):
+            grads = attention_bwd(states[a, b], dy[a:b].transpose(0, 2, 1, 3))   # dq, dk, dv (b - a, nh, T, hs)
+            for i, d in enumerate(grads):
+                dqkv[a:b, :, i] = d.transpose(0, 2, 1, 3)      # (b - a, T, nh, hs) slot of (B, T, 3, nh, hs)
+        run_ranges(part, list(states))                          # the forward's parts
         return (dqkv.reshape(B, T, 3 * C),)                     # (B, T, 3C)
 
 
