@@ -70,15 +70,23 @@ def _f(default, help, **meta):
     return field(default=default, metadata=dict(help=help, **meta))
 
 
-# The defaults are the first run (issue 21): `python train.py` on the stdlib corpus, about 3 minutes
-# on an idle 2-core machine (estimated, below). Measured (byte loss = nats per byte; lr peak, cosine to lr/10, 20 warm-up):
-#   4x128 GPT, block 128, batch 12, lr 2e-3:  250 steps  40 s  val 2.39  (the old default; issue 21's
-#                                            1000 steps 110 s  val 1.90   numbers, their load not given)
-#   same, lr 6e-3 (300 steps, load 7):       val 2.60 (worse than 2e-3's 2.39 at 250: lr stays 2e-3)
-#   same, 1600 steps (the default):          val 1.6989 in 11m06s wall, 7m30s CPU, 1 BLAS thread, on the
-#                                            shared machine beside a CI run (0.2-0.7 s a step); goal 1.6 missed
-# 110 s for 1000 steps and 40 s for 250 give ~93 ms a step plus ~17 s fixed: 1600 steps ~ 2m50s.
-MODEL_DEFAULTS = dict(block_size=128, vocab_size=0, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
+# The defaults are the first run (issue 21): `python train.py` on the stdlib corpus in about 3
+# minutes on an idle 2-core machine. Chosen by measurement (byte loss = nats per byte; cosine to
+# lr/10 after 20 warm-up steps): every row trains for the same time, about 2m30s of steps on
+# this machine at its default threads (step counts in proportion to 40-step timings), final val
+# loss (the loss is the same at any thread count; the sweep ran two at a time, 1 thread each):
+#   layers  block  batch  lr     steps  val       layers  block  batch  lr     steps  val
+#   4       128    12     2e-3   1040   1.888     4       64     16     2e-3   1500   1.730
+#   4       128     8     2e-3   1560   1.868     4       64      8     2e-3   2900   1.770
+#   4       128     8     3e-3   1560   1.858     3       64     16     2e-3   2150   1.629
+#   4       128     6     2e-3   2080   1.812     3       64     16     3e-3   2150   1.617
+#   3       128    12     2e-3   1300   1.789     3       64     12     2e-3   2760   1.638
+#   2       64     16     2e-3   3070   1.567     3       64     12     3e-3   2760   1.642
+#   2       64     24     3e-3   1980   1.583     2       64     16     3e-3   3070   1.558  <- default
+# (all 128 wide, 4 heads). At a fixed time, fewer and cheaper steps lose to more of them: depth
+# and context cost more per step than they return within 3 minutes. The old default (4 layers,
+# block 128, batch 12, 1600 steps) reached 1.6985 in 4m42s here.
+MODEL_DEFAULTS = dict(block_size=64, vocab_size=0, n_layer=2, n_head=4, n_embd=128, dropout=0.0, bias=True)
 MODEL_HELP = dict(block_size="context length: learned positions, and the length of each training window",
                   vocab_size="vocabulary size; 0: the data's (byte 256, char: the corpus's characters, .bin: meta.json)",
                   n_layer="transformer blocks", n_head="attention heads (must divide n_embd)",
@@ -91,20 +99,20 @@ class TrainConfig:
     data: str = _f("", "UTF-8 text file or nanoGPT .bin token file; '' = this Python's stdlib sources", metavar="PATH")
     tokenizer: str = _f("byte", "tokenizer for text data", choices=("byte", "char"))
     val_fraction: float = _f(0.1, "fraction of the tokens (the last ones) held out for validation")
-    batch_size: int = _f(12, "sequences per step")
+    batch_size: int = _f(16, "sequences per step")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = _f(1600, "optimizer steps in total (the cosine schedule ends here)")
-    lr: float = _f(2e-3, "peak learning rate")
-    min_lr: float = _f(2e-4, "learning rate at the end of the cosine decay")
+    max_steps: int = _f(3000, "optimizer steps in total (the cosine schedule ends here)")
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay")
     warmup: int = _f(20, "linear warm-up steps")
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (Linear weights only)")
     betas: tuple[float, float] = _f((0.9, 0.99), "AdamW beta1 beta2", metavar="B")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    eval_interval: int = _f(200, "steps between validation losses (0: only at the end)")
+    eval_interval: int = _f(250, "steps between validation losses (0: only at the end)")
     eval_iters: int = _f(10, "validation batches per evaluation")
     log_interval: int = _f(1, "steps between log lines")
-    ckpt_interval: int = _f(400, "steps between checkpoints (0: only at the end)")
+    ckpt_interval: int = _f(1000, "steps between checkpoints (0: only at the end)")
     keep: int = _f(3, "checkpoints kept in out_dir (0: all)")
     out_dir: str = _f("out", "directory of the checkpoints step_<N>/ and latest", metavar="DIR")
     resume: str = _f("", "continue from an out dir (its latest) or a step_<N> dir: its model, dtype, tokenizer, data",
