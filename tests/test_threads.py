@@ -54,11 +54,16 @@ def test_for_chunks_covers_the_range_once(monkeypatch):
 
 
 def test_for_parts_cuts_near_equal_parts_once(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")          # the parts run on the pool only beside a 1-thread BLAS
     for t, n, want in (("3", 10, [(0, 3), (3, 6), (6, 10)]), ("4", 2, [(0, 1), (1, 2)]), ("1", 5, [(0, 5)])):
         monkeypatch.setenv("ENGINE_THREADS", t)
         seen = []
         threads.for_parts(n, lambda a, b: seen.append((a, b)), np)
         assert sorted(seen) == want
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")          # a BLAS with threads of its own: one part, inline
+    seen = []
+    threads.for_parts(10, lambda a, b: seen.append((a, b)), np)
+    assert seen == [(0, 10)] and threads.blas_threads() == 2
     seen = []
     threads.for_parts(0, lambda a, b: seen.append((a, b)), np)
     assert seen == []
@@ -66,6 +71,7 @@ def test_for_parts_cuts_near_equal_parts_once(monkeypatch):
 
 def test_nested_pool_work_runs_inline(monkeypatch):
     monkeypatch.setenv("ENGINE_THREADS", "2")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     seen = np.zeros(40, dtype=np.int64)
 
     def outer(a, b):                          # a pool task starting more pool work: inline, no deadlock
@@ -80,6 +86,7 @@ def test_attention_over_threads_is_bitwise_equal(monkeypatch):
     qkv = rng.standard_normal((7, 24, 3 * 32)).astype(np.float32)       # 7 sequences: uneven parts
     g = rng.standard_normal((7, 24, 32)).astype(np.float32)
     out = {}
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     for n in ("1", "2", "5"):
         monkeypatch.setenv("ENGINE_THREADS", n)
         x = Tensor(qkv.copy(), requires_grad=True)
