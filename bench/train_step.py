@@ -66,6 +66,7 @@ from engine.flat import FlatParameters
 from engine.io import atomic_write_json
 from engine.optim import AdamW, clip_grad_norm_, cosine_lr
 from engine.perf import DeviceMemoryTracer, MemoryTracer, OpProfile
+from engine.threads import blas_threads
 from models.gpt import GPTConfig
 from models.terraformer import build_model
 
@@ -80,13 +81,6 @@ MODELS = {   # name -> (shape, vocab of random tokens: None = char-level --data)
 }
 TRAIN = dict(batch_size=12, lr=1e-3, min_lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1, grad_clip=1.0,
              warmup_iters=100, eval_interval=250, eval_iters=20)
-
-
-def blas_threads():
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return os.cpu_count() or 1
 
 
 class TrainPyStep:

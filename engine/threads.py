@@ -33,13 +33,18 @@ _PREFIX = "engine-elementwise"
 _pool = {}
 
 
-def threads():
-    """The thread count for elementwise work (see the module docstring)."""
-    for var in ("ENGINE_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+def _first_count(names):
+    """The first of these environment variables set to a positive integer, else every core."""
+    for var in names:
         v = os.environ.get(var, "")
         if v.isdigit() and int(v) > 0:
             return int(v)
     return os.cpu_count() or 1
+
+
+def threads():
+    """The thread count for elementwise work (see the module docstring)."""
+    return _first_count(("ENGINE_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
 
 
 def for_chunks(n, fn, xp=np, chunk=CHUNK):
@@ -54,11 +59,7 @@ def for_chunks(n, fn, xp=np, chunk=CHUNK):
 
 def blas_threads():
     """The BLAS's own thread count as its environment sets it (all cores when unset)."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        v = os.environ.get(var, "")
-        if v.isdigit() and int(v) > 0:
-            return int(v)
-    return os.cpu_count() or 1
+    return _first_count(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
 
 
 def for_parts(n, fn, xp=np):
