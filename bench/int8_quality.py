@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m bench.int8_quality --data tinyshakespeare.txt [--json FILE]
     python -m bench.int8_quality --ckpt out                        # reuse a train.py checkpoint (dense)
 
-Each variant (``dense``: train.py's default GPT, n_layer 4, n_embd 128, block 128; ``both``: the
+Each variant (``dense``: train.py's GPT at n_layer 4, n_embd 128, block 128, SHAPE below; ``both``: the
 same with the sparse FFN, N 32, and sparse QKV, S 4) is trained by train.py itself (one process,
 ``--steps`` steps, char-level for a text file), unless ``--ckpt`` gives a checkpoint to reuse. The
 float32 model and the same checkpoint quantized at load to int8 are then compared on:
@@ -36,13 +36,14 @@ from models.quantized import quantize_gpt
 from . import report
 
 VARIANTS = {"dense": [], "both": ["--ffn-sparsity", "32", "--qkv-modules", "4"]}
+SHAPE = ["--n-layer", "4", "--n-embd", "128", "--block-size", "128"]   # fixed: not train.py's first-run defaults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(out_dir, data, steps, extra):
     """train.py on one process into out_dir; returns out_dir."""
     cmd = [sys.executable, "train.py", "--data", data, "--max-steps", str(steps), "--out-dir", out_dir,
-           "--ckpt-interval", "0", "--eval-interval", "0", "--log-interval", str(max(1, steps // 4)), *extra]
+           "--ckpt-interval", "0", "--eval-interval", "0", "--log-interval", str(max(1, steps // 4)), *SHAPE, *extra]
     if data and not data.endswith(".bin"):
         cmd += ["--tokenizer", "char"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

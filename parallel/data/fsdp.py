@@ -273,6 +273,13 @@ class ShardedLayers:
                 self.free(unit)
         self.pool.drop()
 
+    def gathers_per_step(self):
+        """How often one forward and backward gathers each layer: twice (forward, then before
+        its backward), but once for the forward's last K, still resident in the pool's K slots
+        when their backward starts (twice for all under the pool's poison)."""
+        L, K = len(self.units), 0 if self.pool.poison else len(self.pool)
+        return [1 if i >= L - K else 2 for i in range(L)]
+
     def gather_stats(self):
         """{'gathered': layer gathers posted, 'reused': claims whose layer was still resident} so far."""
         return dict(self.pool.stats)

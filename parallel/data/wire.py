@@ -20,8 +20,9 @@ elements, 4k or 8k uncompressed; exact for N a power of two, where every all-gat
 reduce-scatter algorithm delivers each foreign block once):
 
     all_gather      (N-1) sum_k w(c_k) per gathered range: stage 3 each layer twice (forward,
-                    and again in backward's recomputation) and the root once; stages 1-2 the
-                    shards (c_k = S) once
+                    and again before its backward) but the forward's last K still resident in
+                    the pool's K slots once (every layer twice under the pool's poison), and
+                    the root once; stages 1-2 the shards (c_k = S) once
     reduce_scatter  (N-1) sum_j 4 c_j per bucket (uncompressed; c_j the bucket's overlap with
                     rank j's shard)
     all_to_all      (N-1) sum_j w(c_j) per bucket; two hops (M nodes of g):
@@ -100,7 +101,7 @@ def step_bytes(engine):
         return out
     item = {dt: flat.data[dt].dtype.itemsize for dt in flat.dtypes}
     if engine.layers is not None:
-        units = [(u, 2) for u in engine.layers.units] + [(engine.layers.root, 1)]
+        units = list(zip(engine.layers.units, engine.layers.gathers_per_step())) + [(engine.layers.root, 1)]
         for unit, times in units:
             for dt, lo, hi in unit.segments:
                 S = engine.param_shards[dt].size

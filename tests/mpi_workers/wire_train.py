@@ -44,6 +44,7 @@ def used_weights(step):
             if any(p is q for q in unit.params):
                 out[dt][off:off + n] = to_numpy(p.data).reshape(-1)
         eng.layers.free(unit)
+    eng.layers.free_root()              # as a step's end: the pool's buffers go, nothing stays resident
     return out
 
 
