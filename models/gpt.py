@@ -154,9 +154,10 @@ class HeadsAttention(Function):
     merged back, (B, T, nh, hs)), and backward writes dq, dk, dv straight into one (B, T, 3C)
     gradient: the split, the four transposes and the two reshapes as separate ops would cost
     three zero-filled gradients, their sums and two more copies. The sequences are cut over
-    the elementwise threads (engine/threads.py ``for_parts``): each (batch, head) is its own
-    softmax and its own small GEMMs, which BLAS runs on one thread, so one process uses its
-    cores in attention too; bitwise the same at any thread count.
+    the elementwise threads (engine/threads.py ``for_parts``) when the BLAS runs on one thread
+    (OPENBLAS_NUM_THREADS=1 ENGINE_THREADS=k): each (batch, head) is its own softmax and its
+    own small GEMMs, so one process uses k cores in attention; beside a BLAS with threads of
+    its own they run inline (for_parts says why); bitwise the same either way.
 
     ``keep_probs=False`` is selective recomputation (Korthikanti et al. 2022, "Reducing
     Activation Recomputation in Large Transformer Models", section 4.2): the probabilities
