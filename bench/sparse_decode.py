@@ -50,7 +50,7 @@ from bench import use_device
 from engine import backend
 from engine.autograd import no_grad
 from engine.io import atomic_write_json
-from engine.threads import run_ranges, threads
+from engine.threads import parts, run_ranges, threads
 from models.generate import KVCache, next_logits
 from models.gpt import GPT, GPTConfig
 from models.sparse_ffn import SparseFFN
@@ -112,9 +112,7 @@ class Triad:
         backend.synchronize()
         t0 = time.perf_counter()
         if self.xp is np and pooled:
-            k = threads()
-            cuts = [self.n * p // k for p in range(k + 1)]
-            run_ranges(self._walk, list(zip(cuts[:-1], cuts[1:])))      # one task per thread
+            run_ranges(self._walk, parts(self.n, threads()))          # one task per thread
         elif self.xp is np:
             self._walk(0, self.n)                                     # this thread only
         else:

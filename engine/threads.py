@@ -73,8 +73,13 @@ def for_parts(n, fn, xp=np):
         if n:
             fn(0, n)
         return
+    run_ranges(fn, parts(n, k))
+
+
+def parts(n, k):
+    """k contiguous near-equal ranges [a, b) covering [0, n)."""
     cuts = [n * i // k for i in range(k + 1)]
-    run_ranges(fn, list(zip(cuts[:-1], cuts[1:])))
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def run_ranges(fn, ranges):

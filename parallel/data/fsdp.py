@@ -24,8 +24,8 @@ runs when the layer's backward is about to start (its output gradient is complet
 gathers the layer into its slot again, so the saved references read the right values
 (pool.py explains why the order makes this safe); ``LayerEntry`` on its input, whose backward
 runs when every op of the layer is done, and releases the slot. Cost: two gathers of each
-layer per step but the last K (as with recomputation) and no second forward; memory: every activation, as
-stages 0-2, plus the pool.
+layer per step but the last K (as with recomputation) and no second forward; memory: every
+activation, as stages 0-2, plus the pool.
 
 Full recomputation (``recompute=True``; Chen et al. 2016, engine/recompute.py): the layer's
 forward runs unrecorded (one node, ``GatheredLayer``, keeping only the layer's input) and its
