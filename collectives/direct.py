@@ -186,6 +186,18 @@ class DirectPath:
                 return result
             return run
 
+        if len(steps) == 2 and steps[0][0] is not None and steps[0][3] is None and steps[1][0] is None \
+                and avg is None:          # one exchange, then a local copy (all-gather at N = 2, input first)
+            (peer, send, recv, _), (_, dst, src, _) = steps
+
+            def run():
+                tag = next_tag()
+                count(kind, sent)
+                sendrecv(send, peer, tag, recv, peer, tag)
+                dst[:] = src
+                return result
+            return run
+
         isend, irecv, testall, waitall = self.mpi.Isend, self.mpi.Irecv, MPI.Request.Testall, MPI.Request.Waitall
 
         def run():
