@@ -27,6 +27,11 @@ through mpi4py, the call a user would make instead) run in the same launch, inte
 round by round (in reversed order every other round, so that no algorithm always runs
 right after another) so background load hits them alike; time_us is the median over rounds of
 each round's mean (rank-averaged), and vs_mpi the busbw ratio to the library at that size.
+Beside them, for all_reduce, reduce_scatter and all_gather at a power-of-two rank count, the
+row "floor": the fast path's messages as bare mpi4py Sendrecv calls on ready-made
+memoryviews plus one np.add per reduction step, and nothing else (bench/collectives_setup.py
+Case._floor): what any Python implementation of these messages costs at least, so that a
+small message's ratio to the library reads against the part of it no code of ours can remove.
 
 Beside each measurement: the time the alpha-beta-gamma model (collectives/cost.py)
 predicts with alpha, beta, gamma fitted in this launch (a Sendrecv ping-pong sweep and an
@@ -82,7 +87,7 @@ import numpy as np
 from mpi4py import MPI
 
 from bench.collectives_launches import run_launches
-from bench.collectives_setup import BUSBW, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
+from bench.collectives_setup import BUSBW, FLOOR, Case, fit_model, fit_rows, measure_ceiling, parse_sizes
 from collectives import Communicator, cost
 from collectives.devices import cuda_aware, cuda_aware_source, select_gpu
 from collectives.launch import env_world
@@ -123,7 +128,8 @@ def sweep(comm, op, algos, sizes, args, mems=("host",)):
         if case.nbytes == 0 and nbytes > 0:
             continue
         fns = {(mem, algo): cases[mem].runner(algo) if mem == "host" else _synced(cases[mem].runner(algo))
-               for mem in mems for algo in algos}
+               for mem in mems for algo in algos if algo != FLOOR or mem == "host"}
+        fns = {key: fn for key, fn in fns.items() if fn is not None}      # "floor" where it is defined
         iters = int(min(args.max_iters, max(args.min_iters, args.budget // max(case.nbytes, 1))))
         t0 = time.perf_counter()
         for fn in fns.values():                          # warm-up (plans, pools, pages)
@@ -180,10 +186,12 @@ def goal_summary(rows):
         mpi = {r["bytes"]: r for r in rows if r["op"] == op and r["algo"] == "mpi" and r["mem"] == "host"}
         big = [auto[b]["vs_mpi"] for b in auto if b >= 65536 and b in mpi]
         small = [auto[b]["time_us"] / mpi[b]["time_us"] for b in auto if 0 < b <= 4096 and b in mpi]
+        floor = [r["time_us"] / mpi[r["bytes"]]["time_us"] for r in rows if r["op"] == op and r["algo"] == FLOOR
+                 and 0 < r["bytes"] <= 4096 and r["bytes"] in mpi]
         if big or small:
             lines.append(f"# {op:<15} auto vs mpi: busbw ratio >= 64 KiB min {min(big, default=float('nan')):.2f} "
                          f"(goal >= 1.0); latency ratio <= 4 KiB max {max(small, default=float('nan')):.2f} "
-                         f"(goal <= 1.1)")
+                         f"(goal <= 1.1)" + (f"; floor (raw Sendrecv + np.add) max {max(floor):.2f}" if floor else ""))
     return lines
 
 
@@ -220,7 +228,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default="all_reduce,reduce_scatter,all_gather",
                    help=f"comma-separated from {', '.join(OPS)}, or 'all'")
-    p.add_argument("--algo", default=None, help="comma-separated algorithms (default: all of the op's, auto, mpi)")
+    p.add_argument("--algo", default=None, help="comma-separated algorithms (default: all of the op's, auto, mpi, "
+                                                "and floor: raw Sendrecv + np.add, the least Python code costs)")
     p.add_argument("--sizes", default="8B:64MB", help="START:END in B/KB/MB/GB (powers of 1024), doubling")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--inplace", action="store_true", help="in-place forms (MPI_IN_PLACE for the library)")
@@ -261,13 +270,13 @@ def main(argv=None):
     raw, raw_note = fit_model(comm, max(sizes))
     rows = []
     for op in ops:
-        algos = args.algo.split(",") if args.algo else ["auto", *cost.algorithms(op), "mpi"]
+        algos = args.algo.split(",") if args.algo else ["auto", *cost.algorithms(op), "mpi", FLOOR]
         rows += sweep(comm, op, algos, sizes, args, mems)
         if rank == 0:
             print(f"# {op} done", file=sys.stderr, flush=True)
     abg = fit_rows([r for r in rows if r["mem"] == "host"], n)
     for r in rows:
-        if r["algo"] != "mpi" and r["mem"] == "host":     # the model is of host memory
+        if r["algo"] not in ("mpi", FLOOR) and r["mem"] == "host":     # the model is of host memory
             r["model_us"] = cost.predict(r["op"], r["chosen"], n, r["bytes"], abg) * 1e6
     meta = dict(ranks=n, mpi=MPI.Get_library_version().splitlines()[0].strip(), numpy=np.__version__,
                 python=platform.python_version(), dtype=args.dtype, inplace=args.inplace,

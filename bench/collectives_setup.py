@@ -28,6 +28,7 @@ BUSBW = {  # nccl-tests' bus bandwidth factors
     "broadcast": lambda n: 1.0,
     "reduce": lambda n: 1.0,
 }
+FLOOR = "floor"   # the pseudo-algorithm of Case._floor: raw Sendrecv + np.add, the least any Python code costs
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -81,6 +82,8 @@ class Case:
         c, op, x, out = self.comm, self.op, self.x, self.out
         if algo == "mpi" and not self.device:
             return self._library()
+        if algo == FLOOR:
+            return self._floor()
         if op == "all_reduce":
             return (lambda: c.all_reduce(out, algo=algo)) if self.inplace else \
                 (lambda: c.all_reduce(x, out=out, algo=algo))
@@ -98,6 +101,51 @@ class Case:
         if op == "all_to_all":
             return lambda: c.all_to_all(x, out=out, algo=algo)
         raise ValueError(f"unknown op {op!r}")
+
+    def _floor(self):
+        """The least a hand-written call on mpi4py costs (algo "floor"; None where it is not
+        defined: device buffers, a rank count not a power of two, other ops): the messages of
+        recursive doubling / halving, the fast path's (collectives/direct.py), as raw Sendrecv
+        calls on ready-made memoryviews, and for a reduction one np.add per step; no plan
+        lookup, tag sequence, byte counter or check. So floor / mpi is how far from the
+        library's own collective any Python implementation of these messages starts."""
+        w, op, n, r = self.comm.mpi, self.op, self.comm.size, self.comm.rank
+        if self.device or n & (n - 1) or n == 1 or op not in ("all_reduce", "reduce_scatter", "all_gather"):
+            return None
+        mv = _bytes_of
+        steps, tag = [], 71                          # (peer, send, recv, np.add args or None)
+        if op == "all_reduce":                       # d = 1, 2, ...: exchange everything, reduce
+            tmp, cur, d = np.empty_like(self.out), self.x, 1
+            while d < n:
+                steps.append((r ^ d, mv(cur), mv(tmp), (cur, tmp, self.out)))
+                cur, d = self.out, 2 * d
+        elif op == "reduce_scatter":                 # d = n/2, ..., 1: send the half the partner keeps
+            k, work, lo, hi, d = self.count // n, self.x, 0, n, n // 2
+            while d:
+                mid = lo + d
+                keep, give = ((lo, mid), (mid, hi)) if r < mid else ((mid, hi), (lo, mid))
+                tmp = np.empty((keep[1] - keep[0]) * k, self.dtype)
+                target = self.out if d == 1 else work[keep[0] * k:keep[1] * k]
+                steps.append((r ^ d, mv(work[give[0] * k:give[1] * k]), mv(tmp), (tmp, work[keep[0] * k:keep[1] * k], target)))
+                (lo, hi), d = keep, d // 2
+        else:                                        # d = 1, 2, ...: my group's blocks for the partner group's
+            k, out, d = self.count // n, self.out, 1
+            steps.append((None, mv(out[r * k:(r + 1) * k]), mv(self.x), None))      # the own block
+            while d < n:
+                mine, theirs = (r & ~(d - 1)) * k, ((r ^ d) & ~(d - 1)) * k
+                steps.append((r ^ d, mv(out[mine:mine + d * k]), mv(out[theirs:theirs + d * k]), None))
+                d *= 2
+        sendrecv, add = w.Sendrecv, np.add
+
+        def run():
+            for peer, send, recv, red in steps:
+                if peer is None:
+                    send[:] = recv
+                    continue
+                sendrecv(send, peer, tag, recv, peer, tag)
+                if red is not None:
+                    add(*red)
+        return run
 
     def _library(self):
         """The library's own collective, called directly through mpi4py."""
@@ -117,6 +165,11 @@ class Case:
         if op == "reduce":
             return lambda: w.Reduce(x, out, red, 0)
         return lambda: w.Alltoall(x, out)
+
+
+def _bytes_of(a):
+    """A contiguous array's bytes as a memoryview (the cheapest message spec for mpi4py)."""
+    return a.reshape(-1).view(np.uint8).data
 
 
 def _timed(fn, seconds=0.05, max_iters=2000):
@@ -155,7 +208,7 @@ def fit_rows(rows, n):
     """(alpha, beta, gamma) >= 0 fitted to the hand-written algorithms' rows."""
     A, t = [], []
     for r in rows:
-        if r["algo"] in ("mpi", "auto") or r["time_us"] <= 0:
+        if r["algo"] in ("mpi", "auto", FLOOR) or r["time_us"] <= 0:
             continue
         c = coefficients(r["op"], r["algo"], n, r["bytes"])
         if any(c):

@@ -23,6 +23,10 @@ def test_bench_collectives_smoke(tmp_path):
         assert all(key in r for r in rows), key
     assert {r["algo"] for r in rows if r["op"] == "all_reduce"} >= {"auto", "mpi", "ring", "recursive_doubling",
                                                                     "rabenseifner", "tree"}
+    floor = {r["op"] for r in rows if r["algo"] == "floor"}          # Case._floor: where it is defined
+    assert floor == {"all_reduce", "reduce_scatter", "all_gather"}, floor
+    assert all(r["time_us"] > 0 and r["model_us"] is None for r in rows if r["algo"] == "floor")
+    assert "floor (raw Sendrecv + np.add) max" in out, describe(proc)
     ar = [r for r in rows if r["op"] == "all_reduce" and r["bytes"] == 16384]
     assert all(abs(r["busbw_GBps"] - r["algbw_GBps"]) < 1e-12 for r in ar)     # 2(n-1)/n = 1 at n = 2
     assert png.stat().st_size > 1000
@@ -39,7 +43,8 @@ def test_bench_collectives_device_rows(tmp_path):
     for op in ("all_reduce", "all_gather"):
         host = {(r["algo"], r["bytes"]) for r in rows if r["op"] == op and r["mem"] == "host"}
         dev = {(r["algo"], r["bytes"]) for r in rows if r["op"] == op and r["mem"] == "device"}
-        assert host == dev and ("mpi", 1024) in dev and len(dev) >= 6, (op, host, dev)
+        floor = {(a, b) for a, b in host if a == "floor"}                  # host memory only
+        assert host - floor == dev and floor and ("mpi", 1024) in dev and len(dev) >= 6, (op, host, dev)
     assert all(r["vs_mpi"] == 1.0 for r in rows if r["algo"] == "mpi")
     assert all(r["model_us"] is None for r in rows if r["mem"] == "device")
     assert any(line.split()[2:3] == ["device"] for line in proc.stdout.splitlines()), describe(proc)
@@ -50,7 +55,7 @@ def test_bench_collectives_launches(tmp_path):
     --launches and --launches under mpiexec stop with exit code 2."""
     js = tmp_path / "l.json"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "bench.collectives", "--op", "all_reduce,all_gather", "--algo", "auto,mpi",
+    cmd = [sys.executable, "-m", "bench.collectives", "--op", "all_reduce,all_gather", "--algo", "auto,mpi,floor",
            "--sizes", "8B:16B", "--rounds", "1", "--max-iters", "2"]
     proc = subprocess.run([*cmd, "--launches", "2", "--json", str(js)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=240)
@@ -61,8 +66,9 @@ def test_bench_collectives_launches(tmp_path):
     data = json.loads(js.read_text())
     assert data["meta"]["launches"] == 2 and len(data["per_launch_rows"]) == 2
     rows = {(r["op"], r["algo"], r["bytes"]): r for r in data["rows"]}
-    assert set(rows) == {(op, algo, b) for op in ("all_reduce", "all_gather") for algo in ("auto", "mpi")
+    assert set(rows) == {(op, algo, b) for op in ("all_reduce", "all_gather") for algo in ("auto", "mpi", "floor")
                          for b in (8, 16)}, sorted(rows)
+    assert "floor (raw Sendrecv + np.add) worst" in proc.stdout, proc.stdout
     for (op, algo, b), r in rows.items():
         ratios = [x["vs_mpi"] for launch in data["per_launch_rows"] for x in launch
                   if (x["op"], x["algo"], x["bytes"]) == (op, algo, b)]
