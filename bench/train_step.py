@@ -231,6 +231,32 @@ def print_profile(p):
         print(f"  {k:28s} {ms:8.2f} ms  {100 * ms / p['ms_per_step']:5.1f}%")
 
 
+def linear_gemms(torch, cfg, vocab, rows, reps=15):
+    """The GEMMs of one step's Linears timed alone on each side, in this process: for every
+    Linear (per layer: attention's C -> 3C and C -> C, the MLP's C -> 4C and 4C -> C; the tied
+    head C -> vocab) its forward x W^T and backward's dx = dy W and dW = dy^T x, on ``rows``
+    rows, float32, with NumPy (the engine's BLAS) and with torch at their thread counts now,
+    interleaved; ms per step (medians). The rest of a side's step (elementwise work, attention,
+    the optimizer, Python) is its step time minus this: the part each library's GEMM speed
+    fixes, read beside the part the engine's own code decides."""
+    C, out = cfg.n_embd, {"engine": 0.0, "torch": 0.0}
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
+    rng = np.random.default_rng(0)
+    for (n_in, n_out), count in [*((s, cfg.n_layer) for s in shapes), ((C, vocab), 1)]:
+        x, g, w = (rng.standard_normal(s, dtype=np.float32) for s in ((rows, n_in), (rows, n_out), (n_out, n_in)))
+        tx, tg, tw = (torch.from_numpy(a) for a in (x, g, w))
+        fns = {"engine": lambda: (x @ w.T, g @ w, g.T @ x), "torch": lambda: (tx @ tw.T, tg @ tw, tg.T @ tx)}
+        times = {k: [] for k in fns}
+        for r in range(reps + 2):
+            for k in (("engine", "torch") if r % 2 == 0 else ("torch", "engine")):
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
+        for k in out:
+            out[k] += count * 1e3 * statistics.median(times[k][2:])      # the first two: warm-up
+    return out
+
+
 def compare(args, cfg, data):
     try:
         import torch
@@ -275,6 +301,9 @@ def compare(args, cfg, data):
     eng.close()
     if not eng.is_main:
         return None
+    gemms = None
+    if world == 1 and backend.device() == "cpu" and args.model != "gpt2":   # one process: each side's GEMMs at its threads
+        gemms = linear_gemms(torch, cfg, data.vocab_size, TRAIN["batch_size"] * cfg.block_size)
     wall = {k: [w for w, _ in v] for k, v in times.items()}
     ms = {k: 1e3 * statistics.median(v) for k, v in wall.items()}
     mean = {k: 1e3 * statistics.fmean(v) for k, v in wall.items()}
@@ -295,6 +324,10 @@ def compare(args, cfg, data):
     for k in ("engine", "torch"):
         print(f"{k:8s} {ms[k]:9.2f} {mean[k]:9.2f} {1e3 * min(wall[k]):9.2f} {cpu[k]:9.2f}")
     print(f"ratio engine/torch: {ratio:.3f} (median wall time; CPU time ratio {cpu['engine'] / cpu['torch']:.3f})")
+    if gemms:
+        print(f"the Linears' GEMMs alone (forward, dx, dW): engine {gemms['engine']:.2f} ms, torch "
+              f"{gemms['torch']:.2f} ms per step ({gemms['engine'] / gemms['torch']:.3f}x); the rest of the step: "
+              f"engine {ms['engine'] - gemms['engine']:.2f} ms, torch {ms['torch'] - gemms['torch']:.2f} ms")
     if prof:
         print_profile(prof)
     return {"engine_ms_per_step": ms["engine"], "torch_ms_per_step": ms["torch"], "ratio": ratio,
@@ -303,7 +336,7 @@ def compare(args, cfg, data):
             "torch_threads": torch_threads, "ranks": world, "mode": mode, "load_average": load,
             "steps": args.steps, "warmup": args.warmup, "first_loss": {"engine": first[0], "torch": first[1]},
             "data": data.source, "model": args.model, "engine_device": engine_device, "torch_device": torch_device,
-            "engine_step": "train.py measured_step", "profile": prof}
+            "engine_step": "train.py measured_step", "profile": prof, "linear_gemms_ms": gemms}
 
 
 def train(args, cfg, data):

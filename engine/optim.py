@@ -29,7 +29,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .flat import copy_into
-from .threads import for_chunks, threads
+from .threads import chunk_threads, for_chunks
 
 CPU_CHUNK = 1 << 16
 
@@ -144,7 +144,7 @@ class AdamW(_FlatOptimizer):
             s *= -step_size
             p += s
         if on_chunk is None:                            # chunks over the elementwise threads (engine/threads.py)
-            shared = xp is not np or threads() == 1     # one thread at a time: one scratch chunk
+            shared = xp is not np or chunk_threads(n, self.chunk_size) == 1   # one thread: one scratch chunk
             for_chunks(n, lambda a, b: update(a, b, tmp[:b - a] if shared else xp.empty(b - a, dtype=tmp.dtype)),
                        xp, self.chunk_size)
             return

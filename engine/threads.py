@@ -15,7 +15,17 @@ The chunks are the same whatever the thread count and each element sees the same
 the same order, so results are bitwise identical at 1 thread and at N. Threads: ENGINE_THREADS,
 else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS (the BLAS's own), else every core; at 1 thread,
 under CuPy (one stream does the work) or below two chunks everything runs inline, no pool.
-Cost: one pool task per chunk (tens of microseconds against a chunk's hundreds); memory: none.
+Cost: one pool task per thread, which walks its contiguous run of chunks (a task per chunk
+cost more than it saved: GELU forward and backward at (12, 64, 512) on 2 threads took 1.06x
+the one-thread time, and one task per thread 0.90x); memory: none.
+
+Beside a BLAS with threads of its own (OpenBLAS's spin for a while after each call), arrays
+under BESIDE_BLAS_MIN elements stay on this thread: every ufunc call of a part must take the
+GIL back from a thread the spinning BLAS threads compete with. Measured, train.py's step in one
+process, 2 cores, 2-thread OpenBLAS (medians of three in-process A/Bs): at the baby shape
+(4 x 128, block 64; arrays up to 393K elements) pooled 78.6 / 59.0 / 72.1 ms against inline
+65.6 / 55.7 / 70.3 ms; at 2 x 512, block 128 (GELU over 3.1M elements) pooled 415 ms against
+inline 436 ms.
 
 ``for_parts`` is for work whose rows are independent and each row's result does not depend on
 which rows share its call (attention: each (batch, head) is its own softmax and its own small
@@ -29,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 CHUNK = 1 << 16
+BESIDE_BLAS_MIN = 1 << 20   # beside a BLAS with threads of its own, smaller arrays stay on this thread
 _PREFIX = "engine-elementwise"
 _pool = {}
 
@@ -47,14 +58,31 @@ def threads():
     return _first_count(("ENGINE_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
 
 
-def for_chunks(n, fn, xp=np, chunk=CHUNK):
+def for_chunks(n, fn, xp=np, chunk=CHUNK, beside_blas_min=BESIDE_BLAS_MIN):
     """Call fn(a, b) for consecutive [a, b) of at most ``chunk`` covering [0, n): in a pool of
-    threads() threads on NumPy arrays, else in order on this thread (CuPy: one call, [0, n))."""
+    threads() threads on NumPy arrays, each thread one contiguous run of the chunks, in order
+    (one pool task per thread); else in order on this thread (CuPy: one call, [0, n)). Beside a
+    BLAS with threads of its own, n below ``beside_blas_min`` stays on this thread (see the
+    module docstring: the pool would fight the BLAS's threads and lose)."""
     if xp is not np:
         if n:
             fn(0, n)
         return
-    run_ranges(fn, [(a, min(a + chunk, n)) for a in range(0, n, chunk)])
+    ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    k = chunk_threads(n, chunk, beside_blas_min)
+
+    def run_chunks(i, j):                  # one task per thread: its contiguous run of chunks, in order
+        for a, b in ranges[i:j]:
+            fn(a, b)
+    run_ranges(run_chunks, parts(len(ranges), k))
+
+
+def chunk_threads(n, chunk=CHUNK, beside_blas_min=BESIDE_BLAS_MIN):
+    """How many threads for_chunks(n, ..., chunk, beside_blas_min) on NumPy arrays runs on (1: this
+    thread only, in order)."""
+    if n < beside_blas_min and blas_threads() > 1:
+        return 1
+    return max(1, min(threads(), -(-n // chunk)))
 
 
 def blas_threads():

@@ -155,7 +155,7 @@ def gather_forward(x, w1, w2, b2, c1, c2, cb, N):
             logits += cb[a * N:b * N]
         rows = chosen_units(logits, N) + a * N                         # (n, b - a)
         parts[a // GATHER_BLOCKS] = units_forward(x2, w1[rows], w2[rows], None)
-    for_chunks(nb, chunk, xp, chunk=GATHER_BLOCKS)
+    for_chunks(nb, chunk, xp, chunk=GATHER_BLOCKS, beside_blas_min=0)      # blocks, not elements: always pooled
     y = parts[0]
     for part in parts[1:]:
         if part is not None:                                           # (CuPy: one chunk only)

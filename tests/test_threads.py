@@ -31,6 +31,7 @@ def test_threads_are_bitwise_equal(monkeypatch):
     g = rng.standard_normal(x.shape).astype(np.float32)
     p, pg = rng.standard_normal(10_501), rng.standard_normal(10_501)
     mask = rng.random(10_501) < 0.5
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")          # small arrays go on the pool only beside a 1-thread BLAS
     out = {}
     for n in ("1", "3"):
         monkeypatch.setenv("ENGINE_THREADS", n)
@@ -51,6 +52,32 @@ def test_for_chunks_covers_the_range_once(monkeypatch):
     threads.for_chunks(1000, mark, np, chunk=64)
     threads.for_chunks(0, mark, np, chunk=64)
     assert (seen == 1).all()
+
+
+def test_for_chunks_one_task_per_thread_beside_blas(monkeypatch):
+    """Each thread walks one contiguous run of chunks in order; beside a BLAS with threads of its
+    own, fewer than BESIDE_BLAS_MIN elements stay on the calling thread."""
+    import threading
+    import time
+    monkeypatch.setenv("ENGINE_THREADS", "2")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    runs = {}
+
+    def mark(a, b):
+        runs.setdefault(threading.current_thread().name, []).append((a, b))
+        time.sleep(0.002)                                      # a task outlasts the other's start
+    threads.for_chunks(1000, mark, np, chunk=64)              # 16 chunks: 8 per thread
+    assert sorted(runs.values()) == [[(a, a + 64) for a in range(0, 512, 64)],
+                                     [(a, min(a + 64, 1000)) for a in range(512, 1000, 64)]], runs
+    assert all(name.startswith("engine-elementwise") for name in runs), runs
+    assert threads.chunk_threads(1000, 64) == 2 and threads.chunk_threads(100, 64) == 2 and threads.chunk_threads(64, 64) == 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")          # the BLAS's own threads: small arrays inline
+    small, big = threads.BESIDE_BLAS_MIN - 1, threads.BESIDE_BLAS_MIN
+    assert threads.chunk_threads(small) == 1 and threads.chunk_threads(big) == 2
+    assert threads.chunk_threads(1000, 64, beside_blas_min=0) == 2
+    runs.clear()
+    threads.for_chunks(1000, mark, np, chunk=64)
+    assert list(runs) == [threading.current_thread().name] and len(runs[threading.current_thread().name]) == 16
 
 
 def test_for_parts_cuts_near_equal_parts_once(monkeypatch):
