@@ -235,10 +235,11 @@ def linear_gemms(torch, cfg, vocab, rows, reps=15):
     """The GEMMs of one step's Linears timed alone on each side, in this process: for every
     Linear (per layer: attention's C -> 3C and C -> C, the MLP's C -> 4C and 4C -> C; the tied
     head C -> vocab) its forward x W^T and backward's dx = dy W and dW = dy^T x, on ``rows``
-    rows, float32, with NumPy (the engine's BLAS) and with torch at their thread counts now,
-    interleaved; ms per step (medians). The rest of a side's step (elementwise work, attention,
+    rows, float32, with NumPy (the engine's BLAS) and with torch, interleaved; ms per step (medians). The rest of a side's step (elementwise work, attention,
     the optimizer, Python) is its step time minus this: the part each library's GEMM speed
-    fixes, read beside the part the engine's own code decides."""
+    fixes, read beside the part the engine's own code decides. Measured at one thread a side
+    only: with several, a GEMM called alone pays its threads' wake-up (torch's two-thread GEMMs
+    here took longer alone, 119 ms, than its whole step, 71 ms)."""
     C, out = cfg.n_embd, {"engine": 0.0, "torch": 0.0}
     shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
     rng = np.random.default_rng(0)
@@ -302,7 +303,7 @@ def compare(args, cfg, data):
     if not eng.is_main:
         return None
     gemms = None
-    if world == 1 and backend.device() == "cpu" and args.model != "gpt2":   # one process: each side's GEMMs at its threads
+    if world == 1 and threads == 1 and torch_threads == 1 and backend.device() == "cpu" and args.model != "gpt2":
         gemms = linear_gemms(torch, cfg, data.vocab_size, TRAIN["batch_size"] * cfg.block_size)
     wall = {k: [w for w, _ in v] for k, v in times.items()}
     ms = {k: 1e3 * statistics.median(v) for k, v in wall.items()}

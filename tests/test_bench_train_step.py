@@ -6,11 +6,13 @@ import pytest
 from bench import train_step
 
 
-def test_bench_train_step_smoke(tmp_path, capsys):
+def test_bench_train_step_smoke(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch", reason="the benchmark's baseline is PyTorch (pip install -e .[test])")
     data = tmp_path / "tiny.txt"
     data.write_text("To be, or not to be, that is the question.\n" * 40)
     out = tmp_path / "bench.json"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")          # one thread a side: the GEMM reading is printed
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = train_step.main(["--data", str(data), "--steps", "1", "--warmup", "1", "--block", "1",
                           "--json", str(out)])
     assert rc == 0
