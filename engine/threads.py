@@ -15,11 +15,13 @@ The chunks are the same whatever the thread count and each element sees the same
 the same order, so results are bitwise identical at 1 thread and at N. Threads: ENGINE_THREADS,
 else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS (the BLAS's own), else every core; at 1 thread,
 under CuPy (one stream does the work) or below two chunks everything runs inline, no pool.
-Cost: one pool task per thread, which walks its contiguous run of chunks (a task per chunk
-cost more than it saved: GELU forward and backward at (12, 64, 512) on 2 threads took 1.06x
-the one-thread time, and one task per thread 0.90x); memory: none.
+Cost: one pool task per thread, which walks its contiguous run of chunks (with a task per
+chunk the pool's handoffs ate the gain: GELU forward and backward on 2 threads ran 1.06x faster
+than on one at (12, 64, 512) and 1.02x at (12, 256, 1024); with a task per thread 1.11x and
+1.48x. Not 2x: each ufunc call of a part takes the GIL back, and that handoff costs about as
+much as one pass over a chunk); memory: none.
 
-Beside a BLAS with threads of its own (OpenBLAS's spin for a while after each call), arrays
+Beside a BLAS with threads of its own (OpenBLAS's threads spin for a while after each call), arrays
 under BESIDE_BLAS_MIN elements stay on this thread: every ufunc call of a part must take the
 GIL back from a thread the spinning BLAS threads compete with. Measured, train.py's step in one
 process, 2 cores, 2-thread OpenBLAS (medians of three in-process A/Bs): at the baby shape
