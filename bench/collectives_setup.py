@@ -16,6 +16,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from collectives.buffers import raw_bytes
 from collectives.cost import coefficients
 from collectives.ops import SUM, mpi_buffer, mpi_op, resolve
 from engine import backend
@@ -112,7 +113,7 @@ class Case:
         w, op, n, r = self.comm.mpi, self.op, self.comm.size, self.comm.rank
         if self.device or n & (n - 1) or n == 1 or op not in ("all_reduce", "reduce_scatter", "all_gather"):
             return None
-        mv = _bytes_of
+        mv = raw_bytes
         steps, tag = [], 71                          # (peer, send, recv, np.add args or None)
         if op == "all_reduce":                       # d = 1, 2, ...: exchange everything, reduce
             tmp, cur, d = np.empty_like(self.out), self.x, 1
@@ -125,8 +126,9 @@ class Case:
                 mid = lo + d
                 keep, give = ((lo, mid), (mid, hi)) if r < mid else ((mid, hi), (lo, mid))
                 tmp = np.empty((keep[1] - keep[0]) * k, self.dtype)
-                target = self.out if d == 1 else work[keep[0] * k:keep[1] * k]
-                steps.append((r ^ d, mv(work[give[0] * k:give[1] * k]), mv(tmp), (tmp, work[keep[0] * k:keep[1] * k], target)))
+                kept = work[keep[0] * k:keep[1] * k]
+                target = self.out if d == 1 else kept
+                steps.append((r ^ d, mv(work[give[0] * k:give[1] * k]), mv(tmp), (tmp, kept, target)))
                 (lo, hi), d = keep, d // 2
         else:                                        # d = 1, 2, ...: my group's blocks for the partner group's
             k, out, d = self.count // n, self.out, 1
@@ -165,11 +167,6 @@ class Case:
         if op == "reduce":
             return lambda: w.Reduce(x, out, red, 0)
         return lambda: w.Alltoall(x, out)
-
-
-def _bytes_of(a):
-    """A contiguous array's bytes as a memoryview (the cheapest message spec for mpi4py)."""
-    return a.reshape(-1).view(np.uint8).data
 
 
 def _timed(fn, seconds=0.05, max_iters=2000):

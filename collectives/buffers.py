@@ -120,6 +120,12 @@ def base_of(a):
     return a if b is None else b
 
 
+def raw_bytes(a):
+    """The raw bytes of a C-contiguous NumPy array, as a flat memoryview (the cheapest message
+    spec for mpi4py, and the cheapest copy)."""
+    return a.reshape(-1).view(np.uint8).data
+
+
 def address(a):
     iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
     return iface["data"][0]

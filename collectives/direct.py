@@ -61,7 +61,7 @@ from time import perf_counter
 import numpy as np
 from mpi4py import MPI
 
-from .buffers import balanced
+from .buffers import balanced, raw_bytes
 from .ops import ACCEPTED, AVG, OPS, finish
 
 MAX_BYTES = 1 << 20          # larger reductions take the general path (pooled, segmented)
@@ -93,11 +93,6 @@ class Plan:
 
 def _flat(a):
     return a if a.ndim == 1 else a.reshape(-1)
-
-
-def _bytes(a):
-    """The raw bytes of a contiguous array, as a memoryview."""
-    return a.view(np.uint8).data
 
 
 def _disjoint(a, b):
@@ -240,10 +235,11 @@ class DirectPath:
             plan, steps, cur, d = Plan(), [], src, 1
             while d < self.size:       # d = 1, 2, 4, ...: exchange with rank XOR d, buf = lower op higher
                 peer = self.rank ^ d
-                steps.append((peer, _bytes(cur), _bytes(tmp), (tmp, cur, buf) if peer < self.rank else (cur, tmp, buf)))
+                args = (tmp, cur, buf) if peer < self.rank else (cur, tmp, buf)
+                steps.append((peer, raw_bytes(cur), raw_bytes(tmp), args))
                 cur, d = buf, d * 2
             if self.size == 1 and buf is not src:
-                steps.append((None, _bytes(buf), _bytes(src), None))
+                steps.append((None, raw_bytes(buf), raw_bytes(src), None))
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, buf
             plan.result = x if out is None else out
             plan = self._remember((id(x), id(out), op, "ar"), plan, x, out, op, cache)
@@ -264,15 +260,15 @@ class DirectPath:
             plan, exchanges, d = Plan(), [], 1
             while d < self.size:       # exchange my group's d blocks for the partner group's
                 mine, theirs = (rank & ~(d - 1)) * k, ((rank ^ d) & ~(d - 1)) * k
-                exchanges.append((rank ^ d, _bytes(buf[mine:mine + d * k]), _bytes(buf[theirs:theirs + d * k]),
+                exchanges.append((rank ^ d, raw_bytes(buf[mine:mine + d * k]), raw_bytes(buf[theirs:theirs + d * k]),
                                   None))
                 d *= 2
-            place = (None, _bytes(buf[rank * k:(rank + 1) * k]), _bytes(_flat(x)), None)
+            place = (None, raw_bytes(buf[rank * k:(rank + 1) * k]), raw_bytes(_flat(x)), None)
             copy_first = [place] + exchanges            # place, then step 1 sends from the output
             input_first = copy_first                    # (N = 1: the copy is all there is)
             if exchanges:                               # step 1 sends from the input, then place
                 peer, _, recv, _ = exchanges[0]
-                input_first = [(peer, _bytes(_flat(x)), recv, None), place] + exchanges[1:]
+                input_first = [(peer, raw_bytes(_flat(x)), recv, None), place] + exchanges[1:]
             plan.steps, plan.ufunc, plan.avg, plan.final = input_first, None, False, None
             plan.result = out
             plan.placements = None
@@ -328,10 +324,10 @@ class DirectPath:
                 ka, kb, ga, gb = offs[keep[0]], offs[keep[1]], offs[give[0]], offs[give[1]]
                 tmp = np.empty(kb - ka, src.dtype)
                 target = dst if d == 1 else work[ka:kb]
-                steps.append((rank ^ d, _bytes(cur[ga:gb]), _bytes(tmp), (tmp, cur[ka:kb], target)))
+                steps.append((rank ^ d, raw_bytes(cur[ga:gb]), raw_bytes(tmp), (tmp, cur[ka:kb], target)))
                 cur, (lo, hi), d = work, keep, d // 2
             if size == 1 and out is not None:
-                steps.append((None, _bytes(dst), _bytes(src), None))
+                steps.append((None, raw_bytes(dst), raw_bytes(src), None))
             plan.steps, plan.ufunc, plan.avg, plan.final = steps, rop.ufunc, rop.name == AVG, dst
             plan.result = dst if out is None else out
             plan = self._remember((id(x), id(out), op, "rs"), plan, x, out, op, cache)
