@@ -7,6 +7,7 @@ import pytest
 from gradcheck import check_grad
 from engine import ops
 from engine.autograd import Tensor, no_grad
+from engine.ops.attention import attention_bwd, attention_fwd
 from engine.ops.fused import GELU
 from engine.backend import to_device, to_numpy, xp
 
@@ -236,6 +237,26 @@ def test_merge_attention_equals_full(causal, qo, split, bs):
     o_ref, lse_ref = ops.attention_forward(q, k, v, causal, None, qo, 0)
     np.testing.assert_allclose(to_numpy(o), to_numpy(o_ref), atol=1e-12)
     np.testing.assert_allclose(to_numpy(lse), to_numpy(lse_ref), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_rows_far_apart(dtype):
+    """Rows whose scores lie hundreds apart (the queries at position 2 300x larger): one shift for
+    a whole head would underflow the other rows' exps to 0; each must still be its own softmax."""
+    rng = np.random.default_rng(3)                 # its own draws: R's sequence feeds the other tests
+    q, k, v, do = (rng.standard_normal(s) for s in ((3, 2, 6, 4), (3, 2, 6, 4), (3, 2, 6, 4), (3, 2, 6, 4)))
+    q[:, :, 2] *= 300.0
+    o_ref, lse_ref = naive_attention(q, k, v, True, None, 0, 0)
+    o, lse, state = attention_fwd(*(to_device(a.astype(dtype)) for a in (q, k, v)), causal=True, keep_probs=True)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(to_numpy(o), o_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(to_numpy(lse), lse_ref, rtol=tol, atol=tol)
+    dq, dk, dv = attention_bwd(state, to_device(do.astype(dtype)))
+    assert all(np.isfinite(to_numpy(g)).all() for g in (dq, dk, dv))
+    ts = [Tensor(to_device(a), requires_grad=True) for a in (q, k, v)]       # float64, the same path
+    ops.attention(*ts, causal=True).backward(to_device(do))
+    for g, t in zip((dq, dk, dv), ts):
+        np.testing.assert_allclose(to_numpy(g), to_numpy(t.grad), rtol=tol, atol=tol * 300)
 
 
 def test_attention_row_without_keys():

@@ -25,10 +25,13 @@ backward needs no recomputation.
 """
 import math
 
+import numpy as np
+
 from ..autograd import Function, is_grad_enabled
 from ..backend import get_array_module
 
 _NEG_INF = float("-inf")
+_ROW_FLOOR = math.exp(-60.0)   # a row whose exps sum below this sits 60 under the shift: shift it by its own max
 
 
 def _blocks(Tq, Tk, causal, q_offset, k_offset, block_size):
@@ -57,7 +60,10 @@ def _scores(q, k, scale, mask_at=None):
     """scale * q k^T, plus -inf where a query's global position precedes a key's.
     q (B, H, nq, D), k (B, H, nk, D) -> (B, H, nq, nk); ``mask_at`` = (q0, k0) global starts."""
     xp = get_array_module(q)
-    s = q @ k.swapaxes(-1, -2)                             # (B, H, nq, nk)
+    kt = k.swapaxes(-1, -2)                                # (B, H, D, nk)
+    if xp is np:                                           # OpenBLAS: a contiguous k^T makes the stacked GEMM
+        kt = np.ascontiguousarray(kt)                      # ~1.3x faster, its copy included (T 64, D 32)
+    s = q @ kt                                             # (B, H, nq, nk)
     s *= scale
     if mask_at is not None:
         nq, nk = s.shape[-2:]
@@ -69,6 +75,30 @@ def _scores(q, k, scale, mask_at=None):
     return s
 
 
+def _shift(s, rescore):
+    """exp(s - m) of the scores s (B, H, nq, nk), its row sums l and the shift m (B, H, nq, 1).
+    Softmax is the same for any shift of a row; the row max only keeps exp from overflowing.
+    The max over a whole head's scores does too, and NumPy finds it ~13x faster than the max
+    of each short row (its reductions along a 64-long last axis cost as much as the exp); one
+    shift per (sequence, head) keeps the result independent of how sequences are cut over
+    threads. A row lying more than 60 below its head's max would lose its exps to underflow;
+    then ``rescore()`` recomputes the scores and every row gets its own max (each row sees a
+    key: its max is finite)."""
+    head_max = s.reshape(s.shape[:-2] + (-1,)).max(axis=-1)[..., None, None]   # (B, H, 1, 1)
+    s -= head_max
+    np.exp(s, out=s)
+    l = _rowsum(s)                                         # (B, H, nq, 1), each >= exp(its row max - m)
+    if l.min() >= _ROW_FLOOR:
+        m = np.empty_like(l)
+        m[...] = head_max
+        return s, m, l
+    s = rescore()
+    m = s.max(axis=-1, keepdims=True)
+    s -= m
+    np.exp(s, out=s)
+    return s, m, _rowsum(s)
+
+
 def _dense(q, k, v, scale, causal, q_offset, k_offset):
     """Single-block attention: (o, lse, p, i0) with p = softmax rows i0: (B, H, Tq - i0, Tk);
     rows above i0 see no key (o = 0, lse = -inf) and p is None when no row sees any."""
@@ -78,11 +108,15 @@ def _dense(q, k, v, scale, causal, q_offset, k_offset):
     if not blocks or k.shape[2] == 0:
         return (xp.zeros((B, H, Tq, v.shape[-1]), q.dtype), xp.full((B, H, Tq), _NEG_INF, q.dtype), None, Tq)
     i0, _, _, masked = blocks[0]
-    p = _scores(q[:, :, i0:], k, scale, (q_offset + i0, k_offset) if masked else None)
-    m = p.max(axis=-1, keepdims=True)                      # (B, H, Tq - i0, 1), finite: each row sees a key
-    p -= m
-    xp.exp(p, out=p)
-    l = _rowsum(p)
+    mask_at = (q_offset + i0, k_offset) if masked else None
+    p = _scores(q[:, :, i0:], k, scale, mask_at)
+    if xp is np:                                           # host: one shift for all rows (see _shift)
+        p, m, l = _shift(p, lambda: _scores(q[:, :, i0:], k, scale, mask_at))
+    else:
+        m = p.max(axis=-1, keepdims=True)                  # (B, H, Tq - i0, 1), finite: each row sees a key
+        p -= m
+        xp.exp(p, out=p)
+        l = _rowsum(p)
     p *= 1.0 / l                                           # softmax
     m += xp.log(l)                                         # lse = m + log l
     if i0 == 0:
@@ -135,8 +169,10 @@ def attention_forward(q, k, v, causal=True, scale=None, q_offset=0, k_offset=0, 
 def _block_grads(p, q, k, v, do, dvec, scale):
     """FlashAttention-2 backward of one tile given its probabilities p (B, H, nq, nk):
     returns dq (B, H, nq, D), dk (B, H, nk, D), dv (B, H, nk, D)."""
+    xp = get_array_module(p)
+    vt = v.swapaxes(-1, -2)                                # (B, H, D, nk)
     dv = p.swapaxes(-1, -2) @ do                           # P^T dO
-    ds = do @ v.swapaxes(-1, -2)                           # dP = dO V^T      (B, H, nq, nk)
+    ds = do @ (np.ascontiguousarray(vt) if xp is np else vt)   # dP = dO V^T (B, H, nq, nk); see _scores
     ds -= dvec
     ds *= p                                                # dS = P * (dP - D)
     ds *= scale
