@@ -62,9 +62,10 @@ def _scores(q, k, scale, mask_at=None):
     xp = get_array_module(q)
     kt = k.swapaxes(-1, -2)                                # (B, H, D, nk)
     if xp is np:                                           # OpenBLAS: a contiguous k^T makes the stacked GEMM
-        kt = np.ascontiguousarray(kt)                      # ~1.3x faster, its copy included (T 64, D 32)
-    s = q @ kt                                             # (B, H, nq, nk)
-    s *= scale
+        s = q @ np.multiply(kt, scale, dtype=kt.dtype, order="C")   # ~1.3x faster (T 64, D 32); the copy scales
+    else:
+        s = q @ kt                                         # (B, H, nq, nk)
+        s *= scale
     if mask_at is not None:
         nq, nk = s.shape[-2:]
         qi = xp.arange(mask_at[0], mask_at[0] + nq)[:, None]
