@@ -21,7 +21,10 @@ key sets combine with ``merge_attention`` (the LSE rule, as in picotron's ring a
 
 When all keys fit in one block (T <= block_size, the usual case for small models) the
 ``attention`` Function takes a single-block path and keeps P from the forward pass, so its
-backward needs no recomputation.
+backward needs no recomputation. On the host that path shifts each (sequence, head)'s scores
+by their overall max rather than each row's (``_shift``: any shift gives the same softmax, and
+NumPy's max along short rows costs as much as the exp), falling back to row maxes when a row
+would underflow.
 """
 import math
 
