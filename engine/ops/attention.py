@@ -91,7 +91,7 @@ def _shift(s, rescore):
     head_max = s.reshape(s.shape[:-2] + (-1,)).max(axis=-1)[..., None, None]   # (B, H, 1, 1)
     s -= head_max
     np.exp(s, out=s)
-    l = _rowsum(s)                                         # (B, H, nq, 1), each >= exp(its row max - m)
+    l = _rowsum(s)                                         # (B, H, nq, 1), each >= exp(row max - head max)
     if l.min() >= _ROW_FLOOR:
         m = np.empty_like(l)
         m[...] = head_max

@@ -111,11 +111,10 @@ class GELU(Function):
     computes the local derivative dy/dx from the x^2 and 1 + e^(-2u) it already has and keeps it
     in place of x: backward is one multiply, dx = g dy/dx, where recomputing s from x cost a
     second exp and a dozen more passes (GELU forward plus backward at (12, 64, 512) float32,
-    one thread: 1.27 ms against 2.1 ms). The layer still holds
-    one (B, T, 4C) array (Korthikanti et al. 2022 count GeLU's input alone): x itself is not
-    kept. Both passes run chunk by chunk (engine/threads.py): each chain of in-place ufuncs
-    stays in cache, and the chunks spread over the elementwise threads; bitwise the same at
-    any thread count."""
+    one thread: 1.27 ms against 2.1 ms). The layer still holds one (B, T, 4C) array
+    (Korthikanti et al. 2022 count GeLU's input alone): x itself is not kept. Both passes run
+    chunk by chunk (engine/threads.py): each chain of in-place ufuncs stays in cache, and the
+    chunks spread over the elementwise threads; bitwise the same at any thread count."""
     def forward(self, x):
         xp = get_array_module(x)
         x = xp.ascontiguousarray(x)
@@ -148,8 +147,10 @@ class GELU(Function):
         return out
 
     def backward(self, g):
+        if not self.needs_input_grad[0]:                              # a B/W split's W pass asks nothing of it
+            return (None,)
         xp = get_array_module(g)
-        d, self.dydx = self.dydx, None                                # consumed: backward runs once
+        d, self.dydx = self.dydx, None                                # consumed: x's gradient is asked once
         df, gf = d.reshape(-1), xp.ascontiguousarray(g).reshape(-1)   # (N,) views
 
         def part(a, b):
