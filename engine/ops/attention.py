@@ -96,10 +96,15 @@ def _shift(s, rescore):
         m = np.empty_like(l)
         m[...] = head_max
         return s, m, l
-    s = rescore()
+    return _row_shift(rescore())
+
+
+def _row_shift(s):
+    """exp(s - m) in place with m each row's own max (B, H, nq, 1), finite since each row sees a
+    key; returns (exp, m, row sums)."""
     m = s.max(axis=-1, keepdims=True)
     s -= m
-    np.exp(s, out=s)
+    get_array_module(s).exp(s, out=s)
     return s, m, _rowsum(s)
 
 
@@ -114,13 +119,10 @@ def _dense(q, k, v, scale, causal, q_offset, k_offset):
     i0, _, _, masked = blocks[0]
     mask_at = (q_offset + i0, k_offset) if masked else None
     p = _scores(q[:, :, i0:], k, scale, mask_at)
-    if xp is np:                                           # host: one shift for all rows (see _shift)
+    if xp is np:                                           # host: one shift per head (see _shift)
         p, m, l = _shift(p, lambda: _scores(q[:, :, i0:], k, scale, mask_at))
     else:
-        m = p.max(axis=-1, keepdims=True)                  # (B, H, Tq - i0, 1), finite: each row sees a key
-        p -= m
-        xp.exp(p, out=p)
-        l = _rowsum(p)
+        p, m, l = _row_shift(p)                            # m (B, H, Tq - i0, 1)
     p *= 1.0 / l                                           # softmax
     m += xp.log(l)                                         # lse = m + log l
     if i0 == 0:
