@@ -7,7 +7,7 @@ divide, float64, 5 steps, in ONE 8-rank launch:
 Each case runs on a sub-communicator of the world (rounds of disjoint rank sets); every rank
 also trains the one-process reference on a communicator of its own, so it can compare its
 losses, gradient norms and validation losses, and its slice of every parameter after the last
-update (ZeRO-3: gathered over dp), with one process's. Rank 0 of each case prints
+update (ZeRO-3: gathered over dp), with one process's. Rank 0 of the world prints, for each case,
 "CASE <tag> err=<worst relative error over losses and norms> perr=<worst over parameters>".
 """
 import types
@@ -70,9 +70,7 @@ def check(tag, comm, tp, accum=1, cfg=CFG, **layout):
             n = p.shape[0] // 3                          # ignores a per-row shift), noise that AdamW scales
             p, want = np.concatenate([p[:n], p[2 * n:]]), np.concatenate([want[:n], want[2 * n:]])
         perr = max(perr, float(np.max(np.abs(p - want)) / max(float(np.max(np.abs(want))), 1e-300)))
-    e = comm.all_reduce(np.array([err, perr]), op="max")
-    if comm.rank == 0:
-        print(f"CASE {tag} err={e[0]:.3e} perr={e[1]:.3e}", flush=True)
+    return comm.all_reduce(np.array([err, perr]), op="max")
 
 
 ROUNDS = [
@@ -97,13 +95,20 @@ ROUNDS = [
 for cases in ROUNDS:
     reference(1), reference(2), reference(1, SPARSE)
     mine = [(color, tag, c) for color, (tag, c) in enumerate(cases.items()) if R in c[0]]
+    found = np.zeros((len(cases), 3))                  # row c: case c's errors and 1, from its group's rank 0
     if mine:
         color, tag, (ranks, tp, layout) = mine[0]
         sub = world.split(color, key=ranks.index(R))
         layout = dict(layout)
-        check(tag, sub, tp, layout.pop("accum", 1), **layout)
+        e = check(tag, sub, tp, layout.pop("accum", 1), **layout)
+        if sub.rank == 0:
+            found[color] = *e, 1.0
     else:
         world.split(None)
-    world.barrier()
+    found = world.all_reduce(found, op="max")          # world rank 0 prints every line: the groups' own
+    if R == 0:                                          # prints could interleave mid-line in the output
+        for tag, (err, perr, reported) in zip(cases, found):
+            if reported:
+                print(f"CASE {tag} err={err:.3e} perr={perr:.3e}", flush=True)
 if R == 0:
     print("DONE", flush=True)
