@@ -14,7 +14,7 @@ Measured, alternating in rounds so drift in machine load hits every configuratio
   - N ranks, ZeRO stage 0 (DDP) and stages 1, 2, 3, without activation recomputation;
   - N ranks, stages 0 and 3 with recomputation "full" and "selective" (engine/recompute.py).
 Reported: ms/step (median over the timed steps; the slowest rank's time per step),
-weak-scaling efficiency = t(N=1) / t(N, stage 0) (ideal 1; the goal is >= 0.9), the
+weak-scaling efficiency = t(N=1) / t(N, stage 0) (ideal 1; the goal is >= 0.97), the
 fraction of the step each rank spends blocked in collectives (ZeroEngine.comm_wait: the
 wait for the gradient buckets after backward, the grad-norm all-reduce, the parameter
 all-gathers; stage 3's layer gathers), and each configuration's step time relative to stage 0
@@ -140,7 +140,7 @@ def main(argv=None):
     print(f"{'N=1':>14} | {t1:8.1f} | {'':>10} | {'':>9}")
     for s, tr in enumerate(trainers):
         print(f"{tr.name:>14} | {med[s]:8.1f} | {med[s] / med[0]:10.2f} | {100 * frac[s]:8.1f}%")
-    print(f"efficiency t(N=1)/t(N={N}, stage 0) = {eff:.3f}  (goal >= 0.9)")
+    print(f"efficiency t(N=1)/t(N={N}, stage 0) = {eff:.3f}  (goal >= 0.97 at N=2)")
     print(f"ZeRO-3 without recomputation / stage 0 = {med[3] / med[0]:.3f}  (goal <= 1.10 at N=2)")
     result = {"efficiency": eff, "t1_ms": t1, "ranks": N, "blas_threads": blas_threads(),
               "ms_per_step": {str(s): med[s] for s in range(4)},
