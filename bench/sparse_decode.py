@@ -24,15 +24,21 @@ The paper's figures (800M model, seconds per token; speed-ups 1.72x Sparse FF, 2
 are printed beside ours. Decoding one token is a chain of matrix-vector products, bound by
 the bytes of weights read, so the speed-up follows the bytes each variant reads per token.
 
-The four variants of a shape are held at once and decode in turn, one token each, with a
-STREAM triad a = b + s c (McCalpin 1995; three float32 arrays of --triad-mib MiB, counted as
-3 n itemsize bytes) after each round, so load from other processes hits every variant and the
-bandwidth measurement alike; with several threads the triad runs on the pool and on one
-thread and the better median is the bandwidth. Bytes/token counts the weights a token must
+The four variants of a shape are held at once and decode in turn, one token each, then the
+machine's memory bandwidth is measured, so load from other processes hits every variant and the
+bandwidth measurement alike. Two kernels, three figures: a STREAM triad a = b + s c (McCalpin
+1995; three float32 arrays of --triad-mib MiB, counted as 3 n itemsize bytes), on the pool's
+threads and, with several threads, on this thread alone; and a read, y = M v over b and c as
+matrices 1024 wide by the BLAS (counted as 2 n itemsize bytes), which streams memory the way a
+decoded token does: read-only, through the BLAS's own threads. The bandwidth ("bw") is the best
+of the three medians: with a multi-threaded BLAS the triad alone understates it (OpenBLAS's
+worker spins on the other core after each call, and the pooled triad then measured 12.3 GB/s
+against the dense decode's 21.4 at 2 threads), and a decode read-bound at that best figure is at
+the limit. Bytes/token counts the weights a token must
 read: every parameter once (the tied wte as the output layer, plus its one embedding row; one
 row of wpe), except that a sparse FFN reads its controller and d_ff/N rows of W1 and of W2
-(SparseFFN.decode_read_elements). GB/s = bytes/token / s/token; "of triad" = GB/s over the
-triad's. Threads: ENGINE_THREADS / OPENBLAS_NUM_THREADS (engine/threads.py) for BLAS, the
+(SparseFFN.decode_read_elements). GB/s = bytes/token / s/token; "of bw" = GB/s over the
+bandwidth. Threads: ENGINE_THREADS / OPENBLAS_NUM_THREADS (engine/threads.py) for BLAS, the
 sparse FFN's gathers and the triad; --threads N,M runs one child process per count.
 """
 import argparse
@@ -90,13 +96,13 @@ class Triad:
     pooled: the arrays cut into threads() contiguous parts, one pool task each walking its part
     chunk by chunk (a task per chunk would time the pool's overhead, not the memory: 11.6 GB/s
     against the dense decode's 22.5 at 2 threads); on a device in chunks of 4 Mi elements. One
-    call: GB/s. With several threads the benchmark takes the better of the pooled and the
-    one-thread median."""
+    call: GB/s. ``read()``: GB/s of y = M v over b and c (the BLAS, read-only streams)."""
 
     def __init__(self, mib):
         xp = backend.xp()
         self.n = mib * (1 << 20) // 4
         self.a, self.b, self.c = (xp.full(self.n, v, dtype=xp.float32) for v in (0.0, 1.0, 2.0))
+        self.v = xp.ones(1024, dtype=xp.float32)
         self.xp = xp
 
     def _part(self, i, j):
@@ -120,6 +126,14 @@ class Triad:
                 self._part(i, min(i + (1 << 22), self.n))
         backend.synchronize()
         return 3 * self.n * 4 / (time.perf_counter() - t0) / 1e9
+
+    def read(self):
+        backend.synchronize()
+        t0 = time.perf_counter()
+        for m in (self.b, self.c):
+            m[:self.n // 1024 * 1024].reshape(-1, 1024) @ self.v
+        backend.synchronize()
+        return 2 * (self.n // 1024 * 1024) * 4 / (time.perf_counter() - t0) / 1e9
 
 
 def decode_one(model, state):
@@ -148,23 +162,26 @@ def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
                 caches = [KVCache(block) for _ in models[v].blocks]
                 states[v] = [caches, next_logits(models[v], prompt, caches)]   # prefill, untimed
                 print(f"  built and prefilled {shape}/{v}", file=sys.stderr, flush=True)
-            for i in range(warmup + tokens):                           # round robin: one token each, then a triad
+            for i in range(warmup + tokens):                           # round robin: one token each, then bandwidth
                 for v in VARIANTS:
                     sec = decode_one(models[v], states[v])
                     if i >= warmup:
                         times[v].append(sec)
-                bw = (triad(True), triad(False) if threads() > 1 else 0.0)   # the pool's threads, and one
+                bw = (triad(True), triad(False) if threads() > 1 else 0.0, triad.read())   # pooled, one thread, read
                 if i >= warmup:
                     bws.append(bw)
         load = (load0 + os.getloadavg()[0]) / 2
-        bw = max(statistics.median(b[0] for b in bws), statistics.median(b[1] for b in bws))
+        tri, read = max(statistics.median(b[0] for b in bws), statistics.median(b[1] for b in bws)), \
+            statistics.median(b[2] for b in bws)
+        bw = max(tri, read)
         dense = statistics.median(times["dense"])
         for v in VARIANTS:
             s = statistics.median(times[v])
             nbytes = weight_bytes_per_token(models[v])
             rows.append(dict(shape=shape, variant=v, device=backend.device(), threads=threads(),
                              s_per_token=s, speedup=dense / s, params=models[v].num_params(),
-                             bytes_per_token=nbytes, gb_per_s=nbytes / s / 1e9, triad_gb_per_s=bw,
+                             bytes_per_token=nbytes, gb_per_s=nbytes / s / 1e9, triad_gb_per_s=tri,
+                             read_gb_per_s=read, bw_gb_per_s=bw,
                              bw_fraction=nbytes / s / 1e9 / bw, load=load,
                              paper_s_per_token=PAPER[v], paper_speedup=PAPER["dense"] / PAPER[v]))
             print(f"  {shape}/{v}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
@@ -175,12 +192,13 @@ def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
 
 def table(rows):
     head = (f"{'shape':<6} {'thr':>3} {'variant':<11} {'params':>12} {'MB/token':>9} {'s/token':>9} {'speed-up':>9} "
-            f"{'GB/s':>6} {'triad':>6} {'of triad':>8} {'load':>5} | {'paper s/token':>13} {'paper speed-up':>14}")
+            f"{'GB/s':>6} {'triad':>6} {'read':>6} {'of bw':>6} {'load':>5} | {'paper s/token':>13} {'paper speed-up':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['shape']:<6} {r['threads']:>3} {r['variant']:<11} {r['params']:>12,} "
                      f"{r['bytes_per_token'] / 1e6:>9.1f} {r['s_per_token']:>9.4f} {r['speedup']:>8.2f}x "
-                     f"{r['gb_per_s']:>6.2f} {r['triad_gb_per_s']:>6.2f} {r['bw_fraction']:>7.0%} {r['load']:>5.1f} | "
+                     f"{r['gb_per_s']:>6.2f} {r['triad_gb_per_s']:>6.2f} {r['read_gb_per_s']:>6.2f} {r['bw_fraction']:>6.0%} "
+                     f"{r['load']:>5.1f} | "
                      f"{r['paper_s_per_token']:>13.3f} {r['paper_speedup']:>13.2f}x")
     return "\n".join(lines)
 
@@ -230,7 +248,7 @@ def main(argv=None):
                    help="cpu (NumPy) or gpu (CuPy); default: $ENGINE_DEVICE, else cpu")
     p.add_argument("--threads", default="", help="comma-separated thread counts, one child process each "
                    "(default: this process, threads from the environment)")
-    p.add_argument("--triad-mib", type=int, default=64, help="MiB of each of the triad's three arrays")
+    p.add_argument("--triad-mib", type=int, default=64, help="MiB of each of the triad's three arrays (the read streams two)")
     args = p.parse_args(argv)
     shapes = decode_shapes(args)
     if shapes is None:
@@ -249,8 +267,8 @@ def main(argv=None):
         rows = run(shapes, args.prompt, args.warmup, args.tokens, triad_mib=args.triad_mib)
     where = "the device double" if backend.emulated() and args.device == "gpu" else args.device
     print(f"unbatched greedy decoding on {where}, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")
-    print("MB/token: weights read per token; GB/s = MB/token / s/token; triad: STREAM triad GB/s, same launch, "
-          "interleaved; load: 1-min load average")
+    print("MB/token: weights read per token; GB/s = MB/token / s/token; triad: STREAM triad GB/s, read: y = M v "
+          "GB/s, same launch, interleaved; of bw: GB/s over the better of the two; load: 1-min load average")
     print(table(rows))
     if args.json:
         atomic_write_json(args.json, rows)
