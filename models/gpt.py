@@ -199,6 +199,19 @@ class HeadsAttention(Function):
         return (dqkv.reshape(B, T, 3 * C),)                     # (B, T, 3C)
 
 
+def cached_attention(qkv, kv_cache, n_head):
+    """Decoding's attention on arrays (no graph: generation runs under no_grad): qkv (B, T, 3C)
+    of the new tokens; their k, v join the cache and their q attend to every cached key, the
+    new ones causally. -> (B, T, C). Ten autograd ops' worth of views (split, reshapes,
+    transposes) as plain array views: at the paper's decode shape they cost more than the
+    attention itself."""
+    B, T, C3 = qkv.shape
+    heads = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)   # (3, B, nh, T, hs) view
+    k_all, v_all, start = kv_cache.append(heads[1], heads[2])                 # (B, nh, start+T, hs)
+    y, _ = attention_forward(heads[0], k_all, v_all, causal=True, q_offset=start)   # (B, nh, T, hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)                    # (B, T, nh hs)
+
+
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention. ``attention_fn(q, k, v) -> (B, nh, T, hs)`` replaces
     the attention proper (ring attention does); None uses engine.ops.attention, fused with the
@@ -226,18 +239,15 @@ class CausalSelfAttention(Module):
             qkv = self.sparse_qkv(x, kv_cache)                 # (B, T, 3C)
         else:
             qkv = self.c_attn(x)                               # (B, T, 3C)
-        if kv_cache is None and self.attention_fn is None:
+        if kv_cache is not None:                               # decoding, under no_grad: plain arrays
+            y = Tensor(cached_attention(qkv.data, kv_cache, nh))   # (B, T, C)
+        elif self.attention_fn is None:
             y = HeadsAttention.apply(qkv, n_head=nh, keep_probs=self.keep_probs)   # (B, T, C)
         else:
             qkv = ops.reshape(qkv, (B, T, 3, nh, hs))          # (B, T, 3, nh, hs) view
             q, k, v = (ops.transpose(ops.reshape(t, (B, T, nh, hs)), (0, 2, 1, 3))   # (B, nh, T, hs)
                        for t in ops.split(qkv, 3, axis=2))     # each (B, T, 1, nh, hs)
-            if kv_cache is not None:                           # decoding, under no_grad
-                k_all, v_all, start = kv_cache.append(k.data, v.data)      # (B, nh, start+T, hs)
-                y, _ = attention_forward(q.data, k_all, v_all, causal=True, q_offset=start)
-                y = Tensor(y)                                  # (B, nh, T, hs)
-            else:
-                y = self.attention_fn(q, k, v)                 # (B, nh, T, hs)
+            y = self.attention_fn(q, k, v)                     # (B, nh, T, hs)
             y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, nh * hs))   # (B, T, nh, hs) -> (B, T, nh hs)
         return _dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
 
