@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import ops
-from engine.autograd import Tensor, no_grad
+from engine.autograd import Tensor
 from engine.backend import get_array_module, to_device, to_numpy as H
 from models.sparse_ffn import SparseFFN, SparseFFNFunction, gather_forward
 from models.sparse_qkv import ConvQKV, Multiplicative
@@ -176,8 +176,11 @@ def test_conv_qkv_is_causal_and_its_context_continues_a_sequence():
 
 def test_gather_in_chunks_equals_the_masked_dense_product_at_any_thread_count(monkeypatch):
     """More blocks than one gather chunk (models/sparse_ffn.py GATHER_BLOCKS): the chunked,
-    threaded decode gather equals the masked dense product, bitwise alike at 1 and 2 threads."""
+    threaded decode gather equals the masked dense product, bitwise alike at 1 and 2 threads
+    (on the pool beside a 1-thread BLAS) and beside a 2-thread BLAS (chunks inline)."""
     from models import sparse_ffn
+    from engine.threads import chunk_threads
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     g = np.random.default_rng(7)
     nb, dd, rr = sparse_ffn.GATHER_BLOCKS * 2 + 5, 6, 3                 # 3 chunks, the last one short
     units = 2 * nb
@@ -186,8 +189,13 @@ def test_gather_in_chunks_equals_the_masked_dense_product_at_any_thread_count(mo
              cb=g.standard_normal(units))
     dense = H(SparseFFNFunction.apply(*(Tensor(to_device(a[k])) for k in NAMES), N=2, hard=True).data)
     outs = []
-    for threads in ("1", "2"):
+    spread = []
+    for threads, blas in (("1", "1"), ("2", "1"), ("2", "2")):
         monkeypatch.setenv("ENGINE_THREADS", threads)
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", blas)
+        spread.append(chunk_threads(nb, sparse_ffn.GATHER_BLOCKS, sparse_ffn.SPREAD_BESIDE_BLAS))
         outs.append(H(gather_forward(*(to_device(a[k]) for k in NAMES), N=2)))
+    assert spread == [1, 2, 1]                                         # pooled only beside a 1-thread BLAS
     np.testing.assert_allclose(outs[0], dense, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
