@@ -13,6 +13,9 @@ Measured, alternating in rounds so drift in machine load hits every configuratio
     on a non-blocking barrier (polled with sleeps, so they leave the core alone);
   - N ranks, ZeRO stage 0 (DDP) and stages 1, 2, 3, without activation recomputation;
   - N ranks, stages 0 and 3 with recomputation "full" and "selective" (engine/recompute.py).
+  - N ranks apart: each rank trains its own copy alone (a communicator of one), all at once,
+    with no message between them: what sharing the machine costs (memory, caches, the
+    cores' clocks), the ceiling of weak-scaling efficiency on this machine ("ceiling").
 Reported: ms/step (median over the timed steps; the slowest rank's time per step),
 weak-scaling efficiency = t(N=1) / t(N, stage 0) (ideal 1; the goal is >= 0.97), the
 fraction of the step each rank spends blocked in collectives (ZeroEngine.comm_wait: the
@@ -97,6 +100,8 @@ def main(argv=None):
     trainers += [Trainer(f"st{s} {mode}", world, s, cfg, data.train, batch, recompute=mode)
                  for s in (0, 3) for mode in RECOMPUTE if mode != "none"]
     base = Trainer("N=1", solo, 0, cfg, data.train, batch) if solo is not None else None
+    alone = world.split(R, label="alone")                       # every rank by itself, all at once
+    apart = Trainer(f"N={N} apart", alone, 0, cfg, data.train, batch)
 
     def run(tr, n, timed):
         for _ in range(n):
@@ -108,13 +113,13 @@ def main(argv=None):
         sleep_until_all_arrive(world.mpi)
 
     baseline(args.warmup, False)
-    for tr in trainers:
+    for tr in [apart] + trainers:
         run(tr, args.warmup, False)
     done = 0
     while done < args.steps:                                     # rounds: every configuration in turn
         k = min(args.block, args.steps - done)
         baseline(k, True)
-        for tr in trainers:
+        for tr in [apart] + trainers:
             run(tr, k, True)
         done += k
 
@@ -130,6 +135,7 @@ def main(argv=None):
         frac[s] = float(np.sum(slowest(tr.waits)) / np.sum(t))
     t1 = statistics.median(base.times) * 1e3 if base is not None else 0.0
     t1 = float(world.all_reduce(np.array([t1]), op="max")[0])
+    t_apart = statistics.median(slowest(apart.times)) * 1e3
     if R != 0:
         return 0
     eff = t1 / med[0]
@@ -138,11 +144,14 @@ def main(argv=None):
           f"{args.steps} timed steps each")
     print(f"{'config':>14} | {'ms/step':>8} | {'vs stage 0':>10} | {'comm wait':>9}")
     print(f"{'N=1':>14} | {t1:8.1f} | {'':>10} | {'':>9}")
+    print(f"{apart.name:>14} | {t_apart:8.1f} | {t_apart / med[0]:10.2f} | {'':>9}")
     for s, tr in enumerate(trainers):
         print(f"{tr.name:>14} | {med[s]:8.1f} | {med[s] / med[0]:10.2f} | {100 * frac[s]:8.1f}%")
-    print(f"efficiency t(N=1)/t(N={N}, stage 0) = {eff:.3f}  (goal >= 0.97 at N=2)")
+    print(f"efficiency t(N=1)/t(N={N}, stage 0) = {eff:.3f}  (goal >= 0.97 at N=2); "
+          f"ceiling without messages t(N=1)/t(N={N} apart) = {t1 / t_apart:.3f}")
     print(f"ZeRO-3 without recomputation / stage 0 = {med[3] / med[0]:.3f}  (goal <= 1.10 at N=2)")
-    result = {"efficiency": eff, "t1_ms": t1, "ranks": N, "blas_threads": blas_threads(),
+    result = {"efficiency": eff, "t1_ms": t1, "apart_ms": t_apart, "ceiling": t1 / t_apart,
+              "ranks": N, "blas_threads": blas_threads(),
               "ms_per_step": {str(s): med[s] for s in range(4)},
               "comm_fraction": {str(s): frac[s] for s in range(4)},
               "stage_vs_stage0": {str(s): med[s] / med[0] for s in range(4)},
