@@ -19,6 +19,25 @@ import time
 from engine.io import atomic_write_json
 
 
+def blas_core():
+    """The kernel set NumPy's OpenBLAS runs (its get_corename: "Haswell", "SkylakeX", ...; it
+    follows OPENBLAS_CORETYPE where that is set), or "unknown" where NumPy carries no OpenBLAS."""
+    import ctypes
+    import glob
+    import os
+
+    import numpy as np
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
+        lib = ctypes.CDLL(path)                          # already loaded by NumPy: the same copy
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode().strip() or "unknown"
+    return "unknown"
+
+
 def use_device(device):
     """backend.set_device(device); False (after one error line) where it cannot be had (no CuPy)."""
     import sys

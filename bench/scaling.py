@@ -34,6 +34,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from bench import blas_core
 from bench.train_step import DEFAULT_DATA, MODEL, TRAIN, blas_threads
 from collectives import Communicator
 from engine.data import Batcher, DataError, load_dataset
@@ -139,7 +140,8 @@ def main(argv=None):
     if R != 0:
         return 0
     eff = t1 / med[0]
-    print(f"DP weak scaling, {N} ranks, {blas_threads()} BLAS thread(s) per rank, batch {batch} per rank, "
+    print(f"DP weak scaling, {N} ranks, {blas_threads()} BLAS thread(s) per rank (OpenBLAS kernels {blas_core()}), "
+          f"batch {batch} per rank, "
           f"GPT n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size}, "
           f"{args.steps} timed steps each")
     print(f"{'config':>14} | {'ms/step':>8} | {'vs stage 0':>10} | {'comm wait':>9}")
@@ -151,7 +153,7 @@ def main(argv=None):
           f"ceiling without messages t(N=1)/t(N={N} apart) = {t1 / t_apart:.3f}")
     print(f"ZeRO-3 without recomputation / stage 0 = {med[3] / med[0]:.3f}  (goal <= 1.10 at N=2)")
     result = {"efficiency": eff, "t1_ms": t1, "apart_ms": t_apart, "ceiling": t1 / t_apart,
-              "ranks": N, "blas_threads": blas_threads(),
+              "ranks": N, "blas_threads": blas_threads(), "blas_core": blas_core(),
               "ms_per_step": {str(s): med[s] for s in range(4)},
               "comm_fraction": {str(s): frac[s] for s in range(4)},
               "stage_vs_stage0": {str(s): med[s] / med[0] for s in range(4)},

@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 
-from bench import use_device
+from bench import blas_core, use_device
 from engine import backend
 from engine.autograd import no_grad
 from engine.io import atomic_write_json
@@ -183,7 +183,8 @@ def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
                              bytes_per_token=nbytes, gb_per_s=nbytes / s / 1e9, triad_gb_per_s=tri,
                              read_gb_per_s=read, bw_gb_per_s=bw,
                              bw_fraction=nbytes / s / 1e9 / bw, load=load,
-                             paper_s_per_token=PAPER[v], paper_speedup=PAPER["dense"] / PAPER[v]))
+                             paper_s_per_token=PAPER[v], paper_speedup=PAPER["dense"] / PAPER[v],
+                             blas_core=blas_core() if backend.device() == "cpu" else "-"))
             print(f"  {shape}/{v}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
         models.clear()
         states.clear()
@@ -266,7 +267,8 @@ def main(argv=None):
     else:
         rows = run(shapes, args.prompt, args.warmup, args.tokens, triad_mib=args.triad_mib)
     where = "the device double" if backend.emulated() and args.device == "gpu" else args.device
-    print(f"unbatched greedy decoding on {where}, float32, KV cache; paper: Jaszczur et al. 2021 Table 1 (800M model)")
+    print(f"unbatched greedy decoding on {where}, float32, KV cache (OpenBLAS kernels {rows[0]['blas_core']}); "
+          f"paper: Jaszczur et al. 2021 Table 1 (800M model)")
     print("MB/token: weights read per token; GB/s = MB/token / s/token; triad: STREAM triad GB/s, read: y = M v "
           "GB/s, same launch, interleaved; of bw: GB/s over the better of the two; load: 1-min load average")
     print(table(rows))

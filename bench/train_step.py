@@ -57,7 +57,7 @@ import time
 import numpy as np
 
 import train as train_py
-from bench import use_device
+from bench import blas_core, use_device
 from collectives.launch import env_world
 from engine import backend
 from engine.autograd import no_grad
@@ -316,7 +316,8 @@ def compare(args, cfg, data):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"model {args.model}: n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, "
           f"block {cfg.block_size}, batch {TRAIN['batch_size']}, float32, AdamW; {mode}")
-    print(f"device: engine {engine_device} (train.py's step), torch {torch_device}{note}; "
+    core = blas_core() if backend.device() == "cpu" else "-"
+    print(f"device: engine {engine_device} (train.py's step; OpenBLAS kernels {core}), torch {torch_device}{note}; "
           f"load average {load:.2f} on {os.cpu_count()} cores")
     print(f"data: {data.source} (vocab {data.vocab_size}); {args.steps} timed steps each "
           f"after {args.warmup} warm-up, alternating blocks of {args.block}")
@@ -334,7 +335,7 @@ def compare(args, cfg, data):
     return {"engine_ms_per_step": ms["engine"], "torch_ms_per_step": ms["torch"], "ratio": ratio,
             "engine_mean_ms": mean["engine"], "torch_mean_ms": mean["torch"],
             "engine_cpu_ms_per_step": cpu["engine"], "torch_cpu_ms_per_step": cpu["torch"], "threads": threads,
-            "torch_threads": torch_threads, "ranks": world, "mode": mode, "load_average": load,
+            "torch_threads": torch_threads, "ranks": world, "mode": mode, "load_average": load, "blas_core": core,
             "steps": args.steps, "warmup": args.warmup, "first_loss": {"engine": first[0], "torch": first[1]},
             "data": data.source, "model": args.model, "engine_device": engine_device, "torch_device": torch_device,
             "engine_step": "train.py measured_step", "profile": prof, "linear_gemms_ms": gemms}

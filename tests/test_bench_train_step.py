@@ -1,9 +1,10 @@
 """bench/train_step.py runs end to end (two steps per side) and writes the JSON keys it promises."""
 import json
+import os
 
 import pytest
 
-from bench import train_step
+from bench import blas_core, train_step
 
 
 def test_bench_train_step_smoke(tmp_path, capsys, monkeypatch):
@@ -29,7 +30,7 @@ def test_bench_train_step_smoke(tmp_path, capsys, monkeypatch):
         assert gemms is None and "the Linears' GEMMs alone" not in text, (gemms, text)
 
 
-def test_bench_train_step_tiny_random_tokens(tmp_path):
+def test_bench_train_step_tiny_random_tokens(tmp_path, capsys):
     """--model tiny trains on random tokens (the gpt2 preset's data path) and records its model and
     devices; on the CPU both sides say cpu."""
     pytest.importorskip("torch", reason="the benchmark's baseline is PyTorch (pip install -e .[test])")
@@ -39,4 +40,13 @@ def test_bench_train_step_tiny_random_tokens(tmp_path):
     result = json.loads(out.read_text())
     assert result["model"] == "tiny" and result["data"].startswith("random tokens (vocab 256")
     assert (result["engine_device"], result["torch_device"]) == ("cpu", "cpu")
+    assert result["blas_core"] == blas_core() and "OpenBLAS kernels" in capsys.readouterr().out
     assert result["first_loss"]["engine"] == pytest.approx(result["first_loss"]["torch"], abs=1e-4)
+
+
+def test_blas_core_names_the_kernels_openblas_runs():
+    """NumPy's OpenBLAS names its kernel set; where OPENBLAS_CORETYPE forces one, that one."""
+    core, forced = blas_core(), os.environ.get("OPENBLAS_CORETYPE")
+    assert core and core != "unknown"                     # NumPy's wheels carry OpenBLAS
+    if forced:
+        assert core.lower() == forced.lower(), (core, forced)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import sparse_decode, sparse_quality
+from bench import blas_core, sparse_decode, sparse_quality
 from engine import backend
 
 
@@ -17,6 +17,7 @@ def test_sparse_decode_smoke(tmp_path, capsys):
     dense = rows[0]["s_per_token"]
     for r in rows:
         assert r["shape"] == "tiny" and r["device"] == backend.device() and r["s_per_token"] > 0 and r["triad_gb_per_s"] > 0
+        assert r["blas_core"] == ("-" if backend.device() != "cpu" else blas_core())
         assert r["read_gb_per_s"] > 0 and r["bw_gb_per_s"] == max(r["triad_gb_per_s"], r["read_gb_per_s"])
         assert r["speedup"] == pytest.approx(dense / r["s_per_token"])
         assert r["bw_fraction"] == pytest.approx(r["bytes_per_token"] / r["s_per_token"] / 1e9 / r["bw_gb_per_s"])

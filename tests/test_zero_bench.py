@@ -40,5 +40,5 @@ def test_scaling_smoke(tmp_path):
     assert set(r["recompute"]) == {"st0 full", "st0 selective", "st3 full", "st3 selective"}
     assert r["zero3_vs_stage0"] == r["stage_vs_stage0"]["3"] and all(v["ms"] > 0 for v in r["recompute"].values())
     assert all(0 <= f < 1 for f in r["comm_fraction"].values())
-    assert r["apart_ms"] > 0 and r["ceiling"] == r["t1_ms"] / r["apart_ms"]
+    assert r["blas_core"] and r["apart_ms"] > 0 and r["ceiling"] == r["t1_ms"] / r["apart_ms"]
     assert "efficiency" in proc.stdout and "N=2 apart" in proc.stdout and "ceiling without messages" in proc.stdout
