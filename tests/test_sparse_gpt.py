@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.autograd import Tensor, no_grad
+from engine.autograd import no_grad
 from engine.backend import to_numpy
 from models.generate import KVCache, next_logits
 from models.gpt import GPT, GPTConfig

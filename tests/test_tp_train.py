@@ -57,6 +57,17 @@ def test_tp_checkpoints_consolidate_to_one_process(launched):
             assert np.allclose(got[n][keep], w[keep], rtol=1e-10, atol=1e-12), (tag, n)
         files = os.listdir(out / tag / "step_4")
         assert sum(f.startswith("tp-") for f in files) == int(tag[2]), files
+        assert set(g_opt) == set(w_opt), tag                       # AdamW's moments too, in one process's layout
+        for dt, ref in w_opt.items():
+            assert g_opt[dt]["step"] == ref["step"], (tag, dt)
+            mask, off = np.ones(ref["m"].size, bool), 0            # the flat layout: want's names in order
+            for n, w in want.items():
+                if n.endswith("c_attn.bias"):                      # its k third (grad 0): the moments are noise
+                    mask[off + w.size // 3:off + 2 * w.size // 3] = False
+                off += w.size
+            assert off == ref["m"].size, (tag, dt, off, ref["m"].size)
+            for k in ("m", "v"):
+                assert np.allclose(g_opt[dt][k][mask], ref[k][mask], rtol=1e-8, atol=1e-14), (tag, dt, k)
 
 
 def test_bad_tp_layouts_exit_2_with_one_line(launched):
