@@ -102,6 +102,8 @@ class Triad:
         xp = backend.xp()
         self.n = mib * (1 << 20) // 4
         self.a, self.b, self.c = (xp.full(self.n, v, dtype=xp.float32) for v in (0.0, 1.0, 2.0))
+        k = self.n // 1024 * 1024
+        self.rows = [m[:k].reshape(-1, 1024) for m in (self.b, self.c)]   # the read's matrices, 1024 wide
         self.v = xp.ones(1024, dtype=xp.float32)
         self.xp = xp
 
@@ -130,10 +132,10 @@ class Triad:
     def read(self):
         backend.synchronize()
         t0 = time.perf_counter()
-        for m in (self.b, self.c):
-            m[:self.n // 1024 * 1024].reshape(-1, 1024) @ self.v
+        for m in self.rows:
+            m @ self.v
         backend.synchronize()
-        return 2 * (self.n // 1024 * 1024) * 4 / (time.perf_counter() - t0) / 1e9
+        return sum(m.nbytes for m in self.rows) / (time.perf_counter() - t0) / 1e9
 
 
 def decode_one(model, state):
@@ -151,6 +153,7 @@ def decode_one(model, state):
 def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
     rows = []
     triad = Triad(triad_mib)
+    core = blas_core() if backend.device() == "cpu" else "-"
     for shape in shapes:
         block = prompt_len + warmup + tokens
         prompt = np.random.default_rng(seed).integers(0, SHAPES[shape]["vocab_size"], prompt_len)[None]   # (1, T0)
@@ -171,8 +174,8 @@ def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
                 if i >= warmup:
                     bws.append(bw)
         load = (load0 + os.getloadavg()[0]) / 2
-        tri, read = max(statistics.median(b[0] for b in bws), statistics.median(b[1] for b in bws)), \
-            statistics.median(b[2] for b in bws)
+        tri = max(statistics.median(b[0] for b in bws), statistics.median(b[1] for b in bws))
+        read = statistics.median(b[2] for b in bws)
         bw = max(tri, read)
         dense = statistics.median(times["dense"])
         for v in VARIANTS:
@@ -184,7 +187,7 @@ def run(shapes, prompt_len, warmup, tokens, seed=0, triad_mib=64):
                              read_gb_per_s=read, bw_gb_per_s=bw,
                              bw_fraction=nbytes / s / 1e9 / bw, load=load,
                              paper_s_per_token=PAPER[v], paper_speedup=PAPER["dense"] / PAPER[v],
-                             blas_core=blas_core() if backend.device() == "cpu" else "-"))
+                             blas_core=core))
             print(f"  {shape}/{v}: {s * 1e3:.2f} ms/token", file=sys.stderr, flush=True)
         models.clear()
         states.clear()

@@ -39,9 +39,9 @@ from engine.autograd import Function, Tensor, is_grad_enabled
 from engine.random import SITES, CounterRNG
 from engine.threads import for_parts, run_ranges
 from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
-from engine.ops.attention import attention_bwd, attention_forward, attention_fwd
+from engine.ops.attention import attention_bwd, attention_fwd
 
-from .generate import generate as _generate
+from .generate import cached_attention, generate as _generate
 from .sparse_ffn import SparseFFN
 from .sparse_qkv import SparseQKV
 
@@ -197,19 +197,6 @@ class HeadsAttention(Function):
                 dqkv[a:b, :, i] = d.transpose(0, 2, 1, 3)      # (b - a, T, nh, hs) slot of (B, T, 3, nh, hs)
         run_ranges(part, list(states))                          # the forward's parts
         return (dqkv.reshape(B, T, 3 * C),)                     # (B, T, 3C)
-
-
-def cached_attention(qkv, kv_cache, n_head):
-    """Decoding's attention on arrays (no graph: generation runs under no_grad): qkv (B, T, 3C)
-    of the new tokens; their k, v join the cache and their q attend to every cached key, the
-    new ones causally. -> (B, T, C). The split, reshapes and transposes are plain array views,
-    not ten autograd ops: at bench.sparse_decode's paper shape, one thread, that took the
-    attention outside c_attn and c_proj from 2.55 to 1.6 ms per token."""
-    B, T, C3 = qkv.shape
-    heads = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)   # (3, B, nh, T, hs) view
-    k_all, v_all, start = kv_cache.append(heads[1], heads[2])                 # (B, nh, start+T, hs)
-    y, _ = attention_forward(heads[0], k_all, v_all, causal=True, q_offset=start)   # (B, nh, T, hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)                    # (B, T, nh hs)
 
 
 class CausalSelfAttention(Module):

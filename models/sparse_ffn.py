@@ -52,7 +52,7 @@ from engine.random import SITES
 from engine.threads import for_chunks
 
 GATHER_BLOCKS = 32                       # blocks per gather chunk (one pool task) when decoding
-SPREAD_BESIDE_BLAS = math.inf                 # beside a multi-threaded BLAS: never on the pool (gather_forward)
+SPREAD_BESIDE_BLAS = math.inf            # beside a multi-threaded BLAS: never on the pool (gather_forward)
 
 
 def _glorot(rng, shape, dtype="float32"):
