@@ -51,7 +51,7 @@ from engine.nn import Module, Parameter, _normal
 from engine.random import SITES
 from engine.threads import for_chunks
 
-GATHER_BLOCKS = 32                       # blocks per gather chunk (one pool task) when decoding
+GATHER_BLOCKS = 64                       # blocks per gather chunk (one pool task) when decoding
 SPREAD_BESIDE_BLAS = math.inf            # beside a multi-threaded BLAS: never on the pool (gather_forward)
 
 
@@ -147,7 +147,10 @@ def gather_forward(x, w1, w2, b2, c1, c2, cb, N):
     BLAS with threads of its own the chunks run on this thread (SPREAD_BESIDE_BLAS): the pool's
     tasks lost to OpenBLAS's spinning workers. Paper shape, 2 threads, three launches each, in
     alternation: sparse FFN 1.85x / 1.87x / 1.87x over dense inline against 1.50x / 1.71x / 1.73x
-    pooled, both sparse layers 2.44x / 2.38x / 2.38x against 1.63x / 2.25x / 2.18x."""
+    pooled, both sparse layers 2.44x / 2.38x / 2.38x against 1.63x / 2.25x / 2.18x. GATHER_BLOCKS
+    64 (the paper shape's 64 blocks in one chunk) against 32, three launches each, in alternation:
+    sparse FFN 1.94x / 1.97x / 2.00x against 1.93x / 1.94x / 1.96x at 1 thread and 1.87x / 1.89x /
+    1.93x against 1.83x / 1.85x / 1.85x at 2; each chunk pays a gather and a matmul call of its own."""
     xp = get_array_module(x)
     d, nb = x.shape[-1], w1.shape[0] // N
     x2 = x.reshape(-1, d)                                              # (n, d)
