@@ -19,9 +19,9 @@ scaled by 1/sqrt(2 n_layer), since every block adds two residual branches to the
 Attention-probability dropout is left out (the blockwise kernel never materialises the
 probabilities); dropout acts on the embeddings and on each residual branch, as in nanoGPT.
 The pieces are separate so later issues can reuse them: ``embed`` (a pipeline's first stage),
-``blocks`` (any stage), ``head`` (the last stage), and ``CausalSelfAttention.attention_fn``
-(ring attention for sequence parallelism, which also passes global positions ``pos``).
-Decoding with a KV cache is in models/generate.py.
+``blocks`` (any stage), ``head`` (the last stage), and models/attention.py's
+``CausalSelfAttention.attention_fn`` (ring attention for sequence parallelism, which also passes
+global positions ``pos``). Decoding with a KV cache is in models/generate.py.
 
 Sparse options (Jaszczur et al. 2021, "Sparse is Enough in Scaling Transformers"):
 ``ffn_sparsity`` N > 0 replaces each MLP by models/sparse_ffn.py's SparseFFN (one unit of
@@ -35,15 +35,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine import backend, ops
-from engine.autograd import Function, Tensor, is_grad_enabled
-from engine.random import SITES, CounterRNG
-from engine.threads import for_parts, run_ranges
+from engine.autograd import Tensor
+from engine.random import CounterRNG
 from engine.nn import Embedding, LayerNorm, Linear, Module, ModuleList
-from engine.ops.attention import attention_bwd, attention_fwd
 
-from .generate import cached_attention, generate as _generate
+from .attention import CausalSelfAttention, residual_dropout
+from .generate import generate as _generate
 from .sparse_ffn import SparseFFN
-from .sparse_qkv import SparseQKV
 
 
 @dataclass
@@ -126,117 +124,11 @@ class GPTConfig:
         check_config(self)
 
 
-def _dropout(x, p, noise, layer, site, training):
-    """Dropout whose mask is the counter-based draw at (layer, site) for x's global rows and
-    tokens (engine/random.py), so every layout and every recomputation masks alike."""
-    if p == 0 or not training:
-        return x
-    u = noise.uniform(layer, SITES[site], x.shape, dtype=x.dtype, like=x.data)   # (B, T, C)
-    return ops.dropout(x, p, u=u)
-
-
-def _layer_norm(dim, bias):
+def layer_norm(dim, bias):
+    """LayerNorm over the last dim, with or without its bias (config.bias)."""
     if bias:
         return LayerNorm(dim)
     return LayerNorm(dim, bias=False)   # only with config.bias=False (no Hugging Face layout)
-
-
-residual_dropout, layer_norm = _dropout, _layer_norm   # the same pieces for models/terraformer.py
-
-
-class HeadsAttention(Function):
-    """Causal attention from the packed c_attn output to the c_proj input, one graph node:
-
-        qkv (B, T, 3C) -> q, k, v (B, nh, T, hs) -> softmax(q k^T / sqrt(hs) + mask) v -> y (B, T, C)
-
-    The head views of q, k and v are strided views of qkv (no copy); the kernels are
-    engine.ops.attention's (attention_fwd / attention_bwd). Forward copies once (the heads
-    merged back, (B, T, nh, hs)), and backward writes dq, dk, dv straight into one (B, T, 3C)
-    gradient: the split, the four transposes and the two reshapes as separate ops would cost
-    three zero-filled gradients, their sums and two more copies. The sequences are cut over
-    the elementwise threads (engine/threads.py ``for_parts``) when the BLAS runs on one thread
-    (OPENBLAS_NUM_THREADS=1 ENGINE_THREADS=k): each (batch, head) is its own softmax and its
-    own small GEMMs, so one process uses k cores in attention; beside a BLAS with threads of
-    its own they run inline (for_parts says why); bitwise the same either way.
-
-    ``keep_probs=False`` is selective recomputation (Korthikanti et al. 2022, "Reducing
-    Activation Recomputation in Large Transformer Models", section 4.2): the probabilities
-    P (B, nh, T, T), the one activation that grows with T^2 and costs the least to recompute
-    (2 B nh T^2 hs FLOPs of q k^T against the block's 24 B T C^2), are not kept; backward
-    recomputes them blockwise from q, k, v and the saved log-sum-exp (FlashAttention's
-    backward), so the memory per layer is that of q, k, v, O and the LSE only."""
-
-    def forward(self, qkv, n_head=1, keep_probs=True):
-        xp = backend.get_array_module(qkv)
-        B, T, C3 = qkv.shape
-        nh, hs = self.nh, self.hs = n_head, C3 // 3 // n_head
-        heads = qkv.reshape(B, T, 3, nh, hs)                    # (B, T, 3, nh, hs) view
-        keep = keep_probs and is_grad_enabled() and any(self.needs_input_grad)   # False: recomputed in backward
-        out = xp.empty((B, T, nh, hs), dtype=qkv.dtype)
-        self.parts = []
-
-        def part(a, b):                                         # sequences [a, b): independent of the others
-            q, k, v = (heads[a:b, :, i].transpose(0, 2, 1, 3) for i in range(3))   # (b - a, nh, T, hs) views
-            y, _, state = attention_fwd(q, k, v, causal=True, keep_probs=keep)
-            out[a:b] = y.transpose(0, 2, 1, 3)                  # (b - a, nh, T, hs) -> (b - a, T, nh, hs)
-            state.o = out[a:b].transpose(0, 2, 1, 3)            # O as a view of it: one copy kept
-            self.parts.append((a, b, state))
-        for_parts(B, part, xp)                                  # the sequences over the threads
-        return out.reshape(B, T, C3 // 3)                       # (B, T, C)
-
-    def backward(self, g):
-        xp = backend.get_array_module(g)
-        B, T, C = g.shape
-        dy = g.reshape(B, T, self.nh, self.hs)                  # (B, T, nh, hs) view
-        dqkv = xp.empty((B, T, 3, self.nh, self.hs), dtype=g.dtype)
-        states = {(a, b): state for a, b, state in self.parts}
-
-        def part(a, b):
-            grads = attention_bwd(states[a, b], dy[a:b].transpose(0, 2, 1, 3))   # dq, dk, dv (b - a, nh, T, hs)
-            for i, d in enumerate(grads):
-                dqkv[a:b, :, i] = d.transpose(0, 2, 1, 3)      # (b - a, T, nh, hs) slot of (B, T, 3, nh, hs)
-        run_ranges(part, list(states))                          # the forward's parts
-        return (dqkv.reshape(B, T, 3 * C),)                     # (B, T, 3C)
-
-
-class CausalSelfAttention(Module):
-    """Multi-head causal self-attention. ``attention_fn(q, k, v) -> (B, nh, T, hs)`` replaces
-    the attention proper (ring attention does); None uses engine.ops.attention, fused with the
-    head split and merge (HeadsAttention)."""
-
-    def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
-        super().__init__()
-        C = config.n_embd
-        self.n_head, self.head_size, self.dropout = config.n_head, C // config.n_head, config.dropout
-        if config.qkv_modules:                                 # Jaszczur et al. 2021: sparse QKV
-            self.sparse_qkv = SparseQKV(C, config.qkv_modules, bias=config.bias, rng=rng)
-        else:
-            self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng)   # q, k, v in one matmul
-        self.c_proj = Linear(C, C, bias=config.bias, rng=rng)
-        self.attention_fn = attention_fn
-        self.noise, self.layer = noise, layer
-        self.keep_probs = True                                 # False: selective recomputation
-
-    def forward(self, x, kv_cache=None):
-        B, T, _ = x.shape
-        nh, hs = self.n_head, self.head_size                  # nh: this rank's heads under tensor parallelism
-        if hasattr(self, "sparse_qkv"):
-            if self.attention_fn is not None:
-                raise ValueError("sparse QKV convolves over positions: sequence parallelism is not supported")
-            qkv = self.sparse_qkv(x, kv_cache)                 # (B, T, 3C)
-        else:
-            qkv = self.c_attn(x)                               # (B, T, 3C)
-        if kv_cache is not None:                               # decoding, under no_grad: plain arrays
-            y = Tensor(cached_attention(qkv.data, kv_cache, nh))   # (B, T, C)
-        elif self.attention_fn is None:
-            y = HeadsAttention.apply(qkv, n_head=nh, keep_probs=self.keep_probs)   # (B, T, C)
-        else:
-            qkv = ops.reshape(qkv, (B, T, 3, nh, hs))          # (B, T, 3, nh, hs) view
-            q, k, v = (ops.transpose(ops.reshape(t, (B, T, nh, hs)), (0, 2, 1, 3))   # (B, nh, T, hs)
-                       for t in ops.split(qkv, 3, axis=2))     # each (B, T, 1, nh, hs)
-            y = self.attention_fn(q, k, v)                     # (B, nh, T, hs)
-            y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (B, T, nh * hs))   # (B, T, nh, hs) -> (B, T, nh hs)
-        return _dropout(self.c_proj(y), self.dropout, self.noise, self.layer, "attn", self.training)
 
 
 class MLP(Module):
@@ -250,7 +142,7 @@ class MLP(Module):
 
     def forward(self, x):
         h = ops.gelu(self.c_fc(x))                             # (B, T, 4C)
-        return _dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
+        return residual_dropout(self.c_proj(h), self.dropout, self.noise, self.layer, "mlp", self.training)   # (B, T, C)
 
 
 class Block(Module):
@@ -258,9 +150,9 @@ class Block(Module):
 
     def __init__(self, config, rng, noise=None, layer=0, attention_fn=None):
         super().__init__()
-        self.ln_1 = _layer_norm(config.n_embd, config.bias)
+        self.ln_1 = layer_norm(config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config, rng, noise, layer, attention_fn)
-        self.ln_2 = _layer_norm(config.n_embd, config.bias)
+        self.ln_2 = layer_norm(config.n_embd, config.bias)
         if config.ffn_sparsity:                                # Jaszczur et al. 2021: sparse FFN
             self.mlp = SparseFFN(config.n_embd, 4 * config.n_embd, N=config.ffn_sparsity,
                                  d_lowrank=config.ffn_lowrank, temperature=config.ffn_temperature,
@@ -283,7 +175,7 @@ class Transformer(Module):
         self.wte = Embedding(config.vocab_size, config.n_embd, rng=rng)    # (V, C), also the output layer
         self.wpe = Embedding(config.block_size, config.n_embd, rng=rng)    # (block_size, C)
         self.h = ModuleList([Block(config, rng, noise, i) for i in range(config.n_layer)])
-        self.ln_f = _layer_norm(config.n_embd, config.bias)
+        self.ln_f = layer_norm(config.n_embd, config.bias)
 
 
 def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
@@ -306,7 +198,7 @@ def embed(config, wte, wpe, idx, pos=None, noise=None, training=False):
             raise ValueError(f"positions must be in [0, {config.block_size}), "
                              f"got [{int(pos.min())}, {int(pos.max())}]")
     x = wte(idx) + wpe(pos)                                     # (B, T, C) + (T, C) or (B, T, C)
-    return _dropout(x, config.dropout, noise, -1, "embed", training)
+    return residual_dropout(x, config.dropout, noise, -1, "embed", training)
 
 
 def head(ln_f, wte, x, targets=None):
@@ -360,9 +252,9 @@ class GPT(Module):
         return self.head(x, targets)                           # (B, T, V), scalar or None
 
     def selective_recompute(self, on=True):
-        """Selective activation recomputation (HeadsAttention's docstring): every block's
-        attention probabilities recomputed in backward instead of kept (parallel/data/zero.py
-        recompute="selective")."""
+        """Selective activation recomputation (models/attention.py HeadsAttention's docstring):
+        every block's attention probabilities recomputed in backward instead of kept
+        (parallel/data/zero.py recompute="selective")."""
         for block in self.blocks:
             block.attn.keep_probs = not on
 

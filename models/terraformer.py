@@ -47,7 +47,8 @@ from engine.random import SITES, CounterRNG
 from engine.reversible import reversible
 
 from .generate import generate as _generate
-from .gpt import GPT, Block, embed, layer_norm, residual_dropout
+from .attention import residual_dropout
+from .gpt import GPT, Block, embed, layer_norm
 from .sparse_loss import SparseLoss
 from .sparse_qkv import SparseQKV
 

@@ -7,7 +7,7 @@ from engine import threads
 from engine.ops.fused import GELU
 from engine.optim import AdamW
 from engine.autograd import Tensor
-from models.gpt import HeadsAttention
+from models.attention import HeadsAttention
 
 
 def _gelu(x, g):
