@@ -16,6 +16,7 @@ from parallel import LayoutError, ParallelConfig, check_layout
 from parallel.config import check_offload_device
 from parallel.checkpoint import policy
 
+
 def _f(default, help, **meta):
     return field(default=default, metadata=dict(help=help, **meta))
 

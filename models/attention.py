@@ -7,8 +7,8 @@ dropout.
     out = dropout(c_proj(y))                                  (B, T, C)
 
 HeadsAttention is the graph node from qkv to y, on engine/ops/attention.py's kernels
-(FlashAttention's blockwise forward and backward); CausalSelfAttention is the module models/gpt.py's
-Block holds. ``attention_fn`` swaps the attention proper for ring or Ulysses attention
+(FlashAttention's blockwise forward and backward); CausalSelfAttention is the module that
+models/gpt.py's Block holds. ``attention_fn`` swaps the attention proper for ring or Ulysses attention
 (parallel/sequence/), and a KV cache sends decoding to models/generate.py's cached_attention.
 ``residual_dropout`` is the counter-based dropout every residual branch and the embedding use.
 """
@@ -30,7 +30,6 @@ def residual_dropout(x, p, noise, layer, site, training):
         return x
     u = noise.uniform(layer, SITES[site], x.shape, dtype=x.dtype, like=x.data)   # (B, T, C)
     return ops.dropout(x, p, u=u)
-
 
 
 class HeadsAttention(Function):
