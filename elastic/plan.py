@@ -1,6 +1,7 @@
 """The layouts a job can shrink to: python -m elastic.plan N -- [train.py flags] prints one JSON
 line {"sizes": {n: dp}, "out_dir": ..., "layout": {...}} or, for bad flags, train.py's one-line
-error and exit 2. Run by the supervisor as its own process, since importing train_config (collectives) starts MPI.
+error and exit 2 (the flags checked by train_config.py). Run by the supervisor as its own
+process, since importing train_config (through collectives) starts MPI.
 
 The rule (parallel/config.py shrunk_sizes): keep pp, sp and tp (the model's shape sets them)
 and shrink dp; at n ranks the layout is the largest dp <= n / (pp sp tp) that the batch and the
