@@ -28,9 +28,9 @@ round by round (in reversed order every other round, so that no algorithm always
 right after another) so background load hits them alike; time_us is the median over rounds of
 each round's mean (rank-averaged), and vs_mpi the busbw ratio to the library at that size.
 Beside them, for all_reduce, reduce_scatter and all_gather at a power-of-two rank count, the
-row "floor": the fast path's messages as bare mpi4py Sendrecv calls on ready-made
-memoryviews plus one np.add per reduction step, and nothing else (bench/collectives_setup.py
-Case._floor): what any Python implementation of these messages costs at least, so that a
+row "floor": the fast path's messages as bare mpi4py persistent requests on ready-made
+memoryviews (made once, started and waited per step) plus one np.add per reduction step,
+and nothing else (bench/collectives_setup.py Case._floor): what any Python implementation of these messages costs at least, so that a
 small message's ratio to the library reads against the part of it no code of ours can remove.
 
 Beside each measurement: the time the alpha-beta-gamma model (collectives/cost.py)
@@ -191,7 +191,7 @@ def goal_summary(rows):
         if big or small:
             lines.append(f"# {op:<15} auto vs mpi: busbw ratio >= 64 KiB min {min(big, default=float('nan')):.2f} "
                          f"(goal >= 1.0); latency ratio <= 4 KiB max {max(small, default=float('nan')):.2f} "
-                         f"(goal <= 1.1)" + (f"; floor (raw Sendrecv + np.add) max {max(floor):.2f}" if floor else ""))
+                         f"(goal <= 1.1)" + (f"; floor (persistent requests + np.add) max {max(floor):.2f}" if floor else ""))
     return lines
 
 
@@ -229,7 +229,7 @@ def main(argv=None):
     p.add_argument("--op", default="all_reduce,reduce_scatter,all_gather",
                    help=f"comma-separated from {', '.join(OPS)}, or 'all'")
     p.add_argument("--algo", default=None, help="comma-separated algorithms (default: all of the op's, auto, mpi, "
-                                                "and floor: raw Sendrecv + np.add, the least Python code costs)")
+                                                "and floor: persistent requests + np.add, the least Python code costs)")
     p.add_argument("--sizes", default="8B:64MB", help="START:END in B/KB/MB/GB (powers of 1024), doubling")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--inplace", action="store_true", help="in-place forms (MPI_IN_PLACE for the library)")

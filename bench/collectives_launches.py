@@ -83,7 +83,7 @@ def launches_goal(rows, small=4096, big=65536, latency_goal=1.1, busbw_goal=1.0)
             fl = [r for r in rows if r["op"] == op and r["algo"] == "floor" and r["mem"] == "host" and r["bytes"] <= small]
             if fl:                                  # bench/collectives_setup.py Case._floor
                 worst = max(fl, key=lambda r: r["time_ratio_median"])
-                text += f"; floor (raw Sendrecv + np.add) worst {worst['time_ratio_median']:.2f}x at {worst['bytes']} B"
+                text += f"; floor (persistent requests + np.add) worst {worst['time_ratio_median']:.2f}x at {worst['bytes']} B"
         lines.append(text)
     return lines
 

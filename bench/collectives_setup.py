@@ -29,7 +29,7 @@ BUSBW = {  # nccl-tests' bus bandwidth factors
     "broadcast": lambda n: 1.0,
     "reduce": lambda n: 1.0,
 }
-FLOOR = "floor"   # the pseudo-algorithm of Case._floor: raw Sendrecv + np.add, the least any Python code costs
+FLOOR = "floor"   # the pseudo-algorithm of Case._floor: bare persistent requests + np.add, the least any Python code costs
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -106,9 +106,9 @@ class Case:
     def _floor(self):
         """The least a hand-written call on mpi4py costs (algo "floor"; None where it is not
         defined: device buffers, a rank count not a power of two, other ops): the messages of
-        recursive doubling / halving, the fast path's (collectives/direct.py), as raw Sendrecv
-        calls on ready-made memoryviews, and for a reduction one np.add per step; no plan
-        lookup, tag sequence, byte counter or check. So floor / mpi is how far from the
+        recursive doubling / halving, the fast path's (collectives/direct.py), as its persistent
+        requests (made once on ready-made memoryviews, started and waited per step), and for a
+        reduction one np.add per step; no plan lookup, byte counter or check. So floor / mpi is how far from the
         library's own collective any Python implementation of these messages starts."""
         w, op, n, r = self.comm.mpi, self.op, self.comm.size, self.comm.rank
         if self.device or n & (n - 1) or n == 1 or op not in ("all_reduce", "reduce_scatter", "all_gather"):
@@ -137,14 +137,16 @@ class Case:
                 mine, theirs = (r & ~(d - 1)) * k, ((r ^ d) & ~(d - 1)) * k
                 steps.append((r ^ d, mv(out[mine:mine + d * k]), mv(out[theirs:theirs + d * k]), None))
                 d *= 2
-        sendrecv, add = w.Sendrecv, np.add
+        add = np.add
+        steps = [(peer, send, recv, red, None if peer is None else (w.Recv_init(recv, peer, tag), w.Send_init(send, peer, tag)))
+                 for peer, send, recv, red in steps]
 
         def run():
-            for peer, send, recv, red in steps:
+            for peer, send, recv, red, reqs in steps:
                 if peer is None:
                     send[:] = recv
                     continue
-                sendrecv(send, peer, tag, recv, peer, tag)
+                reqs[0].Start(), reqs[1].Start(), reqs[1].Wait(), reqs[0].Wait()
                 if red is not None:
                     add(*red)
         return run

@@ -26,8 +26,9 @@ Arrays: NumPy or CuPy, any shape (flattened in C order), any layout (non-contigu
 arrays go through a contiguous copy, buffers.py). Non-blocking (async_op=True) returns a
 Handle; progress is made in handle.test()/wait() (transport.py), and the arrays must not
 be touched until wait() returns. All ranks must call collectives in the same order with
-the same counts (and counts= lists), dtype, op, root and algo; ENGINE_COMM_DEBUG=1 checks
-all of them before every call (debug.py). Arguments are checked on every rank before any
+the same counts (and counts= lists), dtype, op, root, algo and form: as in MPI, a blocking
+call does not match a non-blocking one (their messages carry different tags,
+transport.Calls); ENGINE_COMM_DEBUG=1 checks all of them before every call (debug.py). Arguments are checked on every rank before any
 message moves; a rank refusing its own raises, and under ENGINE_COMM_DEBUG=1 every other
 rank raises CollectiveArgumentError too, instead of waiting for it.
 
@@ -71,7 +72,7 @@ class Communicator(Reductions, Movement, PointToPoint):
         self._coll = self.mpi.Dup()          # context of the collectives' own messages
         self._p2p = self.mpi.Dup()           # context of send/recv
         tag_ub = self._coll.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)   # Open MPI: world's only
-        self._calls = Calls(min(tag_ub + 1, 1 << 20))
+        self._calls = Calls(min(tag_ub, 1 << 20))
         self._pool = Pool()
         self._choices = cost.Choices(self.size)          # algo="auto"
         debug, timeout, self._trace = env_flags()
@@ -100,7 +101,7 @@ class Communicator(Reductions, Movement, PointToPoint):
     def bytes_by_kind(self):
         """bytes_sent per kind of call: {"all_reduce": ..., "all_gather": ..., "p2p": ...}
         (transport.KINDS, every kind present), a copy."""
-        return dict(self._traffic.by_kind)
+        return self._traffic.by_kind
 
     def plan_stats(self):
         """The fast path's persistent plans (direct.py) on this communicator: {"built": plans made
@@ -167,8 +168,8 @@ class Communicator(Reductions, Movement, PointToPoint):
         """Number the call, check arrival/consistency (debug), make the call's transport."""
         seq = self._calls.next()
         if self._checker is not None:
-            self._checker.arrive(seq, name, count, dtype, root, op, algo, counts_digest(blocks))
-        tag = seq % self._calls.bound
+            self._checker.arrive(seq, name, count, dtype, root, op, algo, counts_digest(blocks), async_op)
+        tag = self._calls.tag(async_op)
         poll = async_op or ACTIVE or self._watch is not None   # in flight or under a deadline: never block in MPI
         if poll or self._trace:
             t = self._transport_cls(self._coll, self.rank, self.size, tag, not poll, f"{name}/{algo}", xp, self._pool,

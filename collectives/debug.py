@@ -39,7 +39,7 @@ from .watchdog import wait_until
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier")
 _TAG = 7
-_FIELDS = 9   # seq, collective, count, dtype, root, reduction, algorithm, block counts, refused
+_FIELDS = 10  # seq, collective, count, dtype, root, reduction, algorithm, block counts, non-blocking, refused
 ALGORITHMS = ("mpi", "ring", "recursive_doubling", "rabenseifner", "tree", "recursive_halving", "bruck",
               "pairwise", "dissemination")
 
@@ -70,7 +70,7 @@ def env_flags():
 
 
 def _describe(sig):
-    seq, coll, count, dtype, root, red, algo, blocks, refused = (int(v) for v in sig)
+    seq, coll, count, dtype, root, red, algo, blocks, nonblocking, refused = (int(v) for v in sig)
     name = COLLECTIVES[coll] if 0 <= coll < len(COLLECTIVES) else f"collective#{coll}"
     if refused:
         return f"call #{seq} {name} with arguments it refused"
@@ -82,6 +82,8 @@ def _describe(sig):
     if blocks:
         args.append(f"counts=#{blocks - 1:08x}")
     args.append(f"algo={ALGORITHMS[algo]}")
+    if nonblocking:
+        args.append("async_op=True")
     return f"call #{seq} {name}({', '.join(args)})"
 
 
@@ -108,11 +110,14 @@ class Checker:
             text += f" (world {_ranks(self.world_ranks[r] for r in ranks)})"
         return text
 
-    def arrive(self, seq, collective, count, dtype, root=-1, op=None, algo="mpi", blocks=0):
-        """Exchange signatures with every rank; raise on mismatch, abort on timeout."""
+    def arrive(self, seq, collective, count, dtype, root=-1, op=None, algo="mpi", blocks=0, async_op=False):
+        """Exchange signatures with every rank; raise on mismatch, abort on timeout. A blocking
+        and a non-blocking call do not match (as in MPI; their messages carry different tags,
+        transport.Calls), so the form is in the signature too."""
         sig = self.sigs[self.rank]
         sig[:] = (seq, COLLECTIVES.index(collective), count, ops.dtype_code(dtype), root,
-                  -1 if op is None else ops.NAMES.index(op.name), ALGORITHMS.index(algo), blocks, 0)
+                  -1 if op is None else ops.NAMES.index(op.name), ALGORITHMS.index(algo), blocks,
+                  1 if async_op else 0, 0)
         self._exchange(sig)
         self._compare()
 
@@ -120,14 +125,14 @@ class Checker:
         """Arrive at call `seq` flagged as refusing its arguments (the caller then raises its
         error); every other rank raises CollectiveArgumentError."""
         sig = self.sigs[self.rank]
-        sig[:] = (seq, COLLECTIVES.index(collective), -1, 0, -1, -1, 0, 0, 1)
+        sig[:] = (seq, COLLECTIVES.index(collective), -1, 0, -1, -1, 0, 0, 0, 1)
         self._exchange(sig)
 
     def agree(self, seq, collective, error):
         """A second handshake inside call `seq`, for arguments checked after its first messages
         (all_to_all's received counts): raise if any rank, this one included, refused."""
         sig = self.sigs[self.rank]
-        sig[:] = (seq, COLLECTIVES.index(collective), -1, 0, -1, -1, 0, 0, 1 if error else 0)
+        sig[:] = (seq, COLLECTIVES.index(collective), -1, 0, -1, -1, 0, 0, 0, 1 if error else 0)
         self._exchange(sig)
         if error is not None:
             raise error

@@ -4,25 +4,28 @@ A short collective costs a few microseconds of MPI time, so every Python stateme
 way counts. For the common case (a blocking call on contiguous NumPy arrays, a
 power-of-two rank count, algo="auto" having picked recursive doubling or halving, no
 debug or trace flag) the Communicator hands the call to its DirectPath, which runs the
-algorithm as a plain loop of MPI_Sendrecv: no generator, handle, scratch pool or fold.
-Reductions take it up to MAX_BYTES (above, the general path pipelines them in segments);
-an all-gather, which has nothing to pipeline, at every size. Anything else returns None
-and takes the general path.
+algorithm as a plain sequence of exchanges on MPI persistent requests: no generator,
+handle, scratch pool or fold. Reductions take it up to MAX_BYTES (above, the general path
+pipelines them in segments); an all-gather, which has nothing to pipeline, at every size.
+Anything else returns None and takes the general path.
 
 Plans. A training loop reduces the same buffers every step, so the first call on given
 (input, output, op) checks everything and records a plan: the flat views, a scratch
-buffer and the ready-made message specs of every step (what MPI-4's persistent
-collectives, MPI_Allreduce_init, do explicitly), compiled into one function (Plan.run)
-with every name it needs bound, so a replay is the MPI calls, the reductions and about a
-microsecond of Python. A plan belongs to one communicator (its DirectPath) and is found by
-the identity of its arrays, which fixes their shape, dtype and memory (the dtype is checked
-again on every call: it is the one property NumPy lets change in place that changes the
-bytes); the algorithm is the one auto chose for that size, the collective and op are in the
-key. A repeat call only checks that the arrays are the same objects with the same dtype.
-A plan keeps its arrays alive; each DirectPath keeps at most PLANS of them, dropping the
-oldest; Communicator.revoke() and free() drop them all (plan_stats() counts what was built
-and what is kept). A caller whose buffers live for one call only (tensor parallelism's
-activations) passes cache=False: the plan runs and is dropped, so it pins nothing.
+buffer and, per step, a persistent receive and send (MPI_Recv_init, MPI_Send_init: the
+message specs checked and bound once; what MPI-4's persistent collectives, MPI_Allreduce_init,
+do for a whole collective), compiled into one function (Plan.run) with every name it needs
+bound, so a replay is MPI_Start and MPI_Wait twice per step, the reductions and a few
+hundred nanoseconds of Python. Persistent requests need a fixed tag: every blocking call's
+messages carry the same one (transport.Calls), on either path. The Communicator replays the
+last plan of each kind itself; the others are found by the identity of their arrays, which
+fixes their shape, dtype and memory (the dtype is checked again on every call: it is the
+one property NumPy lets change in place that changes the bytes); the algorithm is the one
+auto chose for that size, the collective and op are in the key. A repeat call only checks
+that the arrays are the same objects with the same dtype. A plan keeps its arrays alive;
+each DirectPath keeps at most PLANS of them, dropping the oldest (its requests freed);
+Communicator.revoke() and free() drop them all (plan_stats() counts what was built and what
+is kept). A caller whose buffers live for one call only (tensor parallelism's activations)
+passes cache=False: the plan runs once on MPI_Sendrecv and is dropped, so it pins nothing.
 
 Placing the own block. An out-of-place all-gather must also copy its input into its own
 block of the output, and the block can travel from either place:
@@ -41,7 +44,7 @@ and keeps the one with the lower median (the first call of each set, which follo
 other placement, left out): a per-rank choice by measurement. The measurements behind these
 thresholds, and the command that repeats them, are in bench/collectives.py's docstring.
 
-The loops send exactly the messages, with the same tags, that recursive_doubling.py and
+The plans send exactly the messages, with the same tag, that recursive_doubling.py and
 rabenseifner.py send for these cases (below the segmenting threshold), so ranks on
 either path interoperate. Reduction order is theirs too: the two partners of a recursive
 doubling step both compute (lower rank's partial) op (higher rank's partial), so every
@@ -61,6 +64,7 @@ from time import perf_counter
 import numpy as np
 from mpi4py import MPI
 
+from . import segments
 from .buffers import balanced, raw_bytes
 from .ops import ACCEPTED, AVG, OPS, finish
 
@@ -84,11 +88,11 @@ class Overlap:
 
 
 class Plan:
-    """steps: (peer, send bytes, recv bytes, reduce args or None) for one Sendrecv each, or
+    """steps: (peer, send bytes, recv bytes, reduce args or None) for one exchange each, or
     (None, dst bytes, src bytes, None) for a local copy; bytes are memoryviews (the cheapest
     message spec for mpi4py, and the cheapest copy)."""
     __slots__ = ("x", "out", "op", "dtype", "steps", "ufunc", "avg", "result", "final",
-                 "placements", "times", "kind", "run")
+                 "placements", "times", "kind", "key", "reqs", "meter", "run")
 
 
 def _flat(a):
@@ -104,9 +108,10 @@ class DirectPath:
     """The fast path of one Communicator (which creates it only where it applies: a
     power-of-two size, no debug checks, no trace).
 
-    mpi: the MPI communicator of the collectives' messages; calls: the Communicator's call
-    counter (transport.Calls), shared so both paths number calls alike; choices: its
-    algo="auto" choices (cost.Choices): a plan is made only where auto chose this algorithm."""
+    mpi: the MPI communicator of the collectives' messages; calls: the Communicator's
+    transport.Calls, whose blocking tag the plans' messages carry; choices: its algo="auto"
+    choices (cost.Choices): a plan is made only where auto chose this algorithm; traffic: its
+    transport.Traffic, which each kept plan counts its bytes on through a meter."""
 
     def __init__(self, mpi, rank, size, calls, choices, traffic=None):
         self.mpi, self.rank, self.size = mpi, rank, size
@@ -115,7 +120,9 @@ class DirectPath:
         self.built = 0                       # plans made so far (plan_stats)
 
     def clear(self):
-        """Drop every plan (and so the arrays they keep alive)."""
+        """Drop every plan (and so the arrays they keep alive), freeing its MPI requests."""
+        for plan in self.plans.values():
+            self._release(plan)
         self.plans.clear()
         self.last.clear()
 
@@ -123,22 +130,29 @@ class DirectPath:
 
     def _usable(self, x, out, name, nbytes, algo, limit=MAX_BYTES):
         """Whether a plan may be made: everything the general path would refuse (a read-only
-        output included) goes there, to be refused before any message moves."""
+        output included) goes there, to be refused before any message moves. A reduction
+        (limit given) also needs a size the general path moves unsegmented (segments.py), so
+        that a rank on either path sends the same messages."""
         return (type(x) is _ndarray and x.dtype in ACCEPTED and x.flags.c_contiguous and x.size
-                and (limit is None or nbytes <= limit) and self.choices.made(name, nbytes) == algo
+                and (limit is None or nbytes <= limit and nbytes < segments.SEGMENT_MIN)
+                and self.choices.made(name, nbytes) == algo
                 and (out if out is not None else x).flags.writeable
                 and (out is None or (type(out) is _ndarray and out.dtype == x.dtype and out.flags.c_contiguous
                                      and _disjoint(x, out))))
 
     def _remember(self, key, plan, x, out, op, cache=True):
         plan.x, plan.out, plan.op, plan.dtype = x, out, op, x.dtype
-        plan.kind = KIND[key[-1]]                # what Traffic counts its messages as
-        plan.run = self._compile(plan)
+        plan.kind, plan.key = KIND[key[-1]], key      # kind: what Traffic counts its messages as
+        plan.reqs, plan.meter = [], None
+        plan.run = self._compile(plan, persistent=cache)
         self.built += 1
         if not cache:                          # transient buffers (activations): run once, keep nothing
             return plan
-        if len(self.plans) >= PLANS:
-            del self.plans[next(iter(self.plans))]
+        if len(self.plans) >= PLANS:           # the oldest goes
+            old = self.plans.pop(next(iter(self.plans)))
+            if self.last.get(old.key[-1]) is old:
+                del self.last[old.key[-1]]
+            self._release(old)
         self.plans[key] = self.last[key[-1]] = plan
         return plan
 
@@ -153,76 +167,113 @@ class DirectPath:
             return None
         return plan
 
-    def _compile(self, plan):
-        """The plan as one function of no arguments: per step a Sendrecv and (for reductions) a
-        reduce, or a local copy; then avg's division. Every name is bound here, once; a plan of
-        one exchange (N = 2) runs as a straight line."""
-        steps, ufunc, result, peers = tuple(plan.steps), plan.ufunc, plan.result, self.size
-        next_tag, sendrecv, kind = self.calls.next_tag, self.mpi.Sendrecv, plan.kind
-        count = self.traffic.add if self.traffic is not None else (lambda kind, nbytes: None)
-        sent = sum(send.nbytes for peer, send, _, _ in steps if peer is not None)
-        avg = (OPS[AVG], plan.final) if plan.avg else None
-        if len(steps) == 1 and steps[0][0] is not None and avg is None and type(steps[0][3]) is not Overlap:
-            (peer, send, recv, reduce_args), = steps
-            if reduce_args is None:
+    def _compile(self, plan, persistent=True):
+        """The plan as one function of no arguments: per step an exchange and (for reductions) a
+        reduce, or a local copy; then avg's division. Every name is bound here, once.
+        persistent: each exchange is a pair of MPI persistent requests, made here once and
+        started every run (the recv, then the send; waited send first), which costs less per
+        call than MPI_Sendrecv, and a plan of one exchange (N = 2) runs as a straight line;
+        else (a plan run once) each exchange is a Sendrecv. Every message carries the blocking
+        calls' tag (transport.Calls)."""
+        self._release(plan)
+        tag, kind, result, peers = self.calls.blocking, plan.kind, plan.result, self.size
+        sent = sum(send.nbytes for peer, send, _, _ in plan.steps if peer is not None)
+        traffic = self.traffic
+        runs = [0]                               # runs[0] += 1 per run counts its bytes (Traffic.meter)
+        if persistent and traffic is not None:
+            runs = plan.meter = traffic.meter(kind, sent)
+        steps = []                               # (peer, send, recv, reduce args, requests or None)
+        for peer, send, recv, reduce_args in plan.steps:
+            reqs = None
+            if persistent and peer is not None:
+                reqs = [self.mpi.Recv_init(recv, peer, tag), self.mpi.Send_init(send, peer, tag)]
+                plan.reqs += reqs
+            steps.append((peer, send, recv, reduce_args, reqs))
+        ufunc, avg = plan.ufunc, ((OPS[AVG], plan.final) if plan.avg else None)
+        first = steps[0] if steps else (None,) * 5
+        if persistent and first[0] is not None and type(first[3]) is not Overlap and avg is None \
+                and (len(steps) == 1 and first[3] is not None or len(steps) == 2 and steps[1][0] is None):
+            r, s = first[4]                      # N = 2: one exchange, then its reduce or a copy
+            start_recv, start_send, wait_send, wait_recv = r.Start, s.Start, s.Wait, r.Wait
+            if len(steps) == 1:                  # all-reduce, reduce-scatter
+                a, b, c = first[3]
+
                 def run():
-                    tag = next_tag()
-                    count(kind, sent)
-                    sendrecv(send, peer, tag, recv, peer, tag)
+                    runs[0] += 1
+                    start_recv()
+                    start_send()
+                    wait_send()
+                    wait_recv()
+                    ufunc(a, b, c)
                     return result
                 return run
-            a, b, c = reduce_args
+            _, dst, src, _, _ = steps[1]         # all-gather, input first: then the own block
 
             def run():
-                tag = next_tag()
-                count(kind, sent)
-                sendrecv(send, peer, tag, recv, peer, tag)
-                ufunc(a, b, c)
-                return result
-            return run
-
-        if len(steps) == 2 and steps[0][0] is not None and steps[0][3] is None and steps[1][0] is None \
-                and avg is None:          # one exchange, then a local copy (all-gather at N = 2, input first)
-            (peer, send, recv, _), (_, dst, src, _) = steps
-
-            def run():
-                tag = next_tag()
-                count(kind, sent)
-                sendrecv(send, peer, tag, recv, peer, tag)
+                runs[0] += 1
+                start_recv()
+                start_send()
+                wait_send()
+                wait_recv()
                 dst[:] = src
                 return result
             return run
 
-        isend, irecv, testall, waitall = self.mpi.Isend, self.mpi.Irecv, MPI.Request.Testall, MPI.Request.Waitall
+        isend, irecv, sendrecv = self.mpi.Isend, self.mpi.Irecv, self.mpi.Sendrecv
+        startall, testall, waitall = MPI.Prequest.Startall, MPI.Request.Testall, MPI.Request.Waitall
+        steps = tuple(steps)
 
         def run():
-            tag = next_tag()
-            count(kind, sent)
-            for peer, send, recv, reduce_args in steps:
+            runs[0] += 1
+            for peer, send, recv, reduce_args, reqs in steps:
                 if peer is None:
                     send[:] = recv
                 elif type(reduce_args) is Overlap:       # the exchange in flight while the copies run
-                    reqs = [irecv(recv, peer, tag), isend(send, peer, tag)]
+                    if reqs is None:
+                        reqs = [irecv(recv, peer, tag), isend(send, peer, tag)]
+                    else:
+                        startall(reqs)
                     for dst, src in reduce_args.copies:
                         dst[:] = src
                         testall(reqs)                    # moves the message on between copies
                     waitall(reqs)
                 else:
-                    sendrecv(send, peer, tag, recv, peer, tag)
+                    if reqs is None:
+                        sendrecv(send, peer, tag, recv, peer, tag)
+                    else:
+                        r, s = reqs
+                        r.Start()
+                        s.Start()
+                        s.Wait()
+                        r.Wait()
                     if reduce_args is not None:
                         ufunc(*reduce_args)
             if avg is not None:
                 finish(avg[0], avg[1], peers)
             return result
+        if not persistent and traffic is not None:    # a plan run once counts its bytes as it runs
+            loop = run
+
+            def run():
+                traffic.add(kind, sent)
+                return loop()
         return run
+
+    def _release(self, plan):
+        """Free the plan's persistent requests and close its meter (it runs no more, or is
+        compiled anew)."""
+        for req in plan.reqs:
+            req.Free()
+        plan.reqs = []
+        if plan.meter is not None:
+            self.traffic.close(plan.meter)
+            plan.meter = None
 
     # ---- the collectives -------------------------------------------------------------------
 
     def all_reduce(self, x, op, out, cache=True):
-        """Communicator.all_reduce's fast path; None when it does not apply."""
-        plan = self.last.get("ar")
-        if plan is not None and plan.x is x and plan.out is out and plan.op is op and plan.dtype is x.dtype:
-            return plan.run()                  # the replay of the last plan: the common case
+        """Communicator.all_reduce's fast path; None when it does not apply. (The Communicator
+        replays the last plan of each kind itself, before it calls here.)"""
         plan = self._find("ar", x, out, op)
         if plan is None:
             rop = _OP(op)
@@ -247,9 +298,6 @@ class DirectPath:
 
     def all_gather(self, x, out, cache=True):
         """Communicator.all_gather's fast path (even blocks, out given); None when it does not apply."""
-        plan = self.last.get("ag")
-        if plan is not None and plan.x is x and plan.out is out and plan.dtype is x.dtype and plan.placements is None:
-            return plan.run()
         plan = self._find("ag", x, out, None)
         if plan is None:
             if type(out) is not _ndarray or \
@@ -276,7 +324,8 @@ class DirectPath:
                 peer, send, recv, _ = input_first[0]
                 overlapped = [(peer, send, recv, Overlap(place[1], place[2]))] + exchanges[1:]
                 plan.steps = overlapped
-                plan.placements, plan.times = (overlapped, copy_first), ([], [])
+                if cache:                               # (a plan run once has nothing to choose)
+                    plan.placements, plan.times = (overlapped, copy_first), ([], [])
             plan = self._remember((id(x), id(out), None, "ag"), plan, x, out, None, cache)
         if plan.placements is not None:
             return self._run_trial(plan)
@@ -299,9 +348,6 @@ class DirectPath:
 
     def reduce_scatter(self, x, op, out, cache=True):
         """Communicator.reduce_scatter's fast path (balanced blocks); None when it does not apply."""
-        plan = self.last.get("rs")
-        if plan is not None and plan.x is x and plan.out is out and plan.op is op and plan.dtype is x.dtype:
-            return plan.run()
         plan = self._find("rs", x, out, op)
         if plan is None:
             rop = _OP(op)

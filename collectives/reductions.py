@@ -37,8 +37,12 @@ class Reductions:
     def all_reduce(self, x, op=SUM, out=None, algo="auto", async_op=False, cache=True):
         """Reduce x over all ranks; every rank gets the result (in x, or in out). cache=False:
         x and out live for this call only (the fast path keeps no plan of them)."""
-        if self._direct is not None and algo == "auto" and not async_op and not ACTIVE:
-            result = self._direct.all_reduce(x, op, out, cache)
+        d = self._direct
+        if d is not None and algo == "auto" and not async_op and not ACTIVE:
+            plan = d.last.get("ar")
+            if plan is not None and plan.x is x and plan.out is out and plan.op is op and plan.dtype is x.dtype:
+                return plan.run()                   # the replay of the last plan: the common case
+            result = d.all_reduce(x, op, out, cache)
             if result is not None:
                 return result
         try:                                        # every argument check, before any message
@@ -68,8 +72,12 @@ class Reductions:
     def reduce_scatter(self, x, op=SUM, out=None, counts=None, algo="auto", async_op=False, cache=True):
         """Reduce x (all blocks) over all ranks; this rank gets block `rank` of the result.
         cache=False: the buffers live for this call only (no fast-path plan kept)."""
-        if self._direct is not None and algo == "auto" and not async_op and counts is None and not ACTIVE:
-            result = self._direct.reduce_scatter(x, op, out, cache)
+        d = self._direct
+        if d is not None and algo == "auto" and not async_op and counts is None and not ACTIVE:
+            plan = d.last.get("rs")
+            if plan is not None and plan.x is x and plan.out is out and plan.op is op and plan.dtype is x.dtype:
+                return plan.run()                   # the replay of the last plan: the common case
+            result = d.reduce_scatter(x, op, out, cache)
             if result is not None:
                 return result
         n, r = self.size, self.rank

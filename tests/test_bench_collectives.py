@@ -26,7 +26,7 @@ def test_bench_collectives_smoke(tmp_path):
     floor = {r["op"] for r in rows if r["algo"] == "floor"}          # Case._floor: where it is defined
     assert floor == {"all_reduce", "reduce_scatter", "all_gather"}, floor
     assert all(r["time_us"] > 0 and r["model_us"] is None for r in rows if r["algo"] == "floor")
-    assert "floor (raw Sendrecv + np.add) max" in out, describe(proc)
+    assert "floor (persistent requests + np.add) max" in out, describe(proc)
     ar = [r for r in rows if r["op"] == "all_reduce" and r["bytes"] == 16384]
     assert all(abs(r["busbw_GBps"] - r["algbw_GBps"]) < 1e-12 for r in ar)     # 2(n-1)/n = 1 at n = 2
     assert png.stat().st_size > 1000
@@ -68,7 +68,7 @@ def test_bench_collectives_launches(tmp_path):
     rows = {(r["op"], r["algo"], r["bytes"]): r for r in data["rows"]}
     assert set(rows) == {(op, algo, b) for op in ("all_reduce", "all_gather") for algo in ("auto", "mpi", "floor")
                          for b in (8, 16)}, sorted(rows)
-    assert "floor (raw Sendrecv + np.add) worst" in proc.stdout, proc.stdout
+    assert "floor (persistent requests + np.add) worst" in proc.stdout, proc.stdout
     for (op, algo, b), r in rows.items():
         ratios = [x["vs_mpi"] for launch in data["per_launch_rows"] for x in launch
                   if (x["op"], x["algo"], x["bytes"]) == (op, algo, b)]

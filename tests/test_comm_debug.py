@@ -10,7 +10,7 @@ def test_debug_names_the_mismatching_rank():
     assert proc.returncode == 0, describe(proc)
     out = proc.stdout
     for r in range(3):
-        assert out.count(f"rank {r} caught:") == 5 and f"rank {r} done" in out, describe(proc)
+        assert out.count(f"rank {r} caught:") == 6 and f"rank {r} done" in out, describe(proc)
     rd = "algo=recursive_doubling"
     expected = [
         f"ranks 0,1 called call #0 all_reduce(count=4, dtype=float64, op=sum, {rd}); "
@@ -20,6 +20,8 @@ def test_debug_names_the_mismatching_rank():
         "but rank 2 called call #3 barrier(algo=dissemination)",
         "ranks 0,1 called call #4 broadcast(count=4, dtype=float64, root=0, algo=tree); "
         "but rank 2 called call #4 broadcast(count=4, dtype=float64, root=1, algo=tree)",
+        "ranks 0,1 called call #5 barrier(algo=dissemination); "
+        "but rank 2 called call #5 barrier(algo=dissemination, async_op=True)",
     ]
     for text in expected:
         assert out.count(text) == 3, f"{text!r} not reported by every rank\n" + describe(proc)

@@ -3,6 +3,8 @@
 - non-blocking collectives (async_op=True) of every algorithm, several in flight at once and
   completed in a different order on different ranks (tags keep them apart), with test()
   polling;
+- consecutive blocking calls (one tag for all) while ranks run them on different paths, and
+  with non-blocking calls in flight;
 - repeated calls on the same arrays (the direct fast path and its plans); plans built once per
   communicator and arrays (plan_stats), none shared between shapes, dtypes or communicators,
   dropped by free() and revoke();
@@ -18,7 +20,7 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
-from collectives import Communicator, cost, direct, wait_all
+from collectives import Communicator, cost, direct, transport, wait_all
 from collectives.debug import env_flags
 from engine.backend import bfloat16
 
@@ -120,6 +122,47 @@ def _repeated():
             res = comm.reduce_scatter(rs_in)
             expect(np.array_equal(res, summed(count * N, salt=step)[R * count:(R + 1) * count]),
                    f"repeated reduce_scatter in place step {step}")
+
+
+def test_one_blocking_tag():
+    """Every blocking call's messages carry one tag (transport.Calls), so consecutive blocking
+    calls must match in order however each rank runs them: here even ranks hold a receive in
+    flight (so their blocking calls run on the general path, as handles progressed with it)
+    while odd ranks replay fast-path plans, call after call; then every rank keeps
+    non-blocking calls in flight across blocking ones."""
+    counts = (1, 5, 1000)
+    bufs = [(np.empty(c), np.empty(c), np.empty(c * N), np.empty(c * N), np.empty(c)) for c in counts]
+
+    def blocking_round(step, what):
+        for (x, out, g_out, rs_in, rs_out), c in zip(bufs, counts):
+            x[:] = rank_data(c, salt=step)
+            comm.all_reduce(x, out=out)
+            comm.all_gather(x, out=g_out)
+            rs_in[:] = rank_data(c * N, salt=step)
+            comm.reduce_scatter(rs_in, out=rs_out)
+            want = np.concatenate([(np.arange(c) * (k + 1 + step) % 17 - 8) for k in range(N)])
+            expect(np.array_equal(out, summed(c, salt=step)) and np.array_equal(g_out, want)
+                   and np.array_equal(rs_out, summed(c * N, salt=step)[R * c:(R + 1) * c]),
+                   f"one blocking tag, {what}: count {c} step {step}")
+    for step in range(3):                       # plans made where the fast path applies
+        blocking_round(step, "plain")
+    partner = R + 1 if R % 2 == 0 else R - 1
+    held = comm.irecv(np.empty(2), partner, tag=9) if R % 2 == 0 and partner < N else None
+    expect(bool(transport.ACTIVE) == (held is not None), "one blocking tag: the held receive is in flight")
+    for step in range(3, 6):                    # even ranks: general path; odd: the plans
+        blocking_round(step, "paths differ by rank")
+    if R % 2 and partner < N:
+        comm.send(np.full(2, 7.0), partner, tag=9)
+    if held is not None:
+        expect(np.all(held.wait() == 7.0), "one blocking tag: the held receive")
+    a = rank_data(10, salt=1)
+    h = comm.all_reduce(a, async_op=True)      # in flight across blocking calls, on every rank
+    for step in range(6, 8):
+        blocking_round(step, "a non-blocking call in flight")
+    g = comm.all_gather(rank_data(3), async_op=True)
+    blocking_round(8, "two non-blocking calls in flight")
+    expect(np.array_equal(g.wait(), np.concatenate([(np.arange(3) * (k + 1) % 17 - 8) for k in range(N)]))
+           and np.array_equal(h.wait(), summed(10, salt=1)), "one blocking tag: the non-blocking calls")
 
 
 def test_plans():
@@ -244,7 +287,7 @@ def test_p2p_and_split():
 
 def run():
     """Run every test here; returns the number of failures over all ranks."""
-    for test in (test_nonblocking, test_repeated, test_plans, test_layouts, test_errors, test_p2p_and_split):
+    for test in (test_nonblocking, test_repeated, test_one_blocking_tag, test_plans, test_layouts, test_errors, test_p2p_and_split):
         test()
     bad = MPI.COMM_WORLD.allreduce(len(failures))
     if R == 0:

@@ -5,7 +5,7 @@
     ENGINE_TRACE=1        mpiexec -n 2 python debug_worker.py trace
 
 mismatch: the last rank calls each collective differently (count, then dtype, then op,
-then a different collective); every rank must raise CollectiveMismatchError and prints
+then a different collective, a different root, non-blocking); every rank must raise CollectiveMismatchError and prints
 "rank R caught: <message>".
 skip: the last rank skips an all_reduce and sleeps; the others must be aborted by the
 watchdog with a message naming it, well before the sleep ends.
@@ -30,6 +30,7 @@ if mode == "mismatch":
         lambda: comm.all_reduce(np.ones(4), op="max" if last else "sum"),
         lambda: comm.barrier() if last else comm.all_reduce(np.ones(4)),
         lambda: comm.broadcast(np.ones(4), root=1 if last else 0),
+        lambda: comm.barrier(async_op=last),          # blocking and non-blocking do not match (MPI's rule)
     ]
     for call in calls:
         try:

@@ -3,6 +3,7 @@ each rank. Each call's bytes must also land under its own kind and no other."""
 import numpy as np
 
 from collectives import Communicator
+from collectives.direct import PLANS
 
 comm = Communicator()
 N, r = comm.size, comm.rank
@@ -28,6 +29,12 @@ y = np.ones(4096, np.float32)
 # auto; maybe the fast path: the same closed form, counted under the same kind
 counted("all_reduce", "auto all_reduce twice", lambda: (comm.all_reduce(y), comm.all_reduce(y)),
         lambda got: got if got > 0 else -1)
+# the fast path's plans count through meters (transport.Traffic.meter): every replay, and a plan
+# evicted (direct.PLANS kept) has its runs counted when it goes; recursive doubling: log2 N sends of all
+small = [np.zeros(16, np.float32) for _ in range(PLANS + 2)]
+counted("all_reduce", "auto all_reduce, replayed plans and evicted ones",
+        lambda: [comm.all_reduce(a) for _ in range(3) for a in small], lambda got: 3 * len(small) * 2 * 64)
+checks.append(("plans kept", comm.plan_stats()["kept"], PLANS))
 z = np.ones(4096, np.float32)
 counted("reduce_scatter", "auto reduce_scatter", lambda: comm.reduce_scatter(z),
         lambda got: (N - 1) * z.nbytes // N)                 # recursive halving at N = 4: (N-1)/N n
