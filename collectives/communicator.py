@@ -27,10 +27,11 @@ arrays go through a contiguous copy, buffers.py). Non-blocking (async_op=True) r
 Handle; progress is made in handle.test()/wait() (transport.py), and the arrays must not
 be touched until wait() returns. All ranks must call collectives in the same order with
 the same counts (and counts= lists), dtype, op, root, algo and form: as in MPI, a blocking
-call does not match a non-blocking one (their messages carry different tags,
-transport.Calls); ENGINE_COMM_DEBUG=1 checks all of them before every call (debug.py). Arguments are checked on every rank before any
-message moves; a rank refusing its own raises, and under ENGINE_COMM_DEBUG=1 every other
-rank raises CollectiveArgumentError too, instead of waiting for it.
+call does not match a non-blocking one (their messages carry different tags, calls.py);
+ENGINE_COMM_DEBUG=1 checks all of them before every call (debug.py). Arguments are checked
+on every rank before any message moves; a rank refusing its own raises, and under
+ENGINE_COMM_DEBUG=1 every other rank raises CollectiveArgumentError too, instead of
+waiting for it.
 
 The methods live by concept: reductions.py (all_reduce, reduce_scatter, reduce),
 movement.py (all_gather, broadcast, all_to_all, barrier), p2p.py (send, recv, ...);
@@ -51,7 +52,8 @@ from .movement import Movement
 from .ops import ACCEPTED, check_dtype
 from .p2p import PointToPoint
 from .reductions import Reductions
-from .transport import ACTIVE, Calls, Handle, Pool, TracingTransport, Traffic, Transport, run
+from .calls import Calls, Traffic
+from .transport import ACTIVE, Handle, Pool, TracingTransport, Transport, run
 from .watchdog import Party
 
 _VALID = {name: frozenset(cost.algorithms(name)) | {"mpi"} for name in cost.MODELS}
@@ -100,7 +102,7 @@ class Communicator(Reductions, Movement, PointToPoint):
     @property
     def bytes_by_kind(self):
         """bytes_sent per kind of call: {"all_reduce": ..., "all_gather": ..., "p2p": ...}
-        (transport.KINDS, every kind present), a copy."""
+        (calls.KINDS, every kind present), a copy."""
         return self._traffic.by_kind
 
     def plan_stats(self):

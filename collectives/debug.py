@@ -113,7 +113,7 @@ class Checker:
     def arrive(self, seq, collective, count, dtype, root=-1, op=None, algo="mpi", blocks=0, async_op=False):
         """Exchange signatures with every rank; raise on mismatch, abort on timeout. A blocking
         and a non-blocking call do not match (as in MPI; their messages carry different tags,
-        transport.Calls), so the form is in the signature too."""
+        calls.Calls), so the form is in the signature too."""
         sig = self.sigs[self.rank]
         sig[:] = (seq, COLLECTIVES.index(collective), count, ops.dtype_code(dtype), root,
                   -1 if op is None else ops.NAMES.index(op.name), ALGORITHMS.index(algo), blocks,

@@ -16,7 +16,7 @@ message specs checked and bound once; what MPI-4's persistent collectives, MPI_A
 do for a whole collective), compiled into one function (Plan.run) with every name it needs
 bound, so a replay is MPI_Start and MPI_Wait twice per step, the reductions and a few
 hundred nanoseconds of Python. Persistent requests need a fixed tag: every blocking call's
-messages carry the same one (transport.Calls), on either path. The Communicator replays the
+messages carry the same one (calls.Calls), on either path. The Communicator replays the
 last plan of each kind itself; the others are found by the identity of their arrays, which
 fixes their shape, dtype and memory (the dtype is checked again on every call: it is the
 one property NumPy lets change in place that changes the bytes); the algorithm is the one
@@ -109,9 +109,9 @@ class DirectPath:
     power-of-two size, no debug checks, no trace).
 
     mpi: the MPI communicator of the collectives' messages; calls: the Communicator's
-    transport.Calls, whose blocking tag the plans' messages carry; choices: its algo="auto"
+    calls.Calls, whose blocking tag the plans' messages carry; choices: its algo="auto"
     choices (cost.Choices): a plan is made only where auto chose this algorithm; traffic: its
-    transport.Traffic, which each kept plan counts its bytes on through a meter."""
+    calls.Traffic, which each kept plan counts its bytes on through a meter."""
 
     def __init__(self, mpi, rank, size, calls, choices, traffic=None):
         self.mpi, self.rank, self.size = mpi, rank, size
@@ -174,7 +174,7 @@ class DirectPath:
         started every run (the recv, then the send; waited send first), which costs less per
         call than MPI_Sendrecv, and a plan of one exchange (N = 2) runs as a straight line;
         else (a plan run once) each exchange is a Sendrecv. Every message carries the blocking
-        calls' tag (transport.Calls)."""
+        calls' tag (calls.Calls)."""
         self._release(plan)
         tag, kind, result, peers = self.calls.blocking, plan.kind, plan.result, self.size
         sent = sum(send.nbytes for peer, send, _, _ in plan.steps if peer is not None)

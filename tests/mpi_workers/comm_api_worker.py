@@ -125,7 +125,7 @@ def _repeated():
 
 
 def test_one_blocking_tag():
-    """Every blocking call's messages carry one tag (transport.Calls), so consecutive blocking
+    """Every blocking call's messages carry one tag (calls.Calls), so consecutive blocking
     calls must match in order however each rank runs them: here even ranks hold a receive in
     flight (so their blocking calls run on the general path, as handles progressed with it)
     while odd ranks replay fast-path plans, call after call; then every rank keeps

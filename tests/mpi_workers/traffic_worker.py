@@ -29,7 +29,7 @@ y = np.ones(4096, np.float32)
 # auto; maybe the fast path: the same closed form, counted under the same kind
 counted("all_reduce", "auto all_reduce twice", lambda: (comm.all_reduce(y), comm.all_reduce(y)),
         lambda got: got if got > 0 else -1)
-# the fast path's plans count through meters (transport.Traffic.meter): every replay, and a plan
+# the fast path's plans count through meters (calls.Traffic.meter): every replay, and a plan
 # evicted (direct.PLANS kept) has its runs counted when it goes; recursive doubling: log2 N sends of all
 small = [np.zeros(16, np.float32) for _ in range(PLANS + 2)]
 counted("all_reduce", "auto all_reduce, replayed plans and evicted ones",
