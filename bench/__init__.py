@@ -53,7 +53,8 @@ def use_device(device):
 
 def idle(comm):
     """Wait at a barrier of ``comm`` without spinning a core (MPICH's barrier busy-polls), so
-    ranks outside the group being measured do not steal its cores."""
+    ranks outside the group being measured do not steal its cores. Every rank of ``comm``
+    calls it, the measured ones too: a blocking barrier would not match this non-blocking one."""
     h = comm.barrier(async_op=True)
     while not h.test():
         time.sleep(0.002)

@@ -29,7 +29,7 @@ BUSBW = {  # nccl-tests' bus bandwidth factors
     "broadcast": lambda n: 1.0,
     "reduce": lambda n: 1.0,
 }
-FLOOR = "floor"   # the pseudo-algorithm of Case._floor: bare persistent requests + np.add, the least any Python code costs
+FLOOR = "floor"   # Case._floor's pseudo-algorithm: bare persistent requests + np.add, the least Python costs
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -108,8 +108,9 @@ class Case:
         defined: device buffers, a rank count not a power of two, other ops): the messages of
         recursive doubling / halving, the fast path's (collectives/direct.py), as its persistent
         requests (made once on ready-made memoryviews, started and waited per step), and for a
-        reduction one np.add per step; no plan lookup, byte counter or check. So floor / mpi is how far from the
-        library's own collective any Python implementation of these messages starts."""
+        reduction one np.add per step; no plan lookup, byte counter or check. So floor / mpi is
+        how far from the library's own collective any Python implementation of these messages
+        starts."""
         w, op, n, r = self.comm.mpi, self.op, self.comm.size, self.comm.rank
         if self.device or n & (n - 1) or n == 1 or op not in ("all_reduce", "reduce_scatter", "all_gather"):
             return None
@@ -138,7 +139,8 @@ class Case:
                 steps.append((r ^ d, mv(out[mine:mine + d * k]), mv(out[theirs:theirs + d * k]), None))
                 d *= 2
         add = np.add
-        steps = [(peer, send, recv, red, None if peer is None else (w.Recv_init(recv, peer, tag), w.Send_init(send, peer, tag)))
+        steps = [(peer, send, recv, red, None if peer is None else (w.Recv_init(recv, peer, tag),
+                                                                    w.Send_init(send, peer, tag)))
                  for peer, send, recv, red in steps]
 
         def run():
@@ -146,7 +148,11 @@ class Case:
                 if peer is None:
                     send[:] = recv
                     continue
-                reqs[0].Start(), reqs[1].Start(), reqs[1].Wait(), reqs[0].Wait()
+                r, s = reqs                          # as direct.py: recv started first, send waited first
+                r.Start()
+                s.Start()
+                s.Wait()
+                r.Wait()
                 if red is not None:
                     add(*red)
         return run

@@ -54,13 +54,6 @@ from parallel.tensor.comm import token_range
 TRAIN = types.SimpleNamespace(seed=0, dtype="float32", lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def done(world):
-    """Every rank of the world meets here, ranks outside the tp group without spinning a core
-    (bench.idle: a non-blocking barrier polled with sleeps; every rank takes the same form, as a
-    blocking and a non-blocking collective do not match)."""
-    idle(world)
-
-
 def formula_bytes(s, b, h, a, t, regions, dropout):
     """Korthikanti et al.'s activation bytes per layer, restated for this engine's float32
     (see the module docstring): of the paper's 34 sbh + 5 as^2 b (16-bit), the 16-bit values are
@@ -196,7 +189,7 @@ def main(argv=None):
                 row = {"tp": t, "seq_parallel": regions, "measured_bytes": int(got), "formula_bytes": int(want)}
                 rows.append(row)
                 say(f"{t:4d} {str(regions):>7} {int(got):15d} {int(want):14d} {got / want:6.3f}")
-            done(world)
+            idle(world)
     say("#  tp  sent_bytes_per_rank  formula  ratio")
     for t in tps:
         sub = world.split(0 if R < t else None)
@@ -208,7 +201,7 @@ def main(argv=None):
                 want = wire_formula(small, b, t)
                 wire.append({"tp": t, "sent_bytes": int(sent), "formula_bytes": int(want)})
                 say(f"{t:5d} {int(sent):20d} {int(want):8d} {sent / want if want else float('nan'):6.3f}")
-        done(world)
+        idle(world)
     budget = parse_bytes(args.mem_budget)
     say(f"#  tp  max_params within {budget / 2**20:.0f} MiB per rank (n_layer 2, s 64, b 2, regions at tp > 1)")
     for t in tps:
@@ -219,7 +212,7 @@ def main(argv=None):
                 fits.append(best)
                 say(f"{t:5d} {best['max_params']:12d} (n_embd {best['n_embd']}, peak {best['peak_bytes'] / 2**20:.1f} "
                     "MiB)")
-        done(world)
+        idle(world)
     say("#  tp  decode_s_per_token (greedy, n_embd 512, 4 layers, batch 1)  same_tokens")
     big = GPTConfig(block_size=128, vocab_size=256, n_layer=4, n_head=8, n_embd=512)
     ref = None
@@ -230,7 +223,7 @@ def main(argv=None):
             ref = out if ref is None else ref
             decode.append({"tp": t, "s_per_token": float(sec), "same_tokens": bool(np.array_equal(out, ref))})
             say(f"{t:5d} {sec:12.5f} {np.array_equal(out, ref)}")
-        done(world)
+        idle(world)
     if fits and R == 0:
         base = next((f["max_params"] for f in fits if f["tp"] == 1), None)
         for f in fits:
