@@ -17,6 +17,7 @@ its users get relaunches (elastic/supervisor.py) instead.
 """
 import os
 import sys
+import time
 
 from mpi4py import MPI
 
@@ -76,9 +77,26 @@ def shrink(world):
     return Communicator(new, "world"), list(survivors)
 
 
-def exit_now(code):
+def linger(comm, seconds=30.0):
+    """Wait until every rank of ``comm`` (an mpi4py communicator) got here, at most ``seconds``;
+    a failure on the way is ignored. Every rank calls it before one may end without MPI_Finalize:
+    such a process can take its last, still unflushed message with it, and the peer's receive
+    then fails with ERR_PROC_FAILED (a CI run of tests/mpi_workers/ulfm_smoke.py saw it). Every
+    rank has all its data when it starts the barrier, so a failure inside it loses nothing."""
+    try:
+        req, end = comm.Ibarrier(), time.monotonic() + seconds
+        while not req.Test() and time.monotonic() < end:
+            time.sleep(0.001)
+    except MPI.Exception:
+        pass
+
+
+def exit_now(code, comm=None):
     """End this process with ``code`` without MPI_Finalize, which waits for the dead ranks
-    after a shrink (Open MPI); output is flushed first."""
+    after a shrink (Open MPI); output is flushed first, and with ``comm`` every rank of it
+    lingers (linger) until all are done."""
+    if comm is not None:
+        linger(comm)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

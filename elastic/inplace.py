@@ -35,7 +35,7 @@ def train_shrinking(run, argv, prepare, train):
     for shrinks in itertools.count():
         try:
             rc = train(run)
-            return ulfm.exit_now(rc) if shrinks else rc
+            return ulfm.exit_now(rc, run.mesh.world.mpi) if shrinks else rc
         except Exception as e:                  # noqa: BLE001 -- only a peer's failure is handled
             if not ulfm.is_failure(e):
                 raise
@@ -78,6 +78,7 @@ def shrink_and_resume(run, argv, prepare, generation):
     dp = shrunk_sizes(par, asdict(run.model_cfg), cfg.batch_size, new.size).get(new.size, 0)
     used = dp * per
     sub = new.split(0 if new.rank < used else None, label="world")
+    ulfm.linger(new.mpi)                        # a rank left out ends only once all have their split
     if new.rank == 0:
         print(f"shrink: lost rank{'s' * (len(lost) > 1)} {', '.join(map(str, lost))}; {new.size} survivors; "
               + (f"restoring from {choice[1]}" if choice else "starting over (no whole state)")
