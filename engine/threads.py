@@ -66,12 +66,16 @@ def for_chunks(n, fn, xp=np, chunk=CHUNK, beside_blas_min=BESIDE_BLAS_MIN):
     (one pool task per thread); else in order on this thread (CuPy: one call, [0, n)). Beside a
     BLAS with threads of its own, n below ``beside_blas_min`` stays on this thread (see the
     module docstring: the pool would fight the BLAS's threads and lose)."""
-    if xp is not np:
+    if xp is not np or n <= chunk:         # one chunk (or one stream): no pool, no thread count to read
         if n:
             fn(0, n)
         return
     ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
     k = chunk_threads(n, chunk, beside_blas_min)
+    if k == 1:
+        for a, b in ranges:
+            fn(a, b)
+        return
 
     def run_chunks(i, j):                  # one task per thread: its contiguous run of chunks, in order
         for a, b in ranges[i:j]:
