@@ -9,6 +9,8 @@ capability"), as Open MPI 5 implements it (mpiexec --with-ft ulfm --mca mpi_ft_d
                           failure reaches every survivor, whichever communicator it waits on
     shrink(world)      -> MPI_Comm_agree (every survivor has stopped), then MPI_Comm_shrink:
                           a new world of the survivors, in their old order, and who they are
+    exit_now(code, comm) -> the end without MPI_Finalize (which would wait for the dead), once
+                          every rank of comm got there (linger): no last message dies unsent
 
 The caller rebuilds its Mesh and Step on the new world (train.py: elastic/inplace.py). Cost:
 the failure detector's heartbeat (mpi_ft_detector, milliseconds), one agreement and one

@@ -21,6 +21,8 @@ import time
 
 from mpi4py import MPI
 
+from collectives.ulfm import linger
+
 world = MPI.COMM_WORLD          # mpi4py sets MPI_ERRORS_RETURN: a failure raises MPI.Exception
 world.Barrier()
 if world.rank == 2:
@@ -43,15 +45,8 @@ ok = agree == MPI.ERR_PROC_FAILED and dead == [2] and (small.size, small.rank) =
 print(f"rank {world.rank}: {'' if ok else 'FAIL '}agree raised error class {agree} (ERR_PROC_FAILED is "
       f"{MPI.ERR_PROC_FAILED}), failed {dead}, shrink: rank {small.rank} of {small.size}, allreduce {total}, "
       f"{elapsed:.2f} s", flush=True)
-# Linger until both survivors have the result: a rank that ends without MPI_Finalize can take
-# its last, unflushed message with it, failing the other's receive (a CI run saw it); a failure
-# inside this last barrier loses nothing (collectives/ulfm.py linger)
-try:
-    req, end = small.Ibarrier(), time.monotonic() + 30
-    while not req.Test() and time.monotonic() < end:
-        time.sleep(0.001)
-except MPI.Exception:
-    pass
+linger(small)   # until both have the result: a rank ending without MPI_Finalize can take its last,
+                # unflushed message with it, failing the other's receive (a CI run saw it)
 # No MPI_Finalize: after a shrink Open MPI's waits for the dead rank, and a CI run saw it hang
 # past the test's 60 s (collectives/ulfm.py exit_now does the same for train.py)
 sys.stdout.flush()
