@@ -17,6 +17,8 @@ convolution over length also keeps the last two positions' pre-convolution activ
 the cache (``KVCache.conv_state``), and the sparse FFN, evaluated on fewer rows than its
 block size, reads only the chosen rows of W1 and W2 (models/sparse_ffn.py), never the dense FFN.
 """
+import math
+
 import numpy as np
 
 from engine import backend
@@ -58,8 +60,25 @@ def cached_attention(qkv, kv_cache, n_head):
     B, T, C3 = qkv.shape
     heads = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)   # (3, B, nh, T, hs) view
     k_all, v_all, start = kv_cache.append(heads[1], heads[2])                 # (B, nh, start+T, hs)
-    y, _ = attention_forward(heads[0], k_all, v_all, causal=True, q_offset=start)   # (B, nh, T, hs)
+    if T == 1:                                                                # one new token sees every key
+        y = one_query_attention(heads[0], k_all, v_all)                       # (B, nh, 1, hs)
+    else:
+        y, _ = attention_forward(heads[0], k_all, v_all, causal=True, q_offset=start)   # (B, nh, T, hs)
     return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)                    # (B, T, nh hs)
+
+
+def one_query_attention(q, k, v):
+    """softmax(q k^T / sqrt(hs)) v for one query per head, q (B, nh, 1, hs), k, v (B, nh, t, hs):
+    the query is the newest position, so no key is masked and the blockwise kernel's causal
+    bookkeeping (block plan, mask, one shift per head) is not needed. Each row is shifted by its
+    own max (bench/sparse_decode.py's docstring has what this saved)."""
+    xp = backend.get_array_module(q)
+    s = q @ k.swapaxes(-1, -2)                                                # (B, nh, 1, t)
+    s *= 1.0 / math.sqrt(q.shape[-1])
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v                                                              # (B, nh, 1, hs)
 
 
 def next_logits(model, idx, caches=None):

@@ -232,7 +232,7 @@ class SparseFFN(Module):
         return sum(p.size for p in (self.b2, self.c1, self.c2, self.cb) if p is not None) + 2 * nb * d
 
     def forward(self, x):
-        n = int(np.prod(x.shape[:-1]))
+        n = math.prod(x.shape[:-1])                                   # rows (tokens)
         if not self.training:
             if n < self.N and not (is_grad_enabled() and x.requires_grad):
                 data = [None if p is None else p.data for p in self._params()]

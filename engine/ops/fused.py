@@ -46,6 +46,23 @@ def linear(x, weight, bias=None):
 
 
 # -- layer norm -----------------------------------------------------------------------------
+_MEAN_WEIGHTS = {}
+
+
+def _mean_weights(xp, C, dtype):
+    """The (C,) vector of 1/C whose product with rows is their mean: built once per (C, dtype) on
+    the host, read-only (a decoded token's 49 layer norms each paid a fresh np.full); fresh on a
+    device, where the array would belong to whichever device built it."""
+    if xp is not np:
+        return xp.full(C, 1.0 / C, dtype=dtype)
+    key = (C, np.dtype(dtype))
+    avg = _MEAN_WEIGHTS.get(key)
+    if avg is None:
+        avg = _MEAN_WEIGHTS[key] = np.full(C, 1.0 / C, dtype=dtype)
+        avg.setflags(write=False)
+    return avg
+
+
 class LayerNorm(Function):
     """Ba, Kiros & Hinton 2016 over the last axis: xhat = (x - mean) / sqrt(var + eps),
     y = xhat * w + b (biased variance, as PyTorch). Backward (as in llm.c layernorm_backward):
@@ -55,7 +72,7 @@ class LayerNorm(Function):
         xp = get_array_module(x)
         C = x.shape[-1]
         x2 = x.reshape(-1, C)                                         # (N, C)
-        avg = xp.full(C, 1.0 / C, dtype=x.dtype)
+        avg = _mean_weights(xp, C, x.dtype)                            # (C,) 1/C: means as GEMVs
         xhat = x2 - (x2 @ avg)[:, None]                               # centred first: stable variance
         var = xp.square(xhat) @ avg                                   # (N,)
         var += eps
