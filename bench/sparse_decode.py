@@ -38,13 +38,15 @@ the limit. Bytes/token counts the weights a token must
 read: every parameter once (the tied wte as the output layer, plus its one embedding row; one
 row of wpe), except that a sparse FFN reads its controller and d_ff/N rows of W1 and of W2
 (SparseFFN.decode_read_elements). GB/s = bytes/token / s/token; "of bw" = GB/s over the
-bandwidth. Python's share of a token: with the byte-light sparse layers a token's dozens of
-small calls per layer matter; decoding's one-query attention (models/generate.py
-one_query_attention: 13 us against the blockwise kernel's 30 us, 16 heads, 20 keys, hot in cache),
-a layer norm's mean vector built once and math.prod for a row count took, at the paper shape, 1
-thread, three launches in alternation, sparse FFN 1.96x / 1.96x / 1.99x -> 2.02x / 2.02x / 2.04x
-and both layers 2.77x / 2.82x / 2.97x -> 3.03x / 3.05x / 3.05x. Threads: ENGINE_THREADS / OPENBLAS_NUM_THREADS (engine/threads.py) for BLAS, the
+bandwidth. Threads: ENGINE_THREADS / OPENBLAS_NUM_THREADS (engine/threads.py) for BLAS, the
 sparse FFN's gathers and the triad; --threads N,M runs one child process per count.
+
+Python's share: the sparse layers read so few bytes that a token's few dozen small calls per
+layer show. Decoding's one-query attention (models/generate.py one_query_attention, 13 us
+against the blockwise kernel's 30 us at 16 heads, 20 keys, hot in cache), LayerNorm's mean
+vector built once and math.prod for a row count moved, paper shape, 1 thread, three launches
+in alternation: sparse FFN 1.96x / 1.96x / 1.99x -> 2.02x / 2.02x / 2.04x, both layers 2.77x /
+2.82x / 2.97x -> 3.03x / 3.05x / 3.05x (launch to launch the ratios move by about 3%).
 """
 import argparse
 import json

@@ -7,6 +7,9 @@ then computes only its own q, k, v and attends to the cached keys (decode), O(T)
     prefill:  idx (B, T0)  -> every layer caches k, v (B, nh, T0, hs)  -> logits of token T0
     decode:   idx (B, 1)   at position t -> cache grows to t + 1       -> logits of token t + 1
 
+A decoded token's query is the newest position, so it sees every cached key: its attention is
+a plain softmax (one_query_attention), not the blockwise causal kernel the prefill uses.
+
 Positions are learned and absolute, so when the context outgrows block_size the window
 slides (nanoGPT crops to the last block_size tokens), every token's position changes and
 the cache is recomputed from the cropped window: exactly what decoding without a cache
