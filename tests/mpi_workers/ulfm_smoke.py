@@ -42,9 +42,10 @@ small = world.Shrink()
 total = small.allreduce(10 * (world.rank + 1))
 elapsed = time.monotonic() - t0
 ok = agree == MPI.ERR_PROC_FAILED and dead == [2] and (small.size, small.rank) == (2, world.rank) and total == 30
-print(f"rank {world.rank}: {'' if ok else 'FAIL '}agree raised error class {agree} (ERR_PROC_FAILED is "
-      f"{MPI.ERR_PROC_FAILED}), failed {dead}, shrink: rank {small.rank} of {small.size}, allreduce {total}, "
-      f"{elapsed:.2f} s", flush=True)
+sys.stdout.write(f"rank {world.rank}: {'' if ok else 'FAIL '}agree raised error class {agree} (ERR_PROC_FAILED is "
+                 f"{MPI.ERR_PROC_FAILED}), failed {dead}, shrink: rank {small.rank} of {small.size}, allreduce {total}, "
+                 f"{elapsed:.2f} s\n")   # one write: print's text and newline are two under PYTHONUNBUFFERED,
+sys.stdout.flush()                        # and the two survivors' lines could interleave
 linger(small)   # until both have the result: a rank ending without MPI_Finalize can take its last,
                 # unflushed message with it, failing the other's receive (a CI run saw it)
 # No MPI_Finalize: after a shrink Open MPI's waits for the dead rank, and a CI run saw it hang
