@@ -21,7 +21,7 @@ import time
 
 from mpi4py import MPI
 
-from collectives.ulfm import linger
+from collectives.ulfm import exit_now
 
 world = MPI.COMM_WORLD          # mpi4py sets MPI_ERRORS_RETURN: a failure raises MPI.Exception
 world.Barrier()
@@ -46,9 +46,8 @@ sys.stdout.write(f"rank {world.rank}: {'' if ok else 'FAIL '}agree raised error 
                  f"{MPI.ERR_PROC_FAILED}), failed {dead}, shrink: rank {small.rank} of {small.size}, allreduce {total}, "
                  f"{elapsed:.2f} s\n")   # one write: print's text and newline are two under PYTHONUNBUFFERED,
 sys.stdout.flush()                        # and the two survivors' lines could interleave
-linger(small)   # until both have the result: a rank ending without MPI_Finalize can take its last,
-                # unflushed message with it, failing the other's receive (a CI run saw it)
-# No MPI_Finalize: after a shrink Open MPI's waits for the dead rank, and a CI run saw it hang
-# past the test's 60 s (collectives/ulfm.py exit_now does the same for train.py)
-sys.stdout.flush()
-os._exit(0 if ok else 1)
+# No MPI_Finalize (after a shrink Open MPI's waits for the dead rank, and a CI run saw it hang past
+# the test's 60 s), but first linger until both have the result: a rank ending so can take its
+# last, unflushed message with it, failing the other's receive (a CI run saw that too). What
+# train.py does after a shrink: collectives/ulfm.py exit_now.
+exit_now(0 if ok else 1, small)
